@@ -1,0 +1,169 @@
+"""The configuration: one TOML file into frozen dataclasses (``certpub check-config``).
+
+Strategy: the root parses the sections it owns (store, import, ca, log, tls) and hands the
+``ldap`` and ``http`` tables to their packages' own parsers; every unknown key anywhere is an
+error naming its path, and so is every missing file the configuration points at.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.configtools import ConfigError, Section
+from server.ldap.config import LdapConfig, parse_ldap
+from server.ocsp.config import HttpConfig, OcspSignerConfig, parse_http, parse_signer
+
+DEFAULT_CONFIG_PATH = Path("/etc/certpub/certpub.toml")
+DEFAULT_STORE_PATH = Path("/var/lib/certpub/store.sqlite3")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path
+
+
+@dataclass(frozen=True)
+class OpensslDatabase:
+    """An OpenSSL CA database: index.txt plus the folder of issued certificates."""
+
+    ca: str
+    index: Path
+    certs_dir: Path
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    spool: tuple[Path, ...]
+    processed: str  # "move" (to <spool>/done) or "delete"
+    poll_interval: float
+    batch_size: int
+    openssl: tuple[OpensslDatabase, ...]
+
+
+@dataclass(frozen=True)
+class CaConfig:
+    name: str
+    certificate: Path
+    ocsp: OcspSignerConfig | None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server certificate for ldaps://, StartTLS and https:// (TLS 1.2 and newer only)."""
+
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str  # "logfmt" | "json"
+    file: Path | None  # None: standard output
+    level: str
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path | None
+    store: StoreConfig
+    import_: ImportConfig
+    cas: tuple[CaConfig, ...]
+    ldap: LdapConfig
+    http: HttpConfig
+    tls: TlsConfig | None
+    log: LogConfig
+
+    def ca(self, name: str) -> CaConfig | None:
+        return next((c for c in self.cas if c.name == name), None)
+
+
+def _existing_file(section: Section, key: str, path: Path) -> Path:
+    if not path.is_file():
+        raise ConfigError(section.key(key), f"file {path} does not exist or is not a file")
+    return path
+
+
+def parse_config(data: dict[str, object], source: Path | None = None, *,
+                 check_files: bool = True) -> Config:
+    """Validate a parsed TOML document; raises ConfigError naming the first bad key."""
+    root = Section(data)
+
+    st = root.section("store")
+    store = StoreConfig(path=st.path_("path", DEFAULT_STORE_PATH))
+    st.done()
+
+    cas: list[CaConfig] = []
+    for sec in root.sections("ca"):
+        name = sec.str("name")
+        if not name or any(c in name for c in "/ \t"):
+            raise ConfigError(sec.key("name"), f"expected a short name without spaces or '/'; got {name!r}")
+        if any(c.name == name for c in cas):
+            raise ConfigError(sec.key("name"), f"duplicate CA name {name!r}")
+        cert = sec.path_("certificate")
+        if check_files:
+            _existing_file(sec, "certificate", cert)
+        ocsp = parse_signer(sec.section("ocsp"), check_files=check_files) if sec.has("ocsp") else None
+        sec.done()
+        cas.append(CaConfig(name=name, certificate=cert, ocsp=ocsp))
+    if not cas:
+        raise ConfigError("ca", "at least one [[ca]] table is required")
+    ca_names = {c.name for c in cas}
+
+    im = root.section("import")
+    dbs = []
+    for sec in im.sections("openssl"):
+        ca = sec.str("ca")
+        if ca not in ca_names:
+            raise ConfigError(sec.key("ca"), f"names no configured CA (known: {', '.join(sorted(ca_names))})")
+        index = sec.path_("index")
+        certs_dir = sec.path_("certs_dir", None) or index.parent / "newcerts"
+        sec.done()
+        dbs.append(OpensslDatabase(ca=ca, index=index, certs_dir=certs_dir))
+    import_ = ImportConfig(
+        spool=tuple(Path(p) for p in im.str_list("spool", ())),
+        processed=im.str("processed", "move", choices=("move", "delete")),
+        poll_interval=im.duration("poll_interval", 1.0, min=0.05, max=60),
+        batch_size=im.int("batch_size", 500, min=1, max=100_000),
+        openssl=tuple(dbs),
+    )
+    im.done()
+
+    ldap = parse_ldap(root.section("ldap"))
+    http = parse_http(root.section("http"))
+
+    tls = None
+    if root.has("tls"):
+        t = root.section("tls")
+        tls = TlsConfig(certificate=t.path_("certificate"), key=t.path_("key"))
+        if check_files:
+            _existing_file(t, "certificate", tls.certificate)
+            _existing_file(t, "key", tls.key)
+        t.done()
+
+    lg = root.section("log")
+    log = LogConfig(
+        format=lg.str("format", "logfmt", choices=("logfmt", "json")),
+        file=lg.path_("file", None),
+        level=lg.str("level", "info", choices=("debug", "info", "warn", "error")),
+    )
+    lg.done()
+    root.done()
+    return Config(source=source, store=store, import_=import_, cas=tuple(cas), ldap=ldap,
+                  http=http, tls=tls, log=log)
+
+
+def load_config(path: Path, *, check_files: bool = True) -> Config:
+    """Read and validate the configuration file at path."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read configuration {path}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path} is not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from exc
+    return parse_config(data, path, check_files=check_files)

@@ -1,0 +1,66 @@
+"""The ``[http]`` section and each CA's ``[ca.ocsp]`` signer table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.configtools import ConfigError, Section
+
+MIN_VALIDITY = 8 * 3600.0  # CA/B Baseline Requirements 4.9.9
+MAX_VALIDITY = 10 * 86400.0
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: tuple[str, ...]  # Twisted endpoint strings; empty: no HTTP listener
+    ocsp_paths: tuple[str, ...]
+    max_request_bytes: int
+    max_certids: int
+
+
+@dataclass(frozen=True)
+class OcspSignerConfig:
+    """How one CA's OCSP responses are signed and what they say."""
+
+    signer_certificate: Path | None  # None: the CA signs with its own key
+    signer_key: Path
+    responder_id: str  # "by_key" | "by_name"
+    rsa_padding: str  # "pkcs1v15" | "pss"
+    validity: float  # seconds between thisUpdate and nextUpdate
+    unknown_serials: str  # "unknown" | "revoked" (RFC 6960 §2.2 extended revoke)
+    archive_cutoff: bool
+
+
+def parse_http(sec: Section) -> HttpConfig:
+    paths = sec.str_list("ocsp_paths", ("/", "/ocsp"))
+    for i, p in enumerate(paths):
+        if not p.startswith("/"):
+            raise ConfigError(f"{sec.key('ocsp_paths')}[{i}]", f"expected a path starting with '/'; got {p!r}")
+    cfg = HttpConfig(
+        listen=sec.str_list("listen", ("tcp:80",)),
+        ocsp_paths=paths,
+        max_request_bytes=sec.int("max_request_bytes", 65_536, min=1024, max=1024 * 1024),
+        max_certids=sec.int("max_certids", 100, min=1, max=10_000),
+    )
+    sec.done()
+    return cfg
+
+
+def parse_signer(sec: Section, *, check_files: bool = True) -> OcspSignerConfig:
+    cfg = OcspSignerConfig(
+        signer_certificate=sec.path_("signer_certificate", None),
+        signer_key=sec.path_("signer_key"),
+        responder_id=sec.str("responder_id", "by_key", choices=("by_key", "by_name")),
+        rsa_padding=sec.str("rsa_padding", "pkcs1v15", choices=("pkcs1v15", "pss")),
+        validity=sec.duration("validity", 86400.0, min=MIN_VALIDITY, max=MAX_VALIDITY),
+        unknown_serials=sec.str("unknown_serials", "unknown", choices=("unknown", "revoked")),
+        archive_cutoff=sec.bool("archive_cutoff", True),
+    )
+    if check_files:
+        for key in ("signer_certificate", "signer_key"):
+            path = getattr(cfg, key)
+            if path is not None and not path.is_file():
+                raise ConfigError(sec.key(key), f"file {path} does not exist or is not a file")
+    sec.done()
+    return cfg

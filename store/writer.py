@@ -1,0 +1,310 @@
+"""The write half of the store: one ``Batch`` per transaction, used by the importer alone.
+
+Strategy: every method is idempotent (applying the same certificate, CRL or index line twice
+changes nothing) and monotone (revocation never goes backwards: only a certificateHold is ever
+released, and only by a newer full CRL, a removeFromCRL entry, or an index that lists the
+certificate as valid again). Rows written by a batch carry its tentative generation; the
+generation counter moves only if the batch changed something.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from store.model import (
+    HASH_ALGORITHMS,
+    BatchResult,
+    CaId,
+    CertInput,
+    CertStatus,
+    CrlInput,
+    Generation,
+    IndexLine,
+    RevocationReason,
+    Serial,
+)
+from store.sqlite import StoreError, reversed_key, serial_text, ts
+
+if TYPE_CHECKING:
+    from store.sqlite import Store
+
+HOLD = RevocationReason.CERTIFICATE_HOLD.value
+
+
+class Batch:
+    """One atomic, idempotent write to the store."""
+
+    def __init__(self, store: Store, conn: sqlite3.Connection, now: datetime) -> None:
+        self._store = store
+        self._conn = conn
+        self.now = now
+        self._now_ts = int(now.timestamp())
+        self.result = BatchResult()
+        self.generation = Generation(int(self._one("SELECT value FROM meta WHERE key = 'generation'")[0]) + 1)
+        self._changes: list[tuple[str, int, str | None, str | None]] = []
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self._exec(sql, params).fetchone()
+
+    def _exec(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+
+    def _change(self, kind: str, ca_id: int, serial: int | None = None, key: str | None = None) -> None:
+        self._changes.append((kind, ca_id, None if serial is None else serial_text(serial), key))
+
+    def finish(self) -> None:
+        """Called by Store.batch before COMMIT: bump the generation if anything changed."""
+        if not self.result.changed:
+            return
+        for kind, ca_id, serial, key in self._changes:
+            self._exec(
+                "INSERT INTO changes (generation, kind, ca_id, serial, directory_key)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (self.generation, kind, ca_id, serial, key),
+            )
+        self._exec("UPDATE meta SET value = ? WHERE key = 'generation'", (str(self.generation),))
+        self.result.generation = self.generation
+
+    # --- CAs ----------------------------------------------------------------------------
+
+    def ensure_ca(self, name: str, cert_der: bytes) -> tuple[CaId, str]:
+        """Create or update the CA called name; returns (id, "new"|"updated"|"unchanged")."""
+        from store.certparse import ca_info
+
+        info = ca_info(cert_der)
+        row = self._one("SELECT id, cert_der FROM cas WHERE name = ?", (name,))
+        if row is not None and bytes(row[1]) == cert_der:
+            return CaId(row[0]), "unchanged"
+        if row is None:
+            cur = self._exec(
+                "INSERT INTO cas (name, subject_dn, subject_key, directory_key, cert_der,"
+                " updated_at, generation) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, info.subject_dn, info.subject_key, info.directory_key, cert_der,
+                 self._now_ts, self.generation),
+            )
+            ca_id = CaId(int(cur.lastrowid or 0))
+            outcome = "new"
+        else:
+            ca_id = CaId(row[0])
+            self._exec(
+                "UPDATE cas SET subject_dn = ?, subject_key = ?, directory_key = ?, cert_der = ?,"
+                " updated_at = ?, generation = ? WHERE id = ?",
+                (info.subject_dn, info.subject_key, info.directory_key, cert_der, self._now_ts,
+                 self.generation, ca_id),
+            )
+            self._exec("DELETE FROM ca_hashes WHERE ca_id = ?", (ca_id,))
+            outcome = "updated"
+        for alg in HASH_ALGORITHMS:
+            self._exec(
+                "INSERT INTO ca_hashes (ca_id, algorithm, name_hash, key_hash) VALUES (?, ?, ?, ?)",
+                (ca_id, alg, hashlib.new(alg, info.name_der).digest(),
+                 hashlib.new(alg, info.key_bits).digest()),
+            )
+        self._add_entries(info.directory_key, info.directory_dn, info.directory_ancestors, "ca")
+        self._change("ca", ca_id, None, info.directory_key)
+        self.result.cas += 1
+        return ca_id, outcome
+
+    def mark_synced(self, ca_id: int) -> None:
+        """Record that the importer has just confirmed every status of this CA."""
+        self._exec("UPDATE cas SET synced_at = ? WHERE id = ?", (self._now_ts, ca_id))
+
+    # --- directory tree -----------------------------------------------------------------
+
+    def _add_entries(
+        self, key: str, dn: str, ancestors: tuple[tuple[str, str], ...], kind: str
+    ) -> None:
+        if not key:
+            return
+        chain = [(key, dn, kind)] + [(k, d, "glue") for k, d in ancestors]
+        for i, (k, d, kd) in enumerate(chain):
+            parent = chain[i + 1][0] if i + 1 < len(chain) else None
+            self._exec(
+                "INSERT INTO entries (key, rkey, dn, parent_key, kind) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET kind = excluded.kind"
+                " WHERE entries.kind = 'glue' AND excluded.kind <> 'glue'"
+                " OR entries.kind = 'subject' AND excluded.kind = 'ca'",
+                (k, reversed_key(k), d, parent, kd),
+            )
+
+    # --- certificates -------------------------------------------------------------------
+
+    def add_cert(self, cert: CertInput, source: str) -> str:
+        """Store a verified certificate: "new", "updated" (was known by serial only),
+        "unchanged", or "conflict" (the CA already has a different certificate with this
+        serial; nothing is written)."""
+        sha = hashlib.sha256(cert.der).digest()
+        row = self._one(
+            "SELECT id, sha256 FROM certs WHERE ca_id = ? AND serial = ?",
+            (cert.ca_id, serial_text(cert.serial)),
+        )
+        cols = (cert.der, sha, cert.subject_dn, cert.directory_dn, cert.directory_key,
+                "\n".join(cert.emails), cert.cn, ts(cert.not_before), ts(cert.not_after))
+        if row is not None and row[1] is not None:
+            if bytes(row[1]) == sha:
+                self.result.certs_unchanged += 1
+                return "unchanged"
+            return "conflict"
+        if row is None:
+            cur = self._exec(
+                "INSERT INTO certs (ca_id, serial, der, sha256, subject_dn, directory_dn,"
+                " directory_key, emails, cn, not_before, not_after, status, imported_at, source,"
+                " generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'good', ?, ?, ?)",
+                (cert.ca_id, serial_text(cert.serial), *cols, self._now_ts, source,
+                 self.generation),
+            )
+            cert_id = int(cur.lastrowid or 0)
+            outcome = "new"
+            self.result.certs_new += 1
+        else:
+            cert_id = row[0]
+            self._exec(
+                "UPDATE certs SET der = ?, sha256 = ?, subject_dn = ?, directory_dn = ?,"
+                " directory_key = ?, emails = ?, cn = ?, not_before = ?, not_after = ?,"
+                " imported_at = ?, source = ?, generation = ? WHERE id = ?",
+                (*cols, self._now_ts, source, self.generation, cert_id),
+            )
+            outcome = "updated"
+            self.result.certs_updated += 1
+        for attr, value in sorted(set(cert.attributes)):
+            self._exec(
+                "INSERT INTO cert_attrs (cert_id, attr, value) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (cert_id, attr, value),
+            )
+        self._add_entries(cert.directory_key, cert.directory_dn, cert.directory_ancestors, "subject")
+        self._change("cert", cert.ca_id, cert.serial, cert.directory_key)
+        return outcome
+
+    def _status_row(self, ca_id: int, serial: int) -> Any:
+        return self._one(
+            "SELECT id, status, reason, directory_key FROM certs WHERE ca_id = ? AND serial = ?",
+            (ca_id, serial_text(serial)),
+        )
+
+    def revoke(
+        self, ca_id: CaId, serial: Serial, revoked_at: datetime,
+        reason: RevocationReason | None, by: str, source: str,
+    ) -> str:
+        """Mark a serial revoked: "revoked", "released", "unchanged" (never backwards)."""
+        if reason is RevocationReason.REMOVE_FROM_CRL:
+            return self.release(ca_id, serial, by)
+        reason_v = None if reason is None else reason.value
+        row = self._status_row(ca_id, serial)
+        if row is None:
+            self._exec(
+                "INSERT INTO certs (ca_id, serial, status, revoked_at, reason, revoked_by,"
+                " imported_at, source, generation) VALUES (?, ?, 'revoked', ?, ?, ?, ?, ?, ?)",
+                (ca_id, serial_text(serial), ts(revoked_at), reason_v, by, self._now_ts, source,
+                 self.generation),
+            )
+            key = None
+        else:
+            cert_id, status, old_reason, key = row
+            if status == CertStatus.REVOKED.value and (old_reason != HOLD or reason_v == HOLD):
+                return "unchanged"
+            self._exec(
+                "UPDATE certs SET status = 'revoked', revoked_at = ?, reason = ?, revoked_by = ?,"
+                " generation = ? WHERE id = ?",
+                (ts(revoked_at), reason_v, by, self.generation, cert_id),
+            )
+        self._change("cert", ca_id, serial, key)
+        self.result.revoked += 1
+        return "revoked"
+
+    def release(self, ca_id: int, serial: int, by: str) -> str:
+        """Lift a certificateHold: the only way back from revoked (RFC 5280 §5.3.1)."""
+        row = self._status_row(ca_id, serial)
+        if row is None or row[1] != CertStatus.REVOKED.value or row[2] != HOLD:
+            return "unchanged"
+        self._exec(
+            "UPDATE certs SET status = 'good', revoked_at = NULL, reason = NULL, revoked_by = ?,"
+            " generation = ? WHERE id = ?",
+            (by, self.generation, row[0]),
+        )
+        self._change("cert", ca_id, serial, row[3])
+        self.result.released += 1
+        return "released"
+
+    # --- CRLs ---------------------------------------------------------------------------
+
+    def apply_crl(self, crl: CrlInput, source: str) -> str:
+        """Apply a verified CRL: "applied", "unchanged" or "older" (an older CRL changes nothing)."""
+        row = self._one(
+            "SELECT crl_der, crl_number, crl_this_update FROM cas WHERE id = ?", (crl.ca_id,)
+        )
+        if row is None:
+            raise StoreError(f"CRL for unknown CA id {crl.ca_id}")
+        old_der, old_number, old_tu = row
+        if old_der is not None and bytes(old_der) == crl.der:
+            return "unchanged"
+        if not crl.is_delta:
+            if old_number is not None and crl.number is not None:
+                if crl.number < int(old_number):
+                    return "older"
+                if crl.number == int(old_number):
+                    return "unchanged"
+            elif old_tu is not None and ts(crl.this_update) <= old_tu:  # type: ignore[operator]
+                return "older"
+        by = f"crl:{crl.number}" if crl.number is not None else f"crl@{ts(crl.this_update)}"
+        listed = set()
+        for entry in crl.entries:
+            listed.add(serial_text(entry.serial))
+            self.revoke(crl.ca_id, entry.serial, entry.revoked_at, entry.reason, by, source)
+        if not crl.is_delta:
+            held = self._exec(
+                "SELECT serial FROM certs WHERE ca_id = ? AND status = 'revoked' AND reason = ?",
+                (crl.ca_id, HOLD),
+            ).fetchall()
+            for (serial,) in held:
+                if serial not in listed:
+                    self.release(crl.ca_id, int(serial, 16), by)
+            self._exec(
+                "UPDATE cas SET crl_der = ?, crl_number = ?, crl_this_update = ?,"
+                " crl_next_update = ?, updated_at = ?, generation = ? WHERE id = ?",
+                (crl.der, None if crl.number is None else str(crl.number), ts(crl.this_update),
+                 ts(crl.next_update), self._now_ts, self.generation, crl.ca_id),
+            )
+            self._change("crl", crl.ca_id)
+        self.result.crls += 1
+        return "applied"
+
+    # --- OpenSSL index.txt --------------------------------------------------------------
+
+    def apply_index_line(self, ca_id: CaId, line: IndexLine, source: str) -> str:
+        """Apply one index.txt line's status: R revokes, V releases a hold, E changes nothing."""
+        if line.status == "R":
+            return self.revoke(
+                ca_id, line.serial, line.revoked_at or self.now, line.reason, "index", source
+            )
+        if line.status == "V":
+            row = self._status_row(ca_id, line.serial)
+            if row is None:
+                # Issued according to the CA's own database; its certificate file is missing.
+                self._exec(
+                    "INSERT INTO certs (ca_id, serial, status, not_after, imported_at, source,"
+                    " generation) VALUES (?, ?, 'good', ?, ?, ?, ?)",
+                    (ca_id, serial_text(line.serial), ts(line.expires), self._now_ts, source,
+                     self.generation),
+                )
+                self._change("cert", ca_id, line.serial)
+                self.result.certs_new += 1
+                return "new"
+            return self.release(ca_id, line.serial, "index")
+        return "unchanged"
+
+    # --- files --------------------------------------------------------------------------
+
+    def record_file(self, sha256: bytes, name: str, outcome: str) -> None:
+        """Remember a processed input file, so a re-delivery is recognised."""
+        self._exec(
+            "INSERT INTO imported_files (sha256, name, imported_at, generation, outcome)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+            (sha256, name, self._now_ts, self.generation, outcome),
+        )

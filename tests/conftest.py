@@ -1,0 +1,43 @@
+"""Shared fixtures: a demo PKI per session, a fresh store per test, real-client lookups."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+# CI sets this so that a real-client test can never pass by skipping.
+REQUIRE_CLIENTS = os.environ.get("CERTPUB_REQUIRE_CLIENTS") == "1"
+
+
+def require_tool(name: str) -> str:
+    """Path of an external client; skip when missing, fail instead under CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if REQUIRE_CLIENTS:
+            pytest.fail(message + " (CERTPUB_REQUIRE_CLIENTS=1 forbids skipping)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture(scope="session")
+def demo_pki(tmp_path_factory: pytest.TempPathFactory, demo_now: datetime):  # type: ignore[no-untyped-def]
+    """One demo PKI for the whole session (read-only: copy before changing files)."""
+    from server.demo.pki import build_demo_pki
+
+    return build_demo_pki(tmp_path_factory.mktemp("pki"), now=demo_now)
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "store" / "store.sqlite3"

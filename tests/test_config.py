@@ -1,0 +1,82 @@
+"""Configuration: the example loads; every mistake names its key path."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.config import load_config, parse_config
+from server.configtools import ConfigError
+
+EXAMPLE = Path(__file__).parent.parent / "conf" / "certpub.example.toml"
+
+
+def example() -> dict[str, Any]:
+    return tomllib.loads(EXAMPLE.read_text())
+
+
+def test_example_loads_with_every_section() -> None:
+    config = parse_config(example(), EXAMPLE, check_files=False)
+    assert [c.name for c in config.cas] == ["root", "issuing-ca"]
+    assert config.cas[1].ocsp is not None and config.cas[1].ocsp.validity == 86400
+    assert config.import_.openssl[0].ca == "issuing-ca"
+    assert config.ldap.size_limit == 500 and config.http.max_certids == 100
+    assert config.tls is None and config.log.format == "logfmt"
+
+
+def test_example_documents_every_key() -> None:
+    # Every key a parser reads must appear in the example (so the example stays complete).
+    text = EXAMPLE.read_text()
+    for key in ("path", "spool", "processed", "poll_interval", "batch_size", "index", "certs_dir",
+                "signer_certificate", "signer_key", "responder_id", "rsa_padding", "validity",
+                "unknown_serials", "archive_cutoff", "listen", "naming_contexts", "attributes",
+                "size_limit", "time_limit", "max_request_bytes", "ocsp_paths", "max_certids",
+                "certificate", "key", "format", "file", "level"):
+        assert f"\n{key} =" in text or f"#{key} =" in text, key
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "words"),
+    [
+        (lambda d: d["store"].update(pathh="x"), "store.pathh", "unknown key"),
+        (lambda d: d["import"].update(processed="keep"), "import.processed", "one of move, delete"),
+        (lambda d: d["import"].update(poll_interval="soon"), "import.poll_interval", "duration"),
+        (lambda d: d["import"].update(batch_size=0), "import.batch_size", "at least 1"),
+        (lambda d: d["import"]["openssl"][0].update(ca="nope"), "import.openssl[0].ca", "no configured CA"),
+        (lambda d: d["ca"][1]["ocsp"].update(validity="1h"), "ca[1].ocsp.validity", "at least 28800"),
+        (lambda d: d["ca"][1]["ocsp"].update(validity="11d"), "ca[1].ocsp.validity", "at most"),
+        (lambda d: d["ca"][1]["ocsp"].pop("signer_key"), "ca[1].ocsp.signer_key", "required"),
+        (lambda d: d["ca"][1].update(name="root"), "ca[1].name", "duplicate"),
+        (lambda d: d["ldap"].update(size_limit="many"), "ldap.size_limit", "an integer"),
+        (lambda d: d["ldap"].update(listen=[389]), "ldap.listen[0]", "a string"),
+        (lambda d: d["http"].update(ocsp_paths=["ocsp"]), "http.ocsp_paths[0]", "starting with '/'"),
+        (lambda d: d["log"].update(format="xml"), "log.format", "logfmt, json"),
+        (lambda d: d.pop("ca"), "ca", "at least one"),
+        (lambda d: d.update(extra={}), "extra", "unknown key"),
+        (lambda d: d["ca"][0].update(certificate=True), "ca[0].certificate", "got a boolean"),
+    ],
+)
+def test_errors_name_the_key(mutate: Any, key: str, words: str) -> None:
+    data = example()
+    mutate(data)
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, check_files=False)
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"ca\[0\].certificate: file .*root.pem does not exist"):
+        parse_config(example())
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[store\npath = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
