@@ -1,0 +1,118 @@
+"""The composition root: configuration in, a running LDAP + HTTP server out.
+
+Strategy: the only module that knows the reactor and the wall clock. It opens the store,
+starts the change feed, builds the LDAP and HTTP protocol factories from their packages, and
+listens on the configured Twisted endpoint strings. ``tls:PORT:...`` endpoints are plain TCP
+endpoints wrapped in TLS with the ``[tls]`` certificate (TLS 1.2 and newer only), so the
+version floor does not depend on what an endpoint string says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from server.config import Config, TlsConfig
+from server.feed import ChangeFeed
+from store.sqlite import Store
+
+log = Logger()
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def tls_options(tls: TlsConfig) -> Any:
+    """Server TLS context: the configured certificate, TLS 1.2 as the lowest version."""
+    from twisted.internet import ssl
+
+    cert = ssl.PrivateCertificate.loadPEM(
+        tls.certificate.read_text() + "\n" + tls.key.read_text()
+    )
+    return ssl.CertificateOptions(
+        privateKey=cert.privateKey.original,
+        certificate=cert.original,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        insecurelyLowerMinimumTo=None,
+    )
+
+
+@dataclass
+class Running:
+    """What ``start`` built: the store, the feed, and the listening ports by service."""
+
+    store: Store
+    feed: ChangeFeed
+    ports: dict[str, list[IListeningPort]] = field(default_factory=dict)
+    services: dict[str, Any] = field(default_factory=dict)
+
+    def address(self, service: str, index: int = 0) -> tuple[str, int]:
+        addr = self.ports[service][index].getHost()
+        return addr.host, addr.port
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        self.feed.stop()
+        for ports in self.ports.values():
+            for port in ports:
+                yield port.stopListening()
+        self.store.close()
+
+
+def _listen(reactor: Any, description: str, factory: Factory, tls: Any) -> defer.Deferred[Any]:
+    if description.startswith("tls:"):
+        if tls is None:
+            raise ValueError(f"listener {description!r} needs a [tls] section")
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+        description = "tcp:" + description[4:]
+    return serverFromString(reactor, description).listen(factory)
+
+
+@defer.inlineCallbacks
+def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock) -> Any:
+    """Open the store, build both services and listen; returns a Running."""
+    from server.ldap.server import make_ldap_factory
+    from server.ocsp.http import make_http_factory
+
+    store = Store.open(config.store.path)
+    feed = ChangeFeed(store)
+    feed.start()
+    running = Running(store=store, feed=feed)
+    tls = tls_options(config.tls) if config.tls is not None else None
+    try:
+        if config.ldap.listen:
+            ldap_factory = make_ldap_factory(config.ldap, store, feed, tls, now)
+            running.services["ldap"] = ldap_factory
+            running.ports["ldap"] = []
+            for desc in config.ldap.listen:
+                port = yield _listen(reactor, desc, ldap_factory, tls)
+                running.ports["ldap"].append(port)
+                log.info("LDAP listening on {listener}", listener=desc)
+        if config.http.listen:
+            http_factory = make_http_factory(config, store, feed, now, reactor)
+            running.services["http"] = http_factory
+            running.ports["http"] = []
+            for desc in config.http.listen:
+                port = yield _listen(reactor, desc, http_factory, tls)
+                running.ports["http"].append(port)
+                log.info("HTTP listening on {listener}", listener=desc)
+    except BaseException:
+        yield running.stop()
+        raise
+    log.info(
+        "certpub serving store={store} generation={generation} cas={cas}",
+        store=str(config.store.path), generation=int(store.generation()),
+        cas=",".join(c.name for c in config.cas),
+    )
+    return running

@@ -1,0 +1,184 @@
+"""The ``certpub`` command: serve, importd, import, status, check-config, demo.
+
+Strategy: each subcommand is a function taking parsed arguments and returning an exit code;
+every error a user can cause (configuration, files, store) is caught at this one place and
+printed as a single line naming what was wrong, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from server.config import DEFAULT_CONFIG_PATH, Config, load_config
+from server.configtools import ConfigError
+from store.sqlite import StoreError
+
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG, as systemd and sysexits know it
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from server.ocsp.signer import check_signers
+
+    for line in check_signers(config, now()):
+        print(line)
+    print(f"{args.config}: OK ({len(config.cas)} CAs, store {config.store.path})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from store.importer import import_openssl, import_paths
+
+    paths = [Path(p) for p in args.paths]
+    for p in paths:
+        if not p.exists():
+            raise CliError(f"{p}: no such file or folder")
+    summary = None
+    if args.openssl or not paths:
+        if not config.import_.openssl and not paths:
+            raise CliError("nothing to import: give files or folders, or configure [[import.openssl]]",
+                           EXIT_USAGE)
+        summary = import_openssl(config, now=now, progress=sys.stderr)
+        print(summary.line())
+    if paths:
+        summary = import_paths(config, paths, now=now, progress=sys.stderr)
+        print(summary.line())
+    return 0 if summary is None or not summary.rejected else 3
+
+
+def cmd_importd(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from server.logs import start_logging
+    from store.spool import run_daemon
+
+    start_logging(config.log.format, config.log.level, config.log.file)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_daemon(config, now=now, stop=stop)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.serve import serve
+
+    config = _config(args)
+    return serve(config, Path(args.config))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from store.sqlite import Store
+
+    config = _config(args)
+    if not config.store.path.exists():
+        raise CliError(f"store {config.store.path} does not exist yet: run certpub import first")
+    store = Store.open(config.store.path, create=False)
+    try:
+        t = now()
+        rows = store.stats(t)
+        print(f"store {config.store.path}  generation {store.generation()}")
+        header = f"{'CA':<12} {'good':>8} {'revoked':>8} {'on hold':>8} {'expired':>8}  {'CRL':>5}  {'CRL nextUpdate':<20}  last import"
+        print(header)
+        for s in rows:
+            nu = s.ca.crl_next_update.strftime("%Y-%m-%d %H:%M:%SZ") if s.ca.crl_next_update else "-"
+            last = s.last_import.strftime("%Y-%m-%d %H:%M:%SZ") if s.last_import else "-"
+            crl = str(s.ca.crl_number) if s.ca.crl_number is not None else "-"
+            print(f"{s.ca.name:<12} {s.good:>8} {s.revoked:>8} {s.on_hold:>8} {s.expired:>8}  {crl:>5}  {nu:<20}  {last}")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from server.demo.run import run_demo
+
+    return run_demo(Path(args.dir), ldap_port=args.ldap_port, http_port=args.http_port,
+                    serve=not args.no_serve, fresh=args.fresh)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="certpub", description="Public repository of a CA: LDAP directory, OCSP responder, importer."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", default=str(DEFAULT_CONFIG_PATH),
+                       help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+        return p
+
+    p = with_config(sub.add_parser("serve", help="run the LDAP directory and the OCSP/HTTP server"))
+    p.set_defaults(func=cmd_serve)
+    p = with_config(sub.add_parser("importd", help="run the import daemon (spool folders, index.txt)"))
+    p.set_defaults(func=cmd_importd)
+    p = with_config(sub.add_parser("import", help="import certificates and CRLs once, then exit"))
+    p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: the configured OpenSSL databases)")
+    p.add_argument("--openssl", action="store_true", help="also import the configured OpenSSL databases")
+    p.set_defaults(func=cmd_import)
+    p = with_config(sub.add_parser("status", help="certificates per CA and status, CRLs, last import"))
+    p.set_defaults(func=cmd_status)
+    p = with_config(sub.add_parser("check-config", help="validate the configuration, keys and signers"))
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("demo", help="create a demo PKI, import it and serve it on 127.0.0.1")
+    p.add_argument("--dir", default="certpub-demo", help="folder for the demo PKI and store (default ./certpub-demo)")
+    p.add_argument("--ldap-port", type=int, default=1389, help="LDAP port (default 1389)")
+    p.add_argument("--http-port", type=int, default=8080, help="HTTP port (default 8080)")
+    p.add_argument("--no-serve", action="store_true", help="build and import, print the commands, do not serve")
+    p.add_argument("--fresh", action="store_true", help="delete an existing demo folder first")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"certpub: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except CliError as exc:
+        print(f"certpub: {exc}", file=sys.stderr)
+        return exc.code
+    except StoreError as exc:
+        print(f"certpub: store error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: still one line, with where to look
+        from server.errors import describe
+
+        print(f"certpub: {describe(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
