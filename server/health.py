@@ -1,0 +1,240 @@
+"""Health check and the /healthz and /metrics resources (on the HTTP listener or their own).
+
+Strategy: ``HealthCheck.check`` asks the store one indexed question (its generation) plus the
+short CA list, and reads the feed's and signers' state; every check runs on each request, so a
+store that comes back turns the answer to 200 without a restart. The body is short and names
+no paths or error texts (the endpoint may be public): details go to the log when the state
+changes. The resources are plain adapters; ``mount_ops`` puts them beside the OCSP tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from server.metrics import CONTENT_TYPE, Metrics
+from store.model import CaRecord, Generation
+from store.sqlite import StoreError
+
+log = Logger()
+DAY = 86400.0
+
+
+class HealthStore(Protocol):
+    def generation(self) -> Generation: ...
+    def cas(self) -> list[CaRecord]: ...
+
+
+class HealthFeed(Protocol):
+    healthy: bool
+    generation: Generation
+    last_error: str | None
+
+
+class HealthCheck:
+    """Decides whether this server is fit to serve, and says why not."""
+
+    def __init__(self, store: HealthStore, feed: HealthFeed | None, now: Callable[[], datetime],
+                 signer_expiries: Callable[[], Mapping[str, datetime]],
+                 min_signer_days: int = 7, max_import_age: float | None = None,
+                 poll_lag: Callable[[], float | None] | None = None,
+                 max_poll_lag: float = 60.0) -> None:
+        self.store = store
+        self.feed = feed
+        self.now = now
+        self.signer_expiries = signer_expiries
+        self.min_signer_days = min_signer_days
+        self.max_import_age = max_import_age
+        self.poll_lag = poll_lag
+        self.max_poll_lag = max_poll_lag
+        self._file_id = self._identity()
+        self._last_reasons: list[str] = []  # logged on change only
+
+    def _identity(self) -> tuple[int, int] | None:
+        path = getattr(self.store, "path", None)
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def check(self) -> tuple[bool, dict[str, Any]]:
+        """Run every check; (ok, short JSON-able body)."""
+        now = self.now()
+        reasons: list[str] = []
+        details: list[str] = []
+        body: dict[str, Any] = {}
+        self._check_store(now, body, reasons, details)
+        self._check_signers(now, body, reasons)
+        self._check_feed(body, reasons, details)
+        ok = not reasons
+        body = {"status": "ok" if ok else "fail", "reasons": reasons, **body}
+        if reasons != self._last_reasons:
+            if ok:
+                log.info("health: ok again")
+            else:
+                log.warn("health: failing: {reasons}", reasons="; ".join(reasons + details))
+            self._last_reasons = reasons
+        return ok, body
+
+    def _check_store(self, now: datetime, body: dict[str, Any], reasons: list[str],
+                     details: list[str]) -> None:
+        if self._file_id is not None:
+            current = self._identity()
+            if current is None:
+                reasons.append("store file missing")
+            elif current != self._file_id:
+                reasons.append("store file replaced since start (restart needed)")
+        try:
+            body["generation"] = int(self.store.generation())
+            cas = self.store.cas()
+        except StoreError as exc:
+            reasons.append("store unreadable")
+            details.append(str(exc))
+            body["generation"] = None
+            return
+        synced = [c.synced_at for c in cas if c.synced_at is not None]
+        last = max(synced) if synced else None
+        age = None if last is None else max((now - last).total_seconds(), 0.0)
+        body["last_import"] = None if last is None else last.isoformat()
+        body["import_age_seconds"] = None if age is None else round(age)
+        if self.max_import_age is not None:
+            if age is None:
+                reasons.append("no import recorded")
+            elif age > self.max_import_age:
+                reasons.append(f"last import {age:.0f} s ago (max {self.max_import_age:g})")
+
+    def _check_signers(self, now: datetime, body: dict[str, Any], reasons: list[str]) -> None:
+        try:
+            expiries = dict(self.signer_expiries())
+        except Exception:
+            log.failure("health: signer expiries unavailable")
+            reasons.append("signer expiries unavailable")
+            return
+        signers: dict[str, float] = {}
+        for ca, not_after in sorted(expiries.items()):
+            days = (not_after - now).total_seconds() / DAY
+            signers[ca] = round(days, 2)
+            if days < self.min_signer_days:
+                what = "expired" if days <= 0 else f"expires in {days:.1f} days"
+                reasons.append(f"signer of {ca} {what} (min {self.min_signer_days})")
+        body["signer_days_left"] = signers
+
+    def _check_feed(self, body: dict[str, Any], reasons: list[str], details: list[str]) -> None:
+        feed = self.feed
+        if feed is None:
+            return
+        body["feed"] = {"healthy": feed.healthy, "generation": int(feed.generation)}
+        if not feed.healthy:
+            reasons.append("change feed failing")
+            details.append(feed.last_error or "")
+        lag = self.poll_lag() if self.poll_lag is not None else None
+        if lag is not None:
+            body["feed"]["poll_lag_seconds"] = round(lag, 1)
+            if lag > self.max_poll_lag:
+                reasons.append(f"change feed stalled for {lag:.0f} s")
+
+
+def _respond(request: Request, code: int, content_type: str, data: bytes) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", content_type.encode())
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"Content-Length", str(len(data)).encode())
+    return data
+
+
+class _GetOnly(Resource):
+    """A leaf answering GET and HEAD; any other method is a bare 405."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            return _respond(request, 405, "text/plain; charset=utf-8", b"method not allowed\n")
+        return super().render(request)
+
+
+class HealthResource(_GetOnly):
+    """GET /healthz: 200 or 503 with a short JSON body."""
+
+    def __init__(self, health: HealthCheck) -> None:
+        super().__init__()
+        self.health = health
+
+    def render_GET(self, request: Request) -> bytes:
+        try:
+            ok, body = self.health.check()
+        except Exception:
+            log.failure("health check failed")
+            ok, body = False, {"status": "fail", "reasons": ["health check failed"]}
+        data = json.dumps(body, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        return _respond(request, 200 if ok else 503, "application/json", data)
+
+
+class MetricsResource(_GetOnly):
+    """GET /metrics: the Prometheus text exposition."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        return _respond(request, 200, CONTENT_TYPE, self.metrics.render())
+
+
+class _OpsFront(Resource):
+    """Routes /healthz and /metrics, hands every other path to a leaf resource unchanged."""
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        request.postpath.insert(0, request.prepath.pop())  # the inner leaf sees the whole path
+        return self.inner
+
+    def render(self, request: Any) -> Any:
+        return self.inner.render(request)
+
+
+def mount_ops(root: Resource, health: HealthCheck, metrics: Metrics) -> Resource:
+    """Add /healthz and /metrics to root; serve the returned resource (root unless a leaf)."""
+    front = _OpsFront(root) if root.isLeaf else root
+    front.putChild(b"healthz", HealthResource(health))
+    front.putChild(b"metrics", MetricsResource(metrics))
+    return front
+
+
+class _OpsRoot(Resource):
+    """The root of a standalone ops site: its children, else 404."""
+
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        return notFound()
+
+
+class _QuietSite(Site):
+    """A Site that writes no access log line per probe or scrape."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def make_ops_site(health: HealthCheck, metrics: Metrics) -> Site:
+    """A standalone site serving /healthz and /metrics only (for a separate listener)."""
+    root = _OpsRoot()
+    mount_ops(root, health, metrics)
+    site = _QuietSite(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,293 @@
+"""Prometheus metrics of one certpub server process, in a registry of its own.
+
+Strategy: request counters, latency histograms, the OCSP cache, connections and the pre-signing
+backlog are updated by the protocol code through a handful of plain methods that never raise.
+Everything the store knows (generation, certificates by CA and status, imported files) and the
+signer expiries are computed when Prometheus scrapes, by one custom collector; the scan-ish
+per-CA counts are cached for ``STATS_TTL`` seconds. The change-poll lag is measured by wrapping
+the feed's ``poll`` (see ``Metrics.watch``), so a poll loop that died shows up as a growing lag.
+The registry is not prometheus_client's global one, so tests and processes stay isolated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.logger import Logger
+
+from store.model import CaStats, Generation
+from store.sqlite import StoreError
+
+log = Logger()
+
+PROTOCOLS = ("ldap", "ocsp", "http")
+# 0.1 ms .. 1 s: an indexed SQLite read is ~0.1 ms, an RSA-4096 signature a few ms.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0)
+STATS_TTL = 30.0
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FILE_COUNTS_SQL = "SELECT outcome, COUNT(*) FROM imported_files GROUP BY outcome"
+
+SignerExpiries = Callable[[], Mapping[str, datetime]]
+
+
+class StoreLike(Protocol):
+    def generation(self) -> Generation: ...
+    def stats(self, now: datetime) -> list[CaStats]: ...
+
+
+class FeedLike(Protocol):
+    healthy: bool
+    generation: Generation
+
+    def poll(self) -> None: ...
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def import_file_counts(store: Any) -> dict[str, int]:
+    """Files the importer recorded, by outcome (a public Store method is used when present)."""
+    public = getattr(store, "import_file_counts", None)
+    if callable(public):
+        return {str(k): int(v) for k, v in public().items()}
+    query = getattr(store, "_query", None)  # stopgap until Store grows import_file_counts()
+    if query is None:
+        return {}
+    return {str(outcome): int(n) for outcome, n in query(FILE_COUNTS_SQL)}
+
+
+@dataclass
+class _StoreSnapshot:
+    """The cached scan-ish part of a scrape."""
+
+    taken: datetime
+    stats: list[CaStats]
+    files: dict[str, int]
+
+
+class Metrics:
+    """The metric objects of one process and the methods protocol code calls."""
+
+    def __init__(self, now: Callable[[], datetime] = wall_clock, *, process: bool = True) -> None:
+        self.now = now
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("certpub_requests", "Requests by protocol, operation and result.",
+                                ["protocol", "operation", "result"], registry=r)
+        self.latency = Histogram("certpub_request_seconds", "Request duration in seconds.",
+                                 ["protocol", "operation"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ocsp_cache = Counter("certpub_ocsp_cache", "OCSP response cache lookups.",
+                                  ["result"], registry=r)
+        self.presign = Gauge("certpub_ocsp_presign_backlog",
+                             "OCSP responses waiting to be pre-signed.", registry=r)
+        self.connections = Gauge("certpub_open_connections", "Open client connections.",
+                                 ["protocol"], registry=r)
+        for protocol in PROTOCOLS:
+            self.connections.labels(protocol)
+        for result in ("hit", "miss"):
+            self.ocsp_cache.labels(result)
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        self.store: StoreLike | None = None
+        self.feed: FeedLike | None = None
+        self.signer_source: SignerExpiries | None = None
+        self._signers: dict[str, datetime] = {}
+        self._last_poll: datetime | None = None
+        self._snapshot: _StoreSnapshot | None = None
+        r.register(_StateCollector(self))
+
+    # --- called by the protocol code (never raise) ---------------------------------------
+
+    def request(self, protocol: str, operation: str, result: str, seconds: float) -> None:
+        """Count one finished request and observe its duration."""
+        self.requests.labels(protocol, operation, result).inc()
+        self.latency.labels(protocol, operation).observe(max(seconds, 0.0))
+
+    def cache(self, hit: bool) -> None:
+        """Count one OCSP response cache lookup."""
+        self.ocsp_cache.labels("hit" if hit else "miss").inc()
+
+    def connection_opened(self, protocol: str) -> None:
+        self.connections.labels(protocol).inc()
+
+    def connection_closed(self, protocol: str) -> None:
+        self.connections.labels(protocol).dec()
+
+    def presign_backlog(self, size: int) -> None:
+        """Set the number of OCSP responses waiting to be pre-signed."""
+        self.presign.set(size)
+
+    def signer_expiry(self, ca: str, not_after: datetime, now: datetime | None = None) -> None:
+        """Record a CA's signer notAfter; seconds left are computed at each scrape (now unused)."""
+        self._signers[ca] = not_after
+
+    def forget_signer(self, ca: str) -> None:
+        """Drop a CA that a reload removed."""
+        self._signers.pop(ca, None)
+
+    # --- called by the composition root --------------------------------------------------
+
+    def watch(self, store: StoreLike | None = None, feed: FeedLike | None = None,
+              signer_expiries: SignerExpiries | None = None) -> None:
+        """Report on store, feed and signers at scrape time; call before ``feed.start()``."""
+        if store is not None:
+            self.store = store
+            self._snapshot = None
+        if signer_expiries is not None:
+            self.signer_source = signer_expiries
+        if feed is not None and feed is not self.feed:
+            self.feed = feed
+            self._last_poll = self.now()
+            inner = feed.poll
+
+            def poll() -> None:
+                inner()
+                if feed.healthy:
+                    self._last_poll = self.now()
+
+            feed.poll = poll  # type: ignore[method-assign]  # start()'s LoopingCall takes this one
+
+    def poll_lag(self) -> float | None:
+        """Seconds since the watched feed last polled the store successfully."""
+        if self._last_poll is None:
+            return None
+        return max((self.now() - self._last_poll).total_seconds(), 0.0)
+
+    def signers(self) -> dict[str, datetime]:
+        """Signer notAfter by CA: those recorded, overridden by the bound source."""
+        out = dict(self._signers)
+        if self.signer_source is not None:
+            out.update(self.signer_source())
+        return out
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of this registry."""
+        return generate_latest(self.registry)
+
+    def store_snapshot(self, store: StoreLike) -> _StoreSnapshot:
+        """Per-CA counts and file outcomes, read at most once every ``STATS_TTL`` seconds."""
+        now = self.now()
+        snap = self._snapshot
+        if snap is None or not 0 <= (now - snap.taken).total_seconds() < STATS_TTL:
+            snap = _StoreSnapshot(now, store.stats(now), import_file_counts(store))
+            self._snapshot = snap
+        return snap
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+class _StateCollector(Collector):
+    """Families computed at scrape time from the store, the feed and the signers."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._store()
+        yield from self._feed()
+        yield from self._signers()
+
+    def _store(self) -> Iterator[Metric]:
+        store = self.m.store
+        if store is None:
+            return
+        up = GaugeMetricFamily("certpub_store_up", "1 when the store could be read.")
+        try:
+            generation = store.generation()
+            snap = self.m.store_snapshot(store)
+        except StoreError as exc:
+            log.debug("metrics: store unreadable: {error}", error=str(exc))
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        gen = GaugeMetricFamily("certpub_store_generation", "Generation committed in the store.")
+        gen.add_metric([], int(generation))
+        yield gen
+        certs = GaugeMetricFamily("certpub_certificates", "Certificates by CA and status"
+                                  f" (refreshed every {STATS_TTL:g} s).", labels=["ca", "status"])
+        last = GaugeMetricFamily("certpub_ca_last_import_timestamp_seconds",
+                                 "When a certificate of the CA was last imported.", labels=["ca"])
+        synced = GaugeMetricFamily("certpub_ca_synced_timestamp_seconds",
+                                   "When the importer last confirmed the CA's statuses.",
+                                   labels=["ca"])
+        for s in snap.stats:
+            for status, n in (("good", s.good), ("revoked", s.revoked), ("expired", s.expired),
+                              ("on_hold", s.on_hold)):
+                certs.add_metric([s.ca.name, status], n)
+            for family, value in ((last, _ts(s.last_import)), (synced, _ts(s.ca.synced_at))):
+                if value is not None:
+                    family.add_metric([s.ca.name], value)
+        files = CounterMetricFamily("certpub_import_files",
+                                    "Input files recorded in the store by the importer.",
+                                    labels=["outcome"])
+        for outcome, n in sorted(snap.files.items()):
+            files.add_metric([outcome], n)
+        yield from (certs, last, synced, files)
+
+    def _feed(self) -> Iterator[Metric]:
+        feed = self.m.feed
+        if feed is None:
+            return
+        lag = GaugeMetricFamily("certpub_change_poll_lag_seconds",
+                                "Seconds since the change feed last polled the store.")
+        lag.add_metric([], self.m.poll_lag() or 0.0)
+        gen = GaugeMetricFamily("certpub_feed_generation",
+                                "Store generation this server's caches have applied.")
+        gen.add_metric([], int(feed.generation))
+        healthy = GaugeMetricFamily("certpub_feed_healthy", "1 when the last poll succeeded.")
+        healthy.add_metric([], 1 if feed.healthy else 0)
+        yield from (lag, gen, healthy)
+
+    def _signers(self) -> Iterator[Metric]:
+        try:
+            signers = self.m.signers()
+        except Exception:
+            log.failure("metrics: signer expiries unavailable")
+            return
+        if not signers:
+            return
+        family = GaugeMetricFamily("certpub_signer_expiry_seconds",
+                                   "Seconds until the CA's OCSP signer certificate expires.",
+                                   labels=["ca"])
+        now = self.m.now()
+        for ca, not_after in sorted(signers.items()):
+            family.add_metric([ca], (not_after - now).total_seconds())
+        yield family
+
+
+_current: Metrics | None = None
+
+
+def get_metrics() -> Metrics:
+    """The process's Metrics, created on first use."""
+    global _current
+    if _current is None:
+        _current = Metrics()
+    return _current
+
+
+def set_metrics(metrics: Metrics | None) -> None:
+    """Install (or with None, forget) the process's Metrics."""
+    global _current
+    _current = metrics

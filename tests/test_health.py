@@ -1,0 +1,278 @@
+"""/healthz and /metrics: the checks, recovery without restart, headers, routing, a real listener."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import threads
+from twisted.web.resource import Resource, getChildForRequest
+from twisted.web.test.requesthelper import DummyRequest
+
+from server.feed import ChangeFeed
+from server.health import HealthCheck, HealthResource, MetricsResource, make_ops_site, mount_ops
+from server.metrics import Metrics
+from store.model import CaRecord, Generation
+from store.sqlite import Store, StoreError
+from tests.test_metrics import T0, FakeClock, make_store
+
+SIGNER_OK = {"test-ca": T0 + timedelta(days=300)}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = make_store(tmp_path / "store.sqlite3")
+    yield s
+    s.close()
+
+
+def get(resource: Resource, path: bytes, method: bytes = b"GET") -> tuple[int, dict[str, str], bytes]:
+    """Route and render one request through a resource tree, as twisted.web does."""
+    request = DummyRequest([p for p in path.lstrip(b"/").split(b"/")])
+    request.method = method
+    leaf = getChildForRequest(resource, request)
+    body = leaf.render(request)
+    headers = {k.decode().lower(): v[0].decode()
+               for k, v in request.responseHeaders.getAllRawHeaders()}
+    return request.responseCode or 200, headers, body
+
+
+def health_body(resource: Resource) -> tuple[int, dict[str, Any]]:
+    code, headers, body = get(resource, b"/healthz")
+    assert headers["content-type"] == "application/json"
+    assert headers["cache-control"] == "no-store"
+    assert headers["content-length"] == str(len(body))
+    return code, json.loads(body)
+
+
+def test_healthy_store_answers_200_with_generation_and_signers(store: Store) -> None:
+    health = HealthCheck(store, ChangeFeed(store), FakeClock(), lambda: SIGNER_OK,
+                         max_import_age=3600)
+    code, body = health_body(HealthResource(health))
+    assert code == 200
+    assert body["status"] == "ok" and body["reasons"] == []
+    assert body["generation"] == int(store.generation())
+    assert body["signer_days_left"] == {"test-ca": 300.0}
+    assert body["import_age_seconds"] == 0 and body["last_import"].startswith("2030-01-15")
+    assert body["feed"]["healthy"] is True
+
+
+def test_store_file_moved_away_then_back_fails_then_recovers(store: Store, tmp_path: Path) -> None:
+    resource = HealthResource(HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK))
+    assert health_body(resource)[0] == 200
+    aside = tmp_path / "aside.sqlite3"
+    store.path.rename(aside)
+    code, body = health_body(resource)
+    assert code == 503 and body["reasons"] == ["store file missing"]
+    aside.rename(store.path)
+    assert health_body(resource)[0] == 200  # no restart
+
+
+def test_store_file_replaced_needs_restart(store: Store, tmp_path: Path) -> None:
+    resource = HealthResource(HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK))
+    replacement = make_store(tmp_path / "new.sqlite3")
+    replacement.close()
+    (tmp_path / "new.sqlite3").replace(store.path)
+    code, body = health_body(resource)
+    assert code == 503 and "store file replaced" in body["reasons"][0]
+
+
+class FlakyStore:
+    """Delegates to a real store unless told to fail like an unreadable file."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.broken = False
+
+    def _check(self) -> None:
+        if self.broken:
+            raise StoreError("store read failed: file is not a database (/secret/path)")
+
+    def generation(self) -> Generation:
+        self._check()
+        return self.inner.generation()
+
+    def cas(self) -> list[CaRecord]:
+        self._check()
+        return self.inner.cas()
+
+    def changes_since(self, generation: int, limit: int = 0) -> list:  # type: ignore[type-arg]
+        self._check()
+        return self.inner.changes_since(generation, limit)
+
+
+def test_store_error_gives_503_with_reason_then_200_without_restart(store: Store) -> None:
+    flaky = FlakyStore(store)
+    feed = ChangeFeed(flaky)
+    resource = HealthResource(HealthCheck(flaky, feed, FakeClock(), lambda: SIGNER_OK))
+    assert health_body(resource)[0] == 200
+    flaky.broken = True
+    feed.poll()
+    code, body = health_body(resource)
+    assert code == 503
+    assert body["reasons"] == ["store unreadable", "change feed failing"]
+    assert body["generation"] is None
+    assert "/secret/path" not in json.dumps(body)  # details go to the log only
+    flaky.broken = False
+    feed.poll()
+    code, body = health_body(resource)
+    assert code == 200 and body["feed"]["healthy"] is True
+
+
+@pytest.mark.parametrize(("days", "reason"), [
+    (3, "signer of test-ca expires in 3.0 days (min 7)"),
+    (-1, "signer of test-ca expired (min 7)"),
+])
+def test_signer_expiring_soon_gives_503(store: Store, days: int, reason: str) -> None:
+    expiries = {"test-ca": T0 + timedelta(days=days), "other": T0 + timedelta(days=90)}
+    ok, body = HealthCheck(store, None, FakeClock(), lambda: expiries).check()
+    assert not ok and body["reasons"] == [reason]
+    assert body["signer_days_left"] == {"test-ca": float(days), "other": 90.0}
+    ok, _ = HealthCheck(store, None, FakeClock(), lambda: expiries, min_signer_days=2).check()
+    assert ok is (days >= 2)
+
+
+def test_import_age_only_checked_when_configured(store: Store, tmp_path: Path) -> None:
+    clock = FakeClock()
+    lenient = HealthCheck(store, None, clock, lambda: SIGNER_OK)
+    strict = HealthCheck(store, None, clock, lambda: SIGNER_OK, max_import_age=3600)
+    clock.advance(7200)
+    assert lenient.check()[0] is True
+    ok, body = strict.check()
+    assert not ok and body["reasons"] == ["last import 7200 s ago (max 3600)"]
+    with store.batch(clock()) as b:  # the importer confirms the CA again
+        b.mark_synced(store.cas()[0].id)
+    assert strict.check()[0] is True
+    never = make_store(tmp_path / "never.sqlite3", synced=False)
+    ok, body = HealthCheck(never, None, clock, dict, max_import_age=3600).check()
+    never.close()
+    assert not ok and body["reasons"] == ["no import recorded"] and body["last_import"] is None
+
+
+def test_stalled_poll_loop_gives_503(store: Store) -> None:
+    clock = FakeClock()
+    metrics = Metrics(clock, process=False)
+    feed = ChangeFeed(store)
+    metrics.watch(feed=feed)
+    health = HealthCheck(store, feed, clock, lambda: SIGNER_OK, poll_lag=metrics.poll_lag,
+                         max_poll_lag=60)
+    clock.advance(61)
+    ok, body = health.check()
+    assert not ok and body["reasons"] == ["change feed stalled for 61 s"]
+    feed.poll()
+    assert health.check()[0] is True
+
+
+def test_signer_source_failure_is_a_503_not_a_500(store: Store) -> None:
+    def boom() -> dict[str, datetime]:
+        raise RuntimeError("keys not loaded")
+
+    code, body = health_body(HealthResource(HealthCheck(store, None, FakeClock(), boom)))
+    assert code == 503 and body["reasons"] == ["signer expiries unavailable"]
+
+
+def test_metrics_resource_serves_parseable_text(store: Store) -> None:
+    metrics = Metrics(FakeClock(), process=False)
+    metrics.watch(store=store)
+    metrics.request("ocsp", "status", "successful", 0.001)
+    code, headers, body = get(MetricsResource(metrics), b"/metrics")
+    assert code == 200
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert headers["content-length"] == str(len(body))
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert {"certpub_requests", "certpub_request_seconds", "certpub_store_generation"} <= names
+
+
+class Leaf(Resource):
+    """Stands in for an OCSP root that is a leaf and reads the whole path itself."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"leaf:" + b"/".join(request.postpath)
+
+
+@pytest.mark.parametrize("root_is_leaf", [True, False])
+def test_mount_ops_beside_an_existing_root(store: Store, root_is_leaf: bool) -> None:
+    health = HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK)
+    metrics = Metrics(FakeClock(), process=False)
+    if root_is_leaf:
+        root: Resource = Leaf()
+    else:
+        root = Resource()
+        root.putChild(b"ocsp", Leaf())
+    served = mount_ops(root, health, metrics)
+    assert (served is root) is not root_is_leaf
+    assert health_body(served)[0] == 200
+    assert get(served, b"/metrics")[0] == 200
+    if root_is_leaf:
+        assert get(served, b"/MEQwQjBAMD4wPDAJBgUrDgMCGgUA")[2] == b"leaf:MEQwQjBAMD4wPDAJBgUrDgMCGgUA"
+        assert get(served, b"/")[2] == b"leaf:"
+    else:
+        assert get(served, b"/ocsp/abc")[2] == b"leaf:abc"
+
+
+def _fetch(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ops_site_on_a_real_listener(store: Store) -> None:
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
+    signers = dict(SIGNER_OK)
+    metrics = Metrics(FakeClock(), process=False)
+    metrics.watch(store=store, signer_expiries=lambda: signers)
+    site = make_ops_site(HealthCheck(store, None, FakeClock(), lambda: signers), metrics)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        code, headers, body = await threads.deferToThread(_fetch, base + "/healthz")
+        assert code == 200 and json.loads(body)["status"] == "ok"
+        assert headers["content-length"] == str(len(body))
+        assert "transfer-encoding" not in headers
+        signers["test-ca"] = T0 + timedelta(days=3)
+        code, headers, body = await threads.deferToThread(_fetch, base + "/healthz")
+        assert code == 503 and headers["cache-control"] == "no-store"
+        code, headers, _ = await threads.deferToThread(_fetch, base + "/healthz", "HEAD")
+        assert code == 503 and int(headers["content-length"]) > 0
+        code, headers, body = await threads.deferToThread(_fetch, base + "/metrics")
+        assert code == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+        fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        assert fams["certpub_signer_expiry_seconds"].samples[0].value == 3 * 86400
+        assert (await threads.deferToThread(_fetch, base + "/"))[0] == 404
+        code, headers, _ = await threads.deferToThread(_fetch, base + "/healthz", "POST")
+        assert code == 405 and headers["allow"] == "GET, HEAD"
+    finally:
+        await port.stopListening()
+
+
+def test_state_changes_are_logged_once_with_details(store: Store) -> None:
+    from twisted.logger import capturedLogs
+
+    flaky = FlakyStore(store)
+    health = HealthCheck(flaky, None, FakeClock(), lambda: SIGNER_OK)
+    with capturedLogs() as events:
+        health.check()
+        flaky.broken = True
+        health.check()
+        health.check()
+        flaky.broken = False
+        health.check()
+    lines = [e["log_format"].format(**e) for e in events if "health" in e["log_format"]]
+    assert len(lines) == 2
+    assert "store unreadable" in lines[0] and "/secret/path" in lines[0]
+    assert lines[1] == "health: ok again"

@@ -1,0 +1,239 @@
+"""The Prometheus metrics: families after calls, scrape-time store gauges, poll lag, isolation."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+
+from server import metrics as metrics_module
+from server.feed import ChangeFeed
+from server.metrics import STATS_TTL, Metrics, get_metrics, set_metrics
+from store.model import Generation
+from store.sqlite import Store, StoreError
+
+T0 = datetime(2030, 1, 15, 12, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    """A settable wall clock."""
+
+    def __init__(self, now: datetime = T0) -> None:
+        self.t = now
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += timedelta(seconds=seconds)
+
+
+def ca_der(cn: str = "Test CA") -> bytes:
+    """A small self-signed CA certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "MO"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(T0 - timedelta(days=365)).not_valid_after(T0 + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def make_store(path: Path, now: datetime = T0, synced: bool = True) -> Store:
+    """A store holding one CA (synced at now) and one recorded import file."""
+    store = Store.open(path)
+    with store.batch(now) as b:
+        ca_id, _ = b.ensure_ca("test-ca", ca_der())
+        if synced:
+            b.mark_synced(ca_id)
+        b.record_file(hashlib.sha256(b"file-1").digest(), "file-1.pem", "accepted")
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = make_store(tmp_path / "store.sqlite3")
+    yield s
+    s.close()
+
+
+def families(m: Metrics) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """Parsed exposition: family name -> {(sample name, sorted labels): value}."""
+    out: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for fam in text_string_to_metric_families(m.render().decode()):
+        out[fam.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in fam.samples}
+    return out
+
+
+def value(fams: dict, family: str, sample: str | None = None, **labels: str) -> float:  # type: ignore[type-arg]
+    return fams[family][(sample or family, tuple(sorted(labels.items())))]  # type: ignore[no-any-return]
+
+
+def test_request_cache_connection_and_backlog_families() -> None:
+    m = Metrics(FakeClock())
+    m.request("ldap", "search", "success", 0.0004)
+    m.request("ldap", "search", "success", 0.002)
+    m.request("ocsp", "status", "tryLater", 0.3)
+    m.cache(True)
+    m.cache(False)
+    m.cache(False)
+    m.connection_opened("ldap")
+    m.connection_opened("ldap")
+    m.connection_closed("ldap")
+    m.presign_backlog(42)
+    f = families(m)
+    assert value(f, "certpub_requests", "certpub_requests_total", protocol="ldap",
+                 operation="search", result="success") == 2
+    assert value(f, "certpub_requests", "certpub_requests_total", protocol="ocsp",
+                 operation="status", result="tryLater") == 1
+    h = "certpub_request_seconds"
+    assert value(f, h, h + "_bucket", protocol="ldap", operation="search", le="0.0001") == 0
+    assert value(f, h, h + "_bucket", protocol="ldap", operation="search", le="0.0005") == 1
+    assert value(f, h, h + "_bucket", protocol="ldap", operation="search", le="1.0") == 2
+    assert value(f, h, h + "_count", protocol="ocsp", operation="status") == 1
+    assert value(f, "certpub_ocsp_cache", "certpub_ocsp_cache_total", result="hit") == 1
+    assert value(f, "certpub_ocsp_cache", "certpub_ocsp_cache_total", result="miss") == 2
+    assert value(f, "certpub_open_connections", protocol="ldap") == 1
+    assert value(f, "certpub_open_connections", protocol="ocsp") == 0
+    assert value(f, "certpub_ocsp_presign_backlog") == 42
+    assert "process_cpu_seconds" in f or "process_start_time_seconds" in f
+
+
+def test_registries_are_isolated_from_each_other_and_the_global_one() -> None:
+    a, b = Metrics(process=False), Metrics(process=False)
+    a.request("http", "crl", "ok", 0.01)
+    assert "certpub_requests" in families(a)
+    assert not families(b)["certpub_requests"]
+    assert REGISTRY.get_sample_value("certpub_requests_total",
+                                     {"protocol": "http", "operation": "crl", "result": "ok"}) is None
+
+
+def test_get_and_set_metrics() -> None:
+    saved = metrics_module._current
+    try:
+        set_metrics(None)
+        first = get_metrics()
+        assert get_metrics() is first
+        mine = Metrics(process=False)
+        set_metrics(mine)
+        assert get_metrics() is mine
+    finally:
+        set_metrics(saved)
+
+
+def test_store_feed_and_signer_gauges(store: Store) -> None:
+    clock = FakeClock()
+    m = Metrics(clock, process=False)
+    feed = ChangeFeed(store)
+    m.watch(store=store, feed=feed,
+            signer_expiries=lambda: {"test-ca": T0 + timedelta(days=3)})
+    m.signer_expiry("other-ca", T0 + timedelta(days=10), T0)
+    feed.prime()
+    f = families(m)
+    assert value(f, "certpub_store_up") == 1
+    assert value(f, "certpub_store_generation") == int(store.generation()) >= 1
+    assert value(f, "certpub_feed_generation") == int(store.generation())
+    assert value(f, "certpub_certificates", ca="test-ca", status="good") == 0
+    assert value(f, "certpub_certificates", ca="test-ca", status="revoked") == 0
+    assert value(f, "certpub_ca_synced_timestamp_seconds", ca="test-ca") == T0.timestamp()
+    assert value(f, "certpub_import_files", "certpub_import_files_total", outcome="accepted") == 1
+    assert value(f, "certpub_signer_expiry_seconds", ca="test-ca") == 3 * 86400
+    assert value(f, "certpub_signer_expiry_seconds", ca="other-ca") == 10 * 86400
+    clock.advance(86400)  # seconds left are relative to the scrape, not to the call
+    assert value(families(m), "certpub_signer_expiry_seconds", ca="test-ca") == 2 * 86400
+
+
+def test_store_stats_are_cached_for_the_ttl(store: Store) -> None:
+    clock = FakeClock()
+    m = Metrics(clock, process=False)
+    m.watch(store=store)
+    key = ("certpub_import_files", "certpub_import_files_total")
+    assert value(families(m), *key, outcome="accepted") == 1
+    with store.batch(T0) as b:
+        b.record_file(hashlib.sha256(b"file-2").digest(), "file-2.pem", "accepted")
+    clock.advance(STATS_TTL - 1)
+    f = families(m)
+    assert value(f, *key, outcome="accepted") == 1  # cached
+    assert value(f, "certpub_store_generation") == int(store.generation())  # never cached
+    clock.advance(2)
+    assert value(families(m), *key, outcome="accepted") == 2
+
+
+class BrokenStore:
+    """A store whose every read fails, as a vanished or corrupt file would."""
+
+    def generation(self) -> Generation:
+        raise StoreError("store read failed: disk I/O error")
+
+    def stats(self, now: datetime) -> list:  # type: ignore[type-arg]
+        raise StoreError("store read failed: disk I/O error")
+
+    def changes_since(self, generation: int, limit: int = 0) -> list:  # type: ignore[type-arg]
+        raise StoreError("store read failed: disk I/O error")
+
+
+def test_unreadable_store_still_scrapes_with_store_up_zero() -> None:
+    m = Metrics(FakeClock(), process=False)
+    m.watch(store=BrokenStore())
+    f = families(m)
+    assert value(f, "certpub_store_up") == 0
+    assert "certpub_store_generation" not in f
+
+
+def test_poll_lag_grows_while_polls_fail_and_resets_on_success(store: Store) -> None:
+    clock = FakeClock()
+    m = Metrics(clock, process=False)
+    source: dict[str, Any] = {"s": store}
+
+    class Switch:
+        def generation(self) -> Generation:
+            return Generation(source["s"].generation())
+
+        def changes_since(self, generation: int, limit: int = 0) -> list:  # type: ignore[type-arg]
+            return list(source["s"].changes_since(generation, limit))
+
+    feed = ChangeFeed(Switch())
+    m.watch(feed=feed)
+    clock.advance(5)
+    assert value(families(m), "certpub_change_poll_lag_seconds") == 5
+    feed.poll()
+    assert value(families(m), "certpub_change_poll_lag_seconds") == 0
+    source["s"] = BrokenStore()
+    clock.advance(3)
+    feed.poll()
+    f = families(m)
+    assert value(f, "certpub_change_poll_lag_seconds") == 3
+    assert value(f, "certpub_feed_healthy") == 0
+    source["s"] = store
+    feed.poll()
+    assert value(families(m), "certpub_change_poll_lag_seconds") == 0
+
+
+def test_watch_before_start_measures_the_real_poll_loop(store: Store) -> None:
+    clock = FakeClock()
+    m = Metrics(clock, process=False)
+    feed = ChangeFeed(store, interval=0.2)
+    m.watch(store=store, feed=feed)
+    reactor_clock = Clock()
+    feed.start(reactor_clock)
+    try:
+        clock.advance(10)
+        assert m.poll_lag() == 10
+        reactor_clock.advance(0.2)  # the LoopingCall runs the wrapped poll
+        assert m.poll_lag() == 0
+    finally:
+        feed.stop()
