@@ -42,7 +42,6 @@ def tls_options(tls: TlsConfig) -> Any:
         privateKey=cert.privateKey.original,
         certificate=cert.original,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        insecurelyLowerMinimumTo=None,
     )
 
 

@@ -1,0 +1,344 @@
+"""The virtual directory: entries looked up and searched in the store, never copied into memory.
+
+Strategy: a base lookup is one indexed read (``entries`` by key, then the certificates or CA
+rows of that key); a search with an indexable filter (``server.ldap.plan``) reads candidate
+certificates from ``cert_attrs`` and evaluates the whole filter on the entry each belongs to,
+so results are exact; a search without one evaluates the base entry (scope base), the base's
+children (one level) or walks the base's subtree page by page in key order, examining at most
+``scan_limit`` entries (then adminLimitExceeded). Searches are generators: the protocol pulls
+one result at a time, so it can stop at the size limit, check the time limit, interleave other
+clients and resume a paged search from a position. Only the CA rows (a handful, with their
+CRLs) are cached, and dropped when the change feed reports a CA or CRL change.
+
+Known limits: indexed searches return subscriber, certificate and CA entries, not glue entries
+(a glue entry matches a name filter only through its own RDN, and is reached by one-level or
+subtree searches whose filter has no indexable part); candidates are capped at ``scan_limit``
+certificates (then adminLimitExceeded after the matching entries found).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from server.ldap.entries import (
+    CA_OID,
+    SERIAL_OID,
+    SUBSCHEMA_KEY,
+    Entry,
+    ca_entry,
+    cert_entry,
+    dse_entry,
+    glue_entry,
+    subject_entry,
+    subschema_entry,
+)
+from server.ldap.errors import AdminLimitExceeded, NoSuchObject
+from server.ldap.filters import Filter, evaluate
+from server.ldap.plan import IndexQuery, Plan, plan
+from server.ldap.schema import Allowlist
+from store import names
+from store.model import CaRecord, CertRecord, Change, DirectoryEntry
+
+BASE, ONE, SUB = 0, 1, 2
+PAGE = 200
+
+# (phase, first certificate id, entry key, certificate id): where a paged search resumes.
+Position = tuple[int, int, str, int]
+
+
+class DirectoryStore(Protocol):
+    def entry(self, key: str) -> DirectoryEntry | None: ...
+    def children(self, parent_key: str, limit: int = ..., after: str = ...) -> list[DirectoryEntry]: ...
+    def subtree(self, base_key: str, limit: int = ..., after: str = ...) -> list[DirectoryEntry]: ...
+    def roots(self) -> list[DirectoryEntry]: ...
+    def cas(self) -> list[CaRecord]: ...
+    def cert(self, ca_id: int, serial: int) -> CertRecord | None: ...
+    def certs_by_directory_key(self, key: str, limit: int = ...) -> list[CertRecord]: ...
+    def certs_by_attribute(self, attr: str, value: str, limit: int = ...) -> list[CertRecord]: ...
+    def certs_by_attribute_substring(self, attr: str, initial: str, any_: Sequence[str],
+                                     final: str, limit: int = ...) -> list[CertRecord]: ...
+    def certs_with_attribute(self, attr: str, limit: int = ...) -> list[CertRecord]: ...
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: Entry
+    position: Position
+
+
+class Directory:
+    """Lookups and searches over the store's published DN tree."""
+
+    def __init__(self, store: DirectoryStore, allow: Allowlist, *,
+                 naming_contexts: Sequence[str] = (), scan_limit: int = 20_000,
+                 controls: Sequence[str] = (), extensions: Sequence[str] = (),
+                 version: str = "0.1.0") -> None:
+        self.store = store
+        self.allow = allow
+        self.scan_limit = scan_limit
+        self._configured_contexts = tuple(naming_contexts)
+        self._controls = tuple(controls)
+        self._extensions = tuple(extensions)
+        self._version = version
+        self._cas: dict[str, list[CaRecord]] | None = None
+        self._ca_names: dict[int, str] = {}
+        self._contexts: tuple[str, ...] | None = None
+        self._subschema = subschema_entry()
+
+    # --- caches -----------------------------------------------------------------------------
+
+    def invalidate(self, changes: list[Change]) -> None:
+        """Change-feed subscriber: forget what the committed batches made stale."""
+        self._contexts = None
+        if any(c.kind in ("ca", "crl", "all") for c in changes):
+            self._cas = None
+
+    def _ca_map(self) -> dict[str, list[CaRecord]]:
+        if self._cas is None:
+            by_key: dict[str, list[CaRecord]] = {}
+            for ca in self.store.cas():
+                by_key.setdefault(ca.directory_key, []).append(ca)
+                self._ca_names[ca.id] = ca.name
+            self._cas = by_key
+        return self._cas
+
+    def ca_name(self, ca_id: int) -> str:
+        self._ca_map()
+        return self._ca_names.get(ca_id, str(ca_id))
+
+    def naming_contexts(self) -> tuple[str, ...]:
+        if self._configured_contexts:
+            return self._configured_contexts
+        if self._contexts is None:
+            self._contexts = tuple(e.dn for e in self.store.roots())
+        return self._contexts
+
+    # --- entries ----------------------------------------------------------------------------
+
+    def root_dse(self) -> Entry:
+        return dse_entry(self.naming_contexts(), self._controls, self._extensions, self._version)
+
+    def materialise(self, e: DirectoryEntry, now: datetime) -> Entry:
+        if e.kind == "glue":
+            return glue_entry(e)
+        certs = self.store.certs_by_directory_key(e.key)
+        if e.kind == "ca":
+            return ca_entry(e, self._ca_map().get(e.key, []), certs, now)
+        return subject_entry(e, certs, now)
+
+    def cert_children(self, parent: Entry, now: datetime,
+                      certs: Sequence[CertRecord] | None = None) -> list[Entry]:
+        if parent.kind not in ("subject", "ca"):
+            return []
+        if certs is None:
+            certs = self.store.certs_by_directory_key(parent.key)
+        return [cert_entry(parent.dn, c, self.ca_name(c.ca_id), now) for c in certs]
+
+    def lookup(self, dn: names.DN, now: datetime) -> Entry | None:
+        """The entry at dn (any RFC 4514 spelling; a full subject DN finds its public entry)."""
+        if dn.is_root():
+            return self.root_dse()
+        if dn.key == SUBSCHEMA_KEY:
+            return self._subschema
+        leaf = dn.rdns[0]
+        if any(a.oid == SERIAL_OID for a in leaf):
+            return self._lookup_cert(dn, now)
+        e = self.store.entry(dn.key)
+        if e is None:
+            public = dn.public()
+            if public.key != dn.key and public.rdns:
+                e = self.store.entry(public.key)
+        return None if e is None else self.materialise(e, now)
+
+    def _lookup_cert(self, dn: names.DN, now: datetime) -> Entry | None:
+        leaf = dn.rdns[0]
+        serial_text = next((a.display for a in leaf if a.oid == SERIAL_OID), "")
+        ca_text = next((a.norm for a in leaf if a.oid == CA_OID), None)
+        try:
+            serial = int(serial_text.strip(), 16)
+        except ValueError:
+            return None
+        parent = self.lookup(dn.parent, now)
+        if parent is None or ca_text is None:
+            return None
+        for records in self._ca_map().values():
+            for ca in records:
+                if names.prep_value(ca.name) != ca_text:
+                    continue
+                cert = self.store.cert(ca.id, serial)
+                if cert is not None and cert.directory_key == parent.key:
+                    return cert_entry(parent.dn, cert, ca.name, now)
+        return None
+
+    def matched(self, dn: names.DN) -> str:
+        """The nearest existing ancestor's DN, for noSuchObject (RFC 4511 §4.1.9)."""
+        for ancestor in dn.ancestors():
+            e = self.store.entry(ancestor.key)
+            if e is not None:
+                return e.dn
+        return ""
+
+    def base(self, dn: names.DN, now: datetime) -> Entry:
+        found = self.lookup(dn, now)
+        if found is None:
+            raise NoSuchObject("no such entry", self.matched(dn))
+        return found
+
+    # --- search -----------------------------------------------------------------------------
+
+    def search(self, base: Entry, scope: int, f: Filter, now: datetime,
+               after: Position | None = None) -> Iterator[Hit | None]:
+        """Matching entries, each with the position a paged search resumes after; None now
+        and then while scanning, so the caller can check its limits."""
+        if scope == BASE or base.kind in ("subschema", "cert"):
+            if (scope != ONE and (after is None or after < (0, 0, "", 0))
+                    and evaluate(f, base, self.allow) is True):
+                yield Hit(base, (0, 0, "", 0))
+            return
+        p = plan(f, self.allow)
+        if p is not None:
+            yield from self._indexed(p, base, scope, f, now, after)
+        elif scope == ONE:
+            yield from self._one_level(base, f, now, after)
+        else:
+            yield from self._subtree(base, f, now, after)
+
+    def _in_scope(self, entry: Entry, base: Entry, scope: int) -> bool:
+        if base.kind == "dse":
+            return scope == SUB or (entry.parsed is not None and len(entry.parsed.rdns) == 1)
+        parsed = entry.parsed or names.DN(())
+        if scope == ONE:
+            return parsed.parent.key == base.key
+        return parsed.is_within(base.parsed or names.DN(()))
+
+    def _run(self, q: IndexQuery) -> list[CertRecord]:
+        s, limit = self.store, self.scan_limit
+        if q.kind == "eq":
+            return s.certs_by_attribute(q.attr, q.value, limit)
+        if q.kind == "substr":
+            return s.certs_by_attribute_substring(q.attr, q.initial, q.any, q.final, limit)
+        if q.kind == "present":
+            return s.certs_with_attribute(q.attr, limit)
+        out: list[CertRecord] = []
+        for records in self._ca_map().values():
+            for ca in records:
+                if q.kind == "cert" and q.cert is not None and ca.subject_key != q.cert[1]:
+                    continue
+                serial = q.cert[0] if q.cert is not None else q.serial
+                cert = None if serial is None else s.cert(ca.id, serial)
+                if cert is not None and cert.der is not None:
+                    out.append(cert)
+        return out
+
+    def _indexed(self, p: Plan, base: Entry, scope: int, f: Filter, now: datetime,
+                 after: Position | None) -> Iterator[Hit | None]:
+        for key in sorted(self._ca_map()):
+            pos: Position = (0, 0, key, 0)
+            if after is not None and pos <= after:
+                continue
+            e = self.store.entry(key)
+            if e is None:
+                continue
+            entry = self.materialise(e, now)
+            if self._in_scope(entry, base, scope) and evaluate(f, entry, self.allow) is True:
+                yield Hit(entry, pos)
+        truncated = False
+        found: dict[int, CertRecord] = {}
+        per_cert = any(q.kind in ("cert", "serial") for q in p.queries)
+        for q in p.queries:
+            rows = self._run(q)
+            truncated = truncated or len(rows) >= self.scan_limit
+            for c in rows:
+                found[c.id] = c
+        yield None
+        groups: dict[str, list[CertRecord]] = {}
+        for c in sorted(found.values(), key=lambda c: c.id):
+            groups.setdefault(c.directory_key, []).append(c)
+        for key, hits in groups.items():
+            first = hits[0].id
+            if after is not None and (1, first, "", 1 << 62) <= after:
+                continue
+            e = self.store.entry(key)
+            if e is None or e.kind == "ca" and not per_cert:
+                continue
+            entry = self.materialise(e, now)
+            pos = (1, first, "", 0)
+            if (e.kind != "ca" and (after is None or pos > after)
+                    and self._in_scope(entry, base, scope)
+                    and evaluate(f, entry, self.allow) is True):
+                yield Hit(entry, pos)
+            if per_cert:
+                for child, c in zip(self.cert_children(entry, now, hits), hits, strict=True):
+                    cpos = (1, first, "", c.id)
+                    if ((after is None or cpos > after) and self._in_scope(child, base, scope)
+                            and evaluate(f, child, self.allow) is True):
+                        yield Hit(child, cpos)
+        if truncated:
+            raise AdminLimitExceeded("too many candidate entries; refine the filter")
+
+    def _cert_hits(self, entry: Entry, f: Filter, now: datetime, phase: int,
+                   after: Position | None) -> Iterator[Hit]:
+        for child in self.cert_children(entry, now):
+            pos = (phase, 0, entry.key, _child_order(child))
+            if (after is None or pos > after) and evaluate(f, child, self.allow) is True:
+                yield Hit(child, pos)
+
+    def _one_level(self, base: Entry, f: Filter, now: datetime,
+                   after: Position | None) -> Iterator[Hit | None]:
+        if base.kind == "dse":
+            rows = [e for e in self.store.roots() if after is None or (3, 0, e.key, 0) > after]
+            for e in rows:
+                entry = self.materialise(e, now)
+                if evaluate(f, entry, self.allow) is True:
+                    yield Hit(entry, (3, 0, e.key, 0))
+            return
+        yield from self._cert_hits(base, f, now, 2, after)
+        start = after[2] if after is not None and after[0] == 3 else ""
+        examined = 0
+        while True:
+            rows = self.store.children(base.key, PAGE, start)
+            for e in rows:
+                examined += 1
+                if examined > self.scan_limit:
+                    raise AdminLimitExceeded("too many entries to examine; refine the filter")
+                entry = self.materialise(e, now)
+                if evaluate(f, entry, self.allow) is True:
+                    yield Hit(entry, (3, 0, e.key, 0))
+            if len(rows) < PAGE:
+                return
+            start = rows[-1].key
+            yield None
+
+    def _subtree(self, base: Entry, f: Filter, now: datetime,
+                 after: Position | None) -> Iterator[Hit | None]:
+        start = ""
+        if after is not None and after[0] == 2:
+            start = after[2]
+            # finish the certificate children of the entry the last page ended in
+            e = self.store.entry(start)
+            if e is not None:
+                yield from self._cert_hits(self.materialise(e, now), f, now, 2, after)
+        examined = 0
+        while True:
+            rows = self.store.subtree(base.key, PAGE, start)
+            for e in rows:
+                examined += 1
+                if examined > self.scan_limit:
+                    raise AdminLimitExceeded("too many entries to examine; refine the filter")
+                entry = self.materialise(e, now)
+                if evaluate(f, entry, self.allow) is True:
+                    yield Hit(entry, (2, 0, e.key, 0))
+                yield from self._cert_hits(entry, f, now, 2, None)
+            if len(rows) < PAGE:
+                return
+            start = rows[-1].key
+            yield None
+
+
+def _child_order(child: Entry) -> int:
+    """Order of certificate entries below one subscriber: by serial number."""
+    return int(str(child.values("certpubSerialNumber")[0]), 16) + 1
+

@@ -1,0 +1,50 @@
+"""Fixtures for the directory tests: the demo PKI imported into a store of its own."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.ldap.config import DEFAULT_ATTRIBUTES, LdapConfig
+from server.ldap.directory import Directory
+from server.ldap.schema import Allowlist
+from store.sqlite import Store
+
+
+@pytest.fixture(scope="session")
+def ldap_store_path(demo_pki: Any, demo_now: datetime,
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo PKI (index files, certificates, CRLs) imported once into a private store."""
+    from server.config import load_config
+    from store.importer import import_openssl, import_paths
+
+    config = load_config(demo_pki.config_path)
+    path = tmp_path_factory.mktemp("ldapstore") / "store.sqlite3"
+    config = dataclasses.replace(config, store=dataclasses.replace(config.store, path=path))
+    import_openssl(config, now=lambda: demo_now, progress=None)
+    crls = [ca.crl_path for ca in demo_pki.cas.values() if ca.crl_path is not None]
+    import_paths(config, crls, now=lambda: demo_now, progress=None)
+    return path
+
+
+@pytest.fixture
+def store(ldap_store_path: Path) -> Iterator[Store]:
+    s = Store.open(ldap_store_path)
+    yield s
+    s.close()
+
+
+def ldap_config(**overrides: Any) -> LdapConfig:
+    base = LdapConfig(listen=(), naming_contexts=(), attributes=DEFAULT_ATTRIBUTES,
+                      size_limit=500, time_limit=10.0, max_request_bytes=262_143)
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture
+def directory(store: Store) -> Directory:
+    return Directory(store, Allowlist.of(DEFAULT_ATTRIBUTES))
