@@ -104,6 +104,7 @@ class Store:
         self.path = path
         self._hash_cache: dict[int, tuple[IssuerHashes, ...]] = {}
         self._owner = threading.get_ident()
+        self._durable = False
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> Store:
@@ -379,6 +380,11 @@ class Store:
         from store.writer import Batch  # the write half lives beside, to keep files short
 
         try:
+            if not self._durable:
+                # The importer moves or deletes its input once a batch committed, so a commit
+                # must survive power loss too; WAL with synchronous=NORMAL does not promise it.
+                self._conn.execute("PRAGMA synchronous = FULL")
+                self._durable = True
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot start a write on {self.path}: {exc}") from exc
