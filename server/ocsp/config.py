@@ -17,6 +17,8 @@ class HttpConfig:
     ocsp_paths: tuple[str, ...]
     max_request_bytes: int
     max_certids: int
+    cache_entries: int = 100_000  # pre-signed responses kept (LRU)
+    idle_timeout: float = 30.0  # seconds a keep-alive connection may stay silent
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ def parse_http(sec: Section) -> HttpConfig:
         ocsp_paths=paths,
         max_request_bytes=sec.int("max_request_bytes", 65_536, min=1024, max=1024 * 1024),
         max_certids=sec.int("max_certids", 100, min=1, max=10_000),
+        cache_entries=sec.int("cache_entries", 100_000, min=1, max=100_000_000),
+        idle_timeout=sec.duration("idle_timeout", 30.0, min=1, max=3600),
     )
     sec.done()
     return cfg

@@ -1,0 +1,143 @@
+"""Pre-signed OCSP responses for requests without a nonce, bounded, voided by the change feed.
+
+Strategy: an LRU (an ``OrderedDict``) of signed responses under two kinds of key: the raw
+request DER (the hot path: a POST body, or a GET path once base64-decoded, is looked up
+before any ASN.1 parsing, so GET and POST of one request share the entry) and the request's
+CertIDs (their DER, so a request spelled differently — signed, with a requestor name or
+other extensions — still finds the response for the same CertIDs; the response echoes the
+CertID DER, which is why the CertIDs' exact bytes, not their values, make the key).
+Side indexes by (CA, serial) and by CA let a change-feed batch void exactly the entries it
+touches. An entry is also dropped once it is half-way to its nextUpdate (RFC 5019 §6: the
+responder re-signs well before clients would see it expire), so a status is never re-signed
+per request and never served stale.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from store.model import CaId, Change
+
+DEFAULT_MAX_ENTRIES = 100_000
+
+
+@dataclass(frozen=True)
+class CachedResponse:
+    """A signed response and what the HTTP adapter and the log need to know of it."""
+
+    der: bytes
+    etag: str
+    ca_id: CaId
+    ca_name: str
+    produced_at: datetime
+    this_update: datetime
+    next_update: datetime
+    refresh_at: datetime  # drop (and so re-sign) from this moment on
+    serials: frozenset[tuple[CaId, int]]
+    summary: tuple[tuple[int, str], ...]  # (serial, status) per CertID, for the log
+
+
+def certids_key(cert_id_ders: Iterable[bytes]) -> bytes:
+    """The cache key of a request by its CertIDs' DER (self-delimiting, so just joined)."""
+    return b"C" + b"".join(cert_id_ders)
+
+
+def raw_key(request_der: bytes) -> bytes:
+    return b"R" + request_der
+
+
+class ResponseCache:
+    """An LRU of pre-signed responses, indexed for invalidation by CA and serial."""
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, CachedResponse] = OrderedDict()
+        self._by_serial: dict[tuple[CaId, int], set[bytes]] = {}
+        self._by_ca: dict[CaId, set[bytes]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes, now: datetime) -> CachedResponse | None:
+        """The live entry under key, counting a hit or a miss."""
+        entry = self._entries.get(key)
+        if entry is not None and now >= entry.refresh_at:
+            self._drop(key)
+            entry = None
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def peek(self, key: bytes, now: datetime) -> CachedResponse | None:
+        """Like get, without counting (for the second key of one request)."""
+        entry = self._entries.get(key)
+        if entry is None or now >= entry.refresh_at:
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, keys: Sequence[bytes], entry: CachedResponse) -> None:
+        """Store entry under every key (evicting the least recently used beyond the bound)."""
+        for key in keys:
+            if key in self._entries:
+                self._drop(key)
+            self._entries[key] = entry
+            self._by_ca.setdefault(entry.ca_id, set()).add(key)
+            for s in entry.serials:
+                self._by_serial.setdefault(s, set()).add(key)
+        while len(self._entries) > self.max_entries:
+            oldest = next(iter(self._entries))
+            self._drop(oldest)
+            self.evictions += 1
+
+    def _drop(self, key: bytes) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        keys = self._by_ca.get(entry.ca_id)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_ca[entry.ca_id]
+        for s in entry.serials:
+            keys = self._by_serial.get(s)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_serial[s]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._by_serial.clear()
+        self._by_ca.clear()
+
+    def invalidate(self, changes: Sequence[Change]) -> int:
+        """Void what a change-feed batch touched; returns how many keys were dropped.
+
+        ``cert``: that certificate's entries. ``crl``: every entry of that CA (a CRL may
+        change many statuses at once). ``ca`` and ``all``: everything — a CA that appears or
+        changes can turn other responses' ``unknown`` into a status, and CA changes are rare.
+        """
+        before = len(self._entries)
+        for change in changes:
+            if change.kind == "cert" and change.serial is not None:
+                for key in list(self._by_serial.get((change.ca_id, int(change.serial)), ())):
+                    self._drop(key)
+            elif change.kind in ("crl", "cert"):
+                for key in list(self._by_ca.get(change.ca_id, ())):
+                    self._drop(key)
+            else:
+                self.clear()
+                break
+        return before - len(self._entries)

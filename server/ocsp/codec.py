@@ -1,0 +1,354 @@
+"""OCSP messages: DER request in, typed request out; typed answer in, DER response out.
+
+Strategy: pure functions over asn1crypto (no Twisted, no store, no clock, no logging).
+asn1crypto parses lazily, so ``decode_request`` loads with ``strict=True`` and copies every
+field it needs into frozen dataclasses inside one ``try``: any parse error, however deep,
+becomes ``MalformedRequest`` and never escapes as something else. Responses are built from
+asn1crypto values; the signature is computed by a callable the caller hands in (see
+``server.ocsp.signer``), so this module never touches a key.
+
+RFC 6960 (OCSP), RFC 5019/9919 (lightweight profile), RFC 9654 (nonce).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import ClassVar, Literal
+
+from asn1crypto import core, ocsp
+
+# RFC 9654 §2.1: Nonce ::= OCTET STRING(SIZE(1..128)). RFC 8954 had capped it at 32 octets;
+# RFC 9654 raised the cap because some environments derive longer nonces, so a responder
+# that still refused 33..128 octets would turn away requesters written to the current RFC.
+# Anything outside 1..128 is malformedRequest (RFC 9654 §2.1 lets a responder reject it).
+MIN_NONCE_OCTETS = 1
+MAX_NONCE_OCTETS = 128
+DEFAULT_MAX_CERTIDS = 100
+
+OID_NONCE = "1.3.6.1.5.5.7.48.1.2"
+OID_EXTENDED_REVOKE = "1.3.6.1.5.5.7.48.1.9"
+# RFC 6960 §2.2: the status given to a serial that was never issued in "revoked" mode.
+EXTENDED_REVOKE_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+StatusName = Literal["good", "revoked", "unknown"]
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class OcspError(Exception):
+    """An OCSP failure that is answered with an unsigned OCSPResponse of ``status``."""
+
+    status: ClassVar[str] = "internal_error"
+
+
+class MalformedRequest(OcspError):
+    """The request is not a DER OCSPRequest this responder accepts (RFC 6960 §2.3)."""
+
+    status = "malformed_request"
+
+
+class InternalError(OcspError):
+    """A bug; the adapter logs the traceback."""
+
+    status = "internal_error"
+
+
+class TryLater(OcspError):
+    """The store cannot be read now."""
+
+    status = "try_later"
+
+
+class SigRequired(OcspError):
+    """The request must be signed."""
+
+    status = "sign_required"
+
+
+class Unauthorized(OcspError):
+    """No CertID of the request names an issuer this responder serves."""
+
+    status = "unauthorized"
+
+
+ERROR_STATUSES = ("malformed_request", "internal_error", "try_later", "sign_required",
+                  "unauthorized")
+
+
+# --- the request ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertId:
+    """One CertID of a request (RFC 6960 §4.1.1), with its DER to echo in the answer."""
+
+    hash_algorithm: str  # "sha1", "sha256", "sha384", "sha512", or a dotted OID
+    issuer_name_hash: bytes
+    issuer_key_hash: bytes
+    serial: int
+    der: bytes
+
+    @property
+    def key(self) -> tuple[str, bytes, bytes, int]:
+        """What identifies the certificate asked about, whatever the DER spelling."""
+        return (self.hash_algorithm, self.issuer_name_hash, self.issuer_key_hash, self.serial)
+
+
+@dataclass(frozen=True)
+class Extension:
+    """A request extension other than the nonce: kept, reported, otherwise ignored."""
+
+    oid: str
+    critical: bool
+    value: bytes  # the extnValue octets
+
+
+@dataclass(frozen=True)
+class RequestSignature:
+    """The optionalSignature of a signed request (RFC 6960 §4.1.2), not verified here."""
+
+    algorithm: str
+    signature: bytes
+    tbs_der: bytes  # the signed TBSRequest
+    certs: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class OcspRequest:
+    """A decoded OCSPRequest."""
+
+    cert_ids: tuple[CertId, ...]
+    nonce: bytes | None  # the nonce octets (RFC 9654), None without the extension
+    signature: RequestSignature | None
+    extensions: tuple[Extension, ...]
+    requestor_name: bytes | None  # DER of the GeneralName
+
+    @property
+    def signed(self) -> bool:
+        return self.signature is not None
+
+
+def decode_request(der: bytes, *, max_certids: int = DEFAULT_MAX_CERTIDS) -> OcspRequest:
+    """Parse a DER OCSPRequest strictly (RFC 6960 §4.1.1); raise MalformedRequest."""
+    if not der:
+        raise MalformedRequest("empty request")
+    try:
+        req = ocsp.OCSPRequest.load(der, strict=True)
+        tbs = req["tbs_request"]
+        if tbs["version"].native != "v1":
+            raise MalformedRequest(f"unsupported version {tbs['version'].native!r}")
+        requests = tbs["request_list"]
+        if len(requests) == 0:
+            raise MalformedRequest("requestList is empty")
+        if len(requests) > max_certids:
+            raise MalformedRequest(f"{len(requests)} CertIDs; at most {max_certids} accepted")
+        cert_ids = []
+        for one in requests:
+            cid = one["req_cert"]
+            alg = cid["hash_algorithm"]["algorithm"]
+            cert_ids.append(CertId(
+                hash_algorithm=str(alg.native),
+                issuer_name_hash=bytes(cid["issuer_name_hash"].native),
+                issuer_key_hash=bytes(cid["issuer_key_hash"].native),
+                serial=int(cid["serial_number"].native),
+                der=cid.dump(),
+            ))
+            _ = one["single_request_extensions"].native  # parsed only to reject bad DER
+        requestor = tbs["requestor_name"]
+        requestor_der = None
+        if not isinstance(requestor, core.Void):
+            _ = requestor.native  # forces the lazy parse inside this try
+            requestor_der = requestor.dump()
+        nonce: bytes | None = None
+        extensions: list[Extension] = []
+        seen: set[str] = set()
+        for ext in tbs["request_extensions"] if tbs["request_extensions"].native else ():
+            oid = ext["extn_id"].dotted
+            if oid in seen:
+                raise MalformedRequest(f"extension {oid} appears twice")  # RFC 5280 §4.2
+            seen.add(oid)
+            if oid == OID_NONCE:
+                # Strict: the value must be exactly one DER OCTET STRING (RFC 9654 §2.1).
+                inner = core.OctetString.load(bytes(ext["extn_value"].contents), strict=True)
+                nonce = bytes(inner.native)
+                if not MIN_NONCE_OCTETS <= len(nonce) <= MAX_NONCE_OCTETS:
+                    raise MalformedRequest(
+                        f"nonce of {len(nonce)} octets; {MIN_NONCE_OCTETS}..{MAX_NONCE_OCTETS}"
+                        " accepted (RFC 9654)")
+            else:
+                extensions.append(Extension(oid, bool(ext["critical"].native),
+                                            bytes(ext["extn_value"].contents)))
+        signature = None
+        sig = req["optional_signature"]
+        if not isinstance(sig, core.Void):
+            certs = sig["certs"]
+            signature = RequestSignature(
+                algorithm=str(sig["signature_algorithm"]["algorithm"].native),
+                signature=bytes(sig["signature"].native),
+                tbs_der=tbs.dump(),
+                certs=tuple(c.dump() for c in certs) if certs.native is not None else (),
+            )
+            for c in certs if certs.native is not None else ():
+                _ = c.native
+    except OcspError:
+        raise
+    except Exception as exc:  # asn1crypto raises ValueError, TypeError, KeyError, ...
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise MalformedRequest(
+            f"not a DER OCSPRequest: {type(exc).__name__}: {first_line}") from exc
+    return OcspRequest(
+        cert_ids=tuple(cert_ids),
+        nonce=nonce,
+        signature=signature,
+        extensions=tuple(extensions),
+        requestor_name=requestor_der,
+    )
+
+
+# --- the response --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SingleAnswer:
+    """The status of one CertID as it goes into a SingleResponse (RFC 6960 §4.2.1)."""
+
+    cert_id: CertId
+    status: StatusName
+    this_update: datetime
+    next_update: datetime
+    revoked_at: datetime | None = None
+    reason: str | None = None  # asn1crypto CRLReason name; None: no reason code
+    archive_cutoff: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ResponderId:
+    """byKey (SHA-1 of the signer's subjectPublicKey bits) or byName (its subject DER)."""
+
+    by_key: bytes | None = None
+    by_name: bytes | None = None
+
+    def asn1(self) -> ocsp.ResponderId:
+        if self.by_key is not None:
+            return ocsp.ResponderId(name="by_key", value=core.OctetString(self.by_key))
+        if self.by_name is None:
+            raise ValueError("a ResponderId needs by_key or by_name")
+        from asn1crypto import x509 as asn1_x509
+
+        return ocsp.ResponderId(name="by_name", value=asn1_x509.Name.load(self.by_name))
+
+
+def key_hash(subject_public_key_info_der: bytes) -> bytes:
+    """SHA-1 of the subjectPublicKey BIT STRING value (RFC 6960 §4.2.1 KeyHash)."""
+    from asn1crypto import keys
+
+    spki = keys.PublicKeyInfo.load(subject_public_key_info_der)
+    bits = spki["public_key"]
+    return hashlib.sha1(bits.contents[1:]).digest()  # skip the unused-bits octet
+
+
+def _time(value: datetime) -> core.GeneralizedTime:
+    # RFC 5019 §2.2.4: GMT, with seconds, no fractional seconds.
+    return core.GeneralizedTime(value.astimezone(UTC).replace(microsecond=0))
+
+
+def _single(answer: SingleAnswer) -> ocsp.SingleResponse:
+    if answer.status == "good":
+        status = ocsp.CertStatus(name="good", value=ocsp.StatusGood())
+    elif answer.status == "unknown":
+        status = ocsp.CertStatus(name="unknown", value=ocsp.StatusUnknown())
+    else:
+        if answer.revoked_at is None:
+            raise ValueError("a revoked answer needs revoked_at")
+        info: dict[str, object] = {"revocation_time": _time(answer.revoked_at)}
+        if answer.reason is not None:
+            info["revocation_reason"] = answer.reason
+        status = ocsp.CertStatus(name="revoked", value=ocsp.RevokedInfo(info))
+    fields: dict[str, object] = {
+        "cert_id": ocsp.CertId.load(answer.cert_id.der),
+        "cert_status": status,
+        "this_update": _time(answer.this_update),
+        "next_update": _time(answer.next_update),
+    }
+    if answer.archive_cutoff is not None:
+        fields["single_extensions"] = [{
+            "extn_id": "archive_cutoff",
+            "critical": False,
+            "extn_value": _time(answer.archive_cutoff),
+        }]
+    return ocsp.SingleResponse(fields)
+
+
+def encode_response_data(
+    responder_id: ResponderId,
+    produced_at: datetime,
+    answers: Sequence[SingleAnswer],
+    *,
+    nonce: bytes | None = None,
+    extended_revoke: bool = False,
+) -> ocsp.ResponseData:
+    """The tbsResponseData (RFC 6960 §4.2.1) of a response."""
+    if not answers:
+        raise ValueError("a response needs at least one SingleResponse")
+    exts: list[dict[str, object]] = []
+    if nonce is not None:
+        exts.append({"extn_id": "nonce", "critical": False,
+                     "extn_value": core.OctetString(nonce)})
+    if extended_revoke:  # RFC 6960 §4.4.8: non-critical, value NULL
+        exts.append({"extn_id": "extended_revoke", "critical": False,
+                     "extn_value": core.Null()})
+    data: dict[str, object] = {
+        "version": "v1",
+        "responder_id": responder_id.asn1(),
+        "produced_at": _time(produced_at),
+        "responses": [_single(a) for a in answers],
+    }
+    if exts:
+        data["response_extensions"] = exts
+    return ocsp.ResponseData(data)
+
+
+def encode_response(
+    data: ocsp.ResponseData,
+    sign: Callable[[bytes], bytes],
+    signature_algorithm_der: bytes,
+    certs: Sequence[bytes] = (),
+) -> bytes:
+    """A successful OCSPResponse with a signed BasicOCSPResponse (RFC 6960 §4.2.1)."""
+    from asn1crypto import algos
+    from asn1crypto import x509 as asn1_x509
+
+    tbs_der = data.dump()
+    basic: dict[str, object] = {
+        "tbs_response_data": data,
+        "signature_algorithm": algos.SignedDigestAlgorithm.load(signature_algorithm_der),
+        "signature": sign(tbs_der),
+    }
+    if certs:
+        basic["certs"] = [asn1_x509.Certificate.load(c) for c in certs]
+    response = ocsp.OCSPResponse({
+        "response_status": "successful",
+        "response_bytes": {
+            "response_type": "basic_ocsp_response",
+            "response": ocsp.BasicOCSPResponse(basic),
+        },
+    })
+    return bytes(response.dump())
+
+
+_ERROR_RESPONSES = {
+    status: bytes(ocsp.OCSPResponse({"response_status": status}).dump())
+    for status in ERROR_STATUSES
+}
+
+
+def encode_error(status: str) -> bytes:
+    """An unsigned OCSPResponse carrying only an error status (RFC 6960 §2.3)."""
+    try:
+        return _ERROR_RESPONSES[status]
+    except KeyError:
+        raise ValueError(f"not an OCSP error status: {status!r}") from None

@@ -1,0 +1,205 @@
+"""The OCSP service: request bytes in, response bytes (and what to log) out.
+
+Strategy: the one object the HTTP adapter talks to and the composition root reloads. It owns
+the signers (checked at construction: a bad one raises ``SignerError`` and nothing starts),
+the per-CA policy and the cache of pre-signed responses, which the change feed voids. A
+request without a nonce is first looked up by its raw bytes (no ASN.1 parsing at all), then
+by its CertIDs; only a miss reaches the store and the signer. Errors become unsigned
+responses; a bug becomes ``internalError`` with its traceback in the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.logger import Logger
+
+from server.ocsp.cache import CachedResponse, ResponseCache, certids_key, raw_key
+from server.ocsp.codec import (
+    OcspError,
+    OcspRequest,
+    decode_request,
+    encode_error,
+    encode_response,
+    encode_response_data,
+)
+from server.ocsp.responder import CaPolicy, OcspAnswer, Policy, StatusStore, answer
+from server.ocsp.signer import Signer, expiry_warning, load_signers
+from store.model import Change
+
+log = Logger()
+
+# Requests larger than this are answered but not cached: the cache is bounded in entries,
+# so its memory must be bounded per entry too (common clients ask for one certificate).
+CACHEABLE_CERTIDS = 8
+CACHEABLE_REQUEST_BYTES = 2048
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One OCSP exchange, as the HTTP adapter sends and logs it."""
+
+    der: bytes
+    status: str  # "successful" or the error status
+    cache: str  # "hit" | "miss" | "nonce" (never cached) | "-" (error)
+    ca: str | None = None
+    serials: tuple[int, ...] = ()
+    statuses: tuple[str, ...] = ()
+    nonce: bool = False
+    etag: str | None = None
+    this_update: datetime | None = None
+    next_update: datetime | None = None
+    reason: str | None = None  # why an error, for the log
+
+
+@dataclass(frozen=True)
+class PublishedCa:
+    """A configured CA as the publication pages show it."""
+
+    name: str
+    der: bytes
+    subject: str
+    sha256: str
+    not_after: datetime
+
+
+def etag_of(der: bytes) -> str:
+    return '"' + hashlib.sha256(der).hexdigest()[:32] + '"'
+
+
+def build_policy(config: Any, signers: dict[str, Signer]) -> Policy:
+    """The responder policy of every CA that has a signer."""
+    cas = {}
+    for ca in config.cas:
+        signer = signers.get(ca.name)
+        if signer is None or ca.ocsp is None:
+            continue
+        cas[ca.name] = CaPolicy(signer=signer, validity=timedelta(seconds=ca.ocsp.validity),
+                                unknown_serials=ca.ocsp.unknown_serials,
+                                archive_cutoff=ca.ocsp.archive_cutoff)
+    return Policy(cas)
+
+
+def _published(config: Any) -> dict[str, PublishedCa]:
+    out = {}
+    for ca in config.cas:
+        data = ca.certificate.read_bytes()
+        cert = (x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+                else x509.load_der_x509_certificate(data))
+        der = cert.public_bytes(serialization.Encoding.DER)
+        out[ca.name] = PublishedCa(ca.name, der, cert.subject.rfc4514_string(),
+                                   hashlib.sha256(der).hexdigest(), cert.not_valid_after_utc)
+    return out
+
+
+class OcspService:
+    """Signers, policy and response cache of one server process."""
+
+    def __init__(self, config: Any, store: StatusStore, now: Callable[[], datetime], *,
+                 signers: dict[str, Signer] | None = None) -> None:
+        self.store = store
+        self.now = now
+        self.max_certids = config.http.max_certids
+        self.cache = ResponseCache(config.http.cache_entries)
+        self._install(config, signers if signers is not None else load_signers(config, now()))
+
+    def _install(self, config: Any, signers: dict[str, Signer]) -> None:
+        self.config = config
+        self.signers = signers
+        self.policy = build_policy(config, signers)
+        self.published = _published(config)
+        self.max_certids = config.http.max_certids
+
+    # --- composition root ----------------------------------------------------------------
+
+    def reload(self, config: Any) -> None:
+        """Re-read keys and certificates; a bad signer raises and keeps the running ones."""
+        signers = load_signers(config, self.now())
+        self._install(config, signers)
+        self.cache.clear()
+        self.warn_expiring()
+
+    def on_changes(self, changes: Sequence[Change]) -> None:
+        """Change-feed subscriber: void the cached responses a batch touched."""
+        dropped = self.cache.invalidate(changes)
+        if dropped:
+            log.debug("ocsp cache: {dropped} responses voided", dropped=dropped)
+
+    def signer_expiries(self) -> dict[str, datetime]:
+        """Signer notAfter by CA (for /healthz and /metrics)."""
+        return {name: s.not_after for name, s in self.signers.items()}
+
+    def warn_expiring(self) -> list[str]:
+        """Log (and return) a warning per signer expiring within 30 days."""
+        now = self.now()
+        warnings = [w for s in self.signers.values() if (w := expiry_warning(s, now))]
+        for w in warnings:
+            log.warn("{warning}", warning=w)  # noqa: G010 - twisted.logger has no .warning
+        return warnings
+
+    # --- requests ------------------------------------------------------------------------
+
+    def respond(self, der: bytes) -> Outcome:
+        """The response to one DER request; never raises."""
+        now = self.now()
+        entry = self.cache.get(raw_key(der), now) if len(der) <= CACHEABLE_REQUEST_BYTES else None
+        if entry is not None:
+            return self._from_entry(entry, "hit")
+        try:
+            request = decode_request(der, max_certids=self.max_certids)
+            return self._respond(der, request, now)
+        except OcspError as exc:
+            return Outcome(encode_error(exc.status), exc.status, "-", reason=str(exc))
+        except Exception:  # noqa: BLE001 - a bug: internalError, traceback in the log
+            log.failure("OCSP request failed")
+            return Outcome(encode_error("internal_error"), "internal_error", "-",
+                           reason="internal error")
+
+    def _respond(self, der: bytes, request: OcspRequest, now: datetime) -> Outcome:
+        cacheable = (request.nonce is None and len(request.cert_ids) <= CACHEABLE_CERTIDS
+                     and len(der) <= CACHEABLE_REQUEST_BYTES)
+        ckey = certids_key(c.der for c in request.cert_ids)
+        if cacheable:
+            entry = self.cache.peek(ckey, now)
+            if entry is not None:
+                self.cache.put([raw_key(der)], entry)
+                return self._from_entry(entry, "hit")
+        result = answer(request, self.store, now, self.policy)
+        signed = self.sign(result)
+        validity = result.policy.validity
+        entry = CachedResponse(
+            der=signed, etag=etag_of(signed), ca_id=result.ca.id, ca_name=result.ca.name,
+            produced_at=result.produced_at, this_update=result.this_update,
+            next_update=result.next_update,
+            refresh_at=min(result.produced_at + validity / 2, result.next_update),
+            serials=result.serials,
+            summary=tuple((s.cert_id.serial, s.status) for s in result.singles),
+        )
+        if cacheable:
+            self.cache.put([raw_key(der), ckey], entry)
+            return self._from_entry(entry, "miss")
+        return self._from_entry(entry, "nonce" if request.nonce is not None else "miss",
+                                nonce=request.nonce is not None)
+
+    def sign(self, result: OcspAnswer) -> bytes:
+        """Encode and sign an answer with its CA's signer."""
+        signer = result.policy.signer
+        data = encode_response_data(signer.responder_id, result.produced_at, result.singles,
+                                    nonce=result.nonce, extended_revoke=result.extended_revoke)
+        return encode_response(data, signer.sign, signer.algorithm_der, signer.certs)
+
+    @staticmethod
+    def _from_entry(entry: CachedResponse, cache: str, *, nonce: bool = False) -> Outcome:
+        return Outcome(
+            der=entry.der, status="successful", cache=cache, ca=entry.ca_name,
+            serials=tuple(s for s, _ in entry.summary),
+            statuses=tuple(st for _, st in entry.summary), nonce=nonce,
+            etag=None if nonce else entry.etag, this_update=entry.this_update,
+            next_update=entry.next_update,
+        )

@@ -1,0 +1,183 @@
+"""The codec over named DER vectors (tests/vectors/ocsp/README.md) and built responses."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp as c_ocsp
+
+from server.ocsp import codec
+from server.ocsp.codec import (
+    CertId,
+    MalformedRequest,
+    ResponderId,
+    SingleAnswer,
+    decode_request,
+    encode_error,
+    encode_response,
+    encode_response_data,
+)
+from tests.ocsp.helpers import T0, make_ca, parse_response
+
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "ocsp"
+
+
+def vector(name: str) -> bytes:
+    return (VECTORS / name).read_bytes()
+
+
+def serial_of(name: str) -> int:
+    return x509.load_pem_x509_certificate((VECTORS / name).read_bytes()).serial_number
+
+
+def issuer_hashes(algorithm: str) -> tuple[bytes, bytes]:
+    pem = x509.load_pem_x509_certificate((VECTORS / "ca.pem").read_bytes())
+    ca = asn1_x509.Certificate.load(pem.public_bytes(serialization.Encoding.DER))
+    return (hashlib.new(algorithm, ca.subject.dump()).digest(),
+            hashlib.new(algorithm, ca.public_key["public_key"].contents[1:]).digest())
+
+
+GOOD = [
+    # name, algorithm, certificates, nonce length, signed
+    ("req-sha1-single.der", "sha1", ["ee1.pem"], None, False),
+    ("req-sha256-single.der", "sha256", ["ee1.pem"], None, False),
+    ("req-sha384-single.der", "sha384", ["ee1.pem"], None, False),
+    ("req-sha512-single.der", "sha512", ["ee1.pem"], None, False),
+    ("req-sha1-multi.der", "sha1", ["ee1.pem", "ee2.pem"], None, False),
+    ("req-sha1-nonce.der", "sha1", ["ee1.pem"], 16, False),
+    ("req-signed.der", "sha1", ["ee1.pem"], None, True),
+    ("req-nonce-1.der", "sha1", ["ee1.pem"], 1, False),
+    ("req-nonce-128.der", "sha1", ["ee1.pem"], 128, False),
+    ("req-100-certids.der", "sha1", ["ee1.pem"] * 100, None, False),
+]
+
+
+@pytest.mark.parametrize(("name", "algorithm", "certs", "nonce", "signed"), GOOD)
+def test_good_vectors(name: str, algorithm: str, certs: list[str], nonce: int | None,
+                      signed: bool) -> None:
+    der = vector(name)
+    req = decode_request(der)
+    name_hash, key_hash = issuer_hashes(algorithm)
+    assert [c.serial for c in req.cert_ids] == [serial_of(c) for c in certs]
+    for cid in req.cert_ids:
+        assert (cid.hash_algorithm, cid.issuer_name_hash, cid.issuer_key_hash) == (
+            algorithm, name_hash, key_hash)
+        assert cid.der in der  # the exact bytes to echo
+    assert (None if req.nonce is None else len(req.nonce)) == nonce
+    assert req.signed is signed
+    if signed:
+        assert req.signature is not None and req.signature.certs
+
+
+def test_unissued_serial_vector() -> None:
+    assert decode_request(vector("req-unissued-serial.der")).cert_ids[0].serial == 0x7FFFFFFF
+
+
+BAD = [
+    ("bad-not-der.der", "not a DER OCSPRequest"),
+    ("bad-truncated.der", "Insufficient data"),
+    ("bad-trailing-garbage.der", "trailing data"),
+    ("bad-wrong-outer-type.der", "not a DER OCSPRequest"),
+    ("bad-empty-request-list.der", "requestList is empty"),
+    ("bad-nonce-empty.der", "nonce of 0 octets"),
+    ("bad-nonce-129.der", "nonce of 129 octets"),
+    ("bad-nonce-not-octet-string.der", "not a DER OCSPRequest"),
+    ("req-101-certids.der", "101 CertIDs"),
+]
+
+
+@pytest.mark.parametrize(("name", "message"), BAD)
+def test_bad_vectors_are_malformed(name: str, message: str) -> None:
+    with pytest.raises(MalformedRequest, match=message) as info:
+        decode_request(vector(name))
+    assert info.value.status == "malformed_request"
+    assert "\n" not in str(info.value)
+
+
+def test_max_certids_is_configurable() -> None:
+    with pytest.raises(MalformedRequest):
+        decode_request(vector("req-sha1-multi.der"), max_certids=1)
+    assert len(decode_request(vector("req-sha1-multi.der"), max_certids=2).cert_ids) == 2
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 10, 40])
+def test_every_prefix_is_malformed_not_a_crash(cut: int) -> None:
+    der = vector("req-sha1-nonce.der")
+    with pytest.raises(MalformedRequest):
+        decode_request(der[:cut])
+
+
+def test_byte_flips_never_escape_as_other_errors() -> None:
+    der = bytearray(vector("req-signed.der"))
+    for i in range(len(der)):
+        for flip in (0x01, 0x80, 0xFF):
+            mutated = bytes(der[:i]) + bytes([der[i] ^ flip]) + bytes(der[i + 1:])
+            try:
+                decode_request(mutated)
+            except MalformedRequest:
+                pass
+
+
+def test_error_responses_are_unsigned_statuses() -> None:
+    for status in codec.ERROR_STATUSES:
+        parsed = parse_response(encode_error(status))
+        assert parsed["response_status"].native == status
+        assert parsed["response_bytes"].native is None
+    with pytest.raises(ValueError):
+        encode_error("successful")
+
+
+def test_exception_tree_carries_wire_status() -> None:
+    assert issubclass(codec.Unauthorized, codec.OcspError)
+    assert codec.TryLater.status == "try_later"
+    assert codec.SigRequired.status == "sign_required"
+    assert codec.Unauthorized.status == "unauthorized"
+
+
+def test_response_echoes_certid_and_verifies(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, "codec", "p256")
+    req = decode_request(vector("req-sha256-single.der"))
+    cid = req.cert_ids[0]
+    tu = T0 - timedelta(minutes=1)
+    answers = [
+        SingleAnswer(cid, "good", tu, tu + timedelta(days=1), archive_cutoff=T0 - timedelta(days=999)),
+        SingleAnswer(cid, "revoked", tu, tu + timedelta(days=1), revoked_at=T0 - timedelta(days=2),
+                     reason="key_compromise"),
+        SingleAnswer(cid, "unknown", tu, tu + timedelta(days=1)),
+    ]
+    data = encode_response_data(ResponderId(by_key=b"k" * 20), T0.replace(microsecond=123),
+                                answers, nonce=b"n" * 32, extended_revoke=True)
+    key = ca.signer_key
+    der = encode_response(data, lambda b: key.sign(b, ec.ECDSA(hashes.SHA256())),
+                          bytes.fromhex("300a06082a8648ce3d040302"),
+                          [ca.signer_cert.public_bytes(serialization.Encoding.DER)])
+    resp = c_ocsp.load_der_ocsp_response(der)
+    assert resp.response_status is c_ocsp.OCSPResponseStatus.SUCCESSFUL
+    ca.signer_cert.public_key().verify(resp.signature, resp.tbs_response_bytes,
+                                       ec.ECDSA(hashes.SHA256()))
+    singles = list(resp.responses)
+    assert [s.certificate_status for s in singles] == [
+        c_ocsp.OCSPCertStatus.GOOD, c_ocsp.OCSPCertStatus.REVOKED, c_ocsp.OCSPCertStatus.UNKNOWN]
+    assert singles[1].revocation_reason is x509.ReasonFlags.key_compromise
+    assert resp.produced_at_utc == T0  # no fractional seconds (RFC 5019 §2.2.4)
+    parsed = parse_response(der)
+    tbs = parsed["response_bytes"]["response"].parsed["tbs_response_data"]
+    for single in tbs["responses"]:
+        assert single["cert_id"].dump() == cid.der
+    assert parsed.nonce_value.native == b"n" * 32
+    assert parsed.extended_revoke_value is not None
+    assert tbs["responses"][0]["single_extensions"][0]["extn_id"].native == "archive_cutoff"
+    assert tbs["responder_id"].name == "by_key"
+
+
+def test_certid_key_ignores_nothing_but_spelling() -> None:
+    a = CertId("sha1", b"n", b"k", 5, b"der-a")
+    b = CertId("sha1", b"n", b"k", 5, b"der-b")
+    assert a.key == b.key and a != b
