@@ -34,7 +34,9 @@ def test_example_documents_every_key() -> None:
                 "signer_certificate", "signer_key", "responder_id", "rsa_padding", "validity",
                 "unknown_serials", "archive_cutoff", "listen", "naming_contexts", "attributes",
                 "size_limit", "time_limit", "max_request_bytes", "ocsp_paths", "max_certids",
-                "certificate", "key", "format", "file", "level"):
+                "certificate", "key", "format", "file", "level", "max_connections",
+                "max_connections_per_address", "idle_timeout", "max_filter_depth",
+                "max_filter_items", "scan_limit", "max_outstanding", "cache_entries"):
         assert f"\n{key} =" in text or f"#{key} =" in text, key
 
 
