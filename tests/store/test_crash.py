@@ -88,9 +88,13 @@ def test_kill_9_and_restart_end_like_a_clean_import(tmp_path: Path) -> None:
     for _ in range(4):
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        # Start-up takes about half a second, then the import runs about as long as the clean
-        # one did for the files left: kill somewhere in there.
-        time.sleep(0.4 + rng.uniform(0.0, summary.elapsed * left[-1] / len(names)))
+        # Wait until this run has visibly started moving files (start-up time depends on how
+        # busy the machine is), then kill somewhere in the rest of the import.
+        started = time.monotonic()
+        while (proc.poll() is None and time.monotonic() - started < 60
+               and sum(1 for p in spool.iterdir() if p.is_file()) >= left[-1]):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5 * summary.elapsed * left[-1] / len(names)))
         if proc.poll() is not None:
             break  # finished before the kill
         os.kill(proc.pid, signal.SIGKILL)
