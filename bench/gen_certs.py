@@ -75,6 +75,7 @@ def generate(out: Path, n: int, *, bundle: bool, revoked_percent: float) -> None
     index_lines = []
     revoked = []
     every = int(100 / revoked_percent) if revoked_percent > 0 else 0
+    revoked_at = now - timedelta(minutes=10)  # the same in index.txt and in the CRL
     start = time.perf_counter()
     for i in range(n):
         serial = 0x1000 + i
@@ -93,7 +94,7 @@ def generate(out: Path, n: int, *, bundle: bool, revoked_percent: float) -> None
         exp = cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
         if every and i % every == every - 1:
             revoked.append(serial)
-            index_lines.append(f"R\t{exp}\t{now.strftime('%y%m%d%H%M%SZ')},keyCompromise\t{serial:X}\tunknown\t/C=MO/O=Bench/OU=Bench/CN=User {i}")
+            index_lines.append(f"R\t{exp}\t{revoked_at.strftime('%y%m%d%H%M%SZ')},keyCompromise\t{serial:X}\tunknown\t/C=MO/O=Bench/OU=Bench/CN=User {i}")
         else:
             index_lines.append(f"V\t{exp}\t\t{serial:X}\tunknown\t/C=MO/O=Bench/OU=Bench/CN=User {i}")
         if i and i % 10000 == 0:
@@ -106,7 +107,7 @@ def generate(out: Path, n: int, *, bundle: bool, revoked_percent: float) -> None
            .add_extension(x509.CRLNumber(1), critical=False))
     for serial in revoked:
         crl = crl.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - timedelta(minutes=10))
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revoked_at)
             .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False).build())
     (out / "crl.pem").write_bytes(crl.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     (out / "spool").mkdir(exist_ok=True)
