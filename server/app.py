@@ -4,12 +4,15 @@ Strategy: the only module that knows the reactor and the wall clock. It opens th
 starts the change feed, builds the LDAP and HTTP protocol factories from their packages, and
 listens on the configured Twisted endpoint strings. ``tls:PORT:...`` endpoints are plain TCP
 endpoints wrapped in TLS with the ``[tls]`` certificate (TLS 1.2 and newer only), so the
-version floor does not depend on what an endpoint string says.
+version floor does not depend on what an endpoint string says. A worker of
+``certpub serve --workers N`` passes ``inherited``: sockets its parent already bound, keyed by
+endpoint string, which are adopted instead of listened on (same TLS wrapping).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -67,7 +70,11 @@ class Running:
         self.store.close()
 
 
-def _listen(reactor: Any, description: str, factory: Factory, tls: Any) -> defer.Deferred[Any]:
+def _listen(reactor: Any, description: str, factory: Factory, tls: Any,
+            inherited: Mapping[str, socket.socket] | None = None) -> defer.Deferred[Any]:
+    sock = inherited.get(description) if inherited is not None else None
+    if inherited is not None and sock is None:
+        raise ValueError(f"listener {description!r} was not bound by the parent process")
     if description.startswith("tls:"):
         if tls is None:
             raise ValueError(f"listener {description!r} needs a [tls] section")
@@ -75,12 +82,15 @@ def _listen(reactor: Any, description: str, factory: Factory, tls: Any) -> defer
 
         factory = TLSMemoryBIOFactory(tls, False, factory)
         description = "tcp:" + description[4:]
+    if sock is not None:
+        return defer.succeed(reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
     return serverFromString(reactor, description).listen(factory)
 
 
 @defer.inlineCallbacks
-def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock) -> Any:
-    """Open the store, build both services and listen; returns a Running."""
+def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock,
+          inherited: Mapping[str, socket.socket] | None = None) -> Any:
+    """Open the store, build both services and listen (or adopt inherited sockets); returns a Running."""
     from server.ldap.server import make_ldap_factory
     from server.ocsp.http import make_http_factory
 
@@ -95,7 +105,7 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
             running.services["ldap"] = ldap_factory
             running.ports["ldap"] = []
             for desc in config.ldap.listen:
-                port = yield _listen(reactor, desc, ldap_factory, tls)
+                port = yield _listen(reactor, desc, ldap_factory, tls, inherited)
                 running.ports["ldap"].append(port)
                 log.info("LDAP listening on {listener}", listener=desc)
         if config.http.listen:
@@ -103,7 +113,7 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
             running.services["http"] = http_factory
             running.ports["http"] = []
             for desc in config.http.listen:
-                port = yield _listen(reactor, desc, http_factory, tls)
+                port = yield _listen(reactor, desc, http_factory, tls, inherited)
                 running.ports["http"].append(port)
                 log.info("HTTP listening on {listener}", listener=desc)
     except BaseException:

@@ -85,10 +85,30 @@ def cmd_importd(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.serve import serve
+    from server.workers import SupervisorError, resolve_workers, supervise
 
     config = _config(args)
-    return serve(config, Path(args.config))
+    workers = resolve_workers(config.server.workers if args.workers is None else args.workers)
+    if workers == 1:
+        from server.serve import serve
+
+        return serve(config, Path(args.config))
+    try:
+        return supervise(config, Path(args.config), workers)
+    except SupervisorError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _workers_arg(text: str) -> int:
+    from server.config import MAX_WORKERS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes; got {text!r}") from None
+    if not 0 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_WORKERS}; got {value}")
+    return value
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -133,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = with_config(sub.add_parser("serve", help="run the LDAP directory and the OCSP/HTTP server"))
+    p.add_argument("--workers", "-w", type=_workers_arg, default=None, metavar="N",
+                   help="processes sharing the listeners: 1 is a single process, 0 one per CPU "
+                        "(default: [server] workers in the configuration, else one per CPU)")
     p.set_defaults(func=cmd_serve)
     p = with_config(sub.add_parser("importd", help="run the import daemon (spool folders, index.txt)"))
     p.set_defaults(func=cmd_importd)

@@ -1,6 +1,6 @@
 """The configuration: one TOML file into frozen dataclasses (``certpub check-config``).
 
-Strategy: the root parses the sections it owns (store, import, ca, log, tls) and hands the
+Strategy: the root parses the sections it owns (store, import, ca, log, tls, server) and hands the
 ``ldap`` and ``http`` tables to their packages' own parsers; every unknown key anywhere is an
 error naming its path, and so is every missing file the configuration points at.
 """
@@ -17,6 +17,7 @@ from server.ocsp.config import HttpConfig, OcspSignerConfig, parse_http, parse_s
 
 DEFAULT_CONFIG_PATH = Path("/etc/certpub/certpub.toml")
 DEFAULT_STORE_PATH = Path("/var/lib/certpub/store.sqlite3")
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """The ``[server]`` table: process layout of ``certpub serve``."""
+
+    workers: int = 0  # worker processes; 0: one per CPU (os.cpu_count())
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None
     store: StoreConfig
@@ -74,6 +82,7 @@ class Config:
     http: HttpConfig
     tls: TlsConfig | None
     log: LogConfig
+    server: ServerConfig = ServerConfig()
 
     def ca(self, name: str) -> CaConfig | None:
         return next((c for c in self.cas if c.name == name), None)
@@ -149,9 +158,13 @@ def parse_config(data: dict[str, object], source: Path | None = None, *,
         level=lg.str("level", "info", choices=("debug", "info", "warn", "error")),
     )
     lg.done()
+
+    sv = root.section("server")
+    server = ServerConfig(workers=sv.int("workers", 0, min=0, max=MAX_WORKERS))
+    sv.done()
     root.done()
     return Config(source=source, store=store, import_=import_, cas=tuple(cas), ldap=ldap,
-                  http=http, tls=tls, log=log)
+                  http=http, tls=tls, log=log, server=server)
 
 
 def load_config(path: Path, *, check_files: bool = True) -> Config:

@@ -3,7 +3,8 @@
 Strategy: a twisted.logger observer renders each event's message and appends its keyword
 fields (those not starting with ``log_``) as key=value pairs, so a line stays greppable and
 machine-readable at once. A file target is reopened on SIGUSR1 for logrotate. Fields named
-like secrets are never written, whatever a caller passes.
+like secrets are never written, whatever a caller passes. Process-wide fields (a worker's
+``worker=<n>``) set with ``set_global_fields`` come first on every line.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from twisted.logger import (
 from zope.interface import implementer
 
 _REDACTED = frozenset({"password", "key", "private_key", "body", "secret", "credentials"})
+_GLOBAL_FIELDS: dict[str, str | int] = {}
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
            "error": LogLevel.error}
 
@@ -39,8 +41,13 @@ def _logfmt_value(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def set_global_fields(**fields: str | int) -> None:
+    """Add fields to every line this process writes (e.g. worker=2)."""
+    _GLOBAL_FIELDS.update(fields)
+
+
 def _fields(event: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = dict(_GLOBAL_FIELDS)
     for k, v in event.items():
         if k.startswith("log_") or k in ("format", "message", "system", "isError", "time"):
             continue

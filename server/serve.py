@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ from server.configtools import ConfigError
 log = Logger()
 
 
-def serve(config: Config, config_path: Path) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+def serve(config: Config, config_path: Path, *,
+          inherited: Mapping[str, socket.socket] | None = None,
+          on_started: Callable[[str | None], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code (a worker: inherited sockets, on_started)."""
     from twisted.internet import reactor
 
     from server import app
@@ -28,11 +32,16 @@ def serve(config: Config, config_path: Path) -> int:
     @defer.inlineCallbacks
     def begin() -> Any:
         try:
-            state["running"] = yield app.start(config, reactor)
+            state["running"] = yield app.start(config, reactor, inherited=inherited)
         except Exception as exc:
             log.error("cannot start: {error}", error=str(exc))
             state["code"] = 1
+            if on_started is not None:
+                on_started(str(exc) or type(exc).__name__)
             reactor.stop()  # type: ignore[attr-defined]
+            return
+        if on_started is not None:
+            on_started(None)
 
     def reload() -> None:
         try:
@@ -63,9 +72,10 @@ def serve(config: Config, config_path: Path) -> int:
         log.info("stopping")
         reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
 
-    reactor.callWhenRunning(begin)  # type: ignore[attr-defined]
+    # Handlers first: a worker reports "started" from begin, and may get SIGHUP right after.
     reactor.callWhenRunning(lambda: signal.signal(signal.SIGHUP, on_hup))  # type: ignore[attr-defined]
     reactor.callWhenRunning(lambda: signal.signal(signal.SIGTERM, on_term))  # type: ignore[attr-defined]
+    reactor.callWhenRunning(begin)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     running = state.get("running")
     if running is not None:

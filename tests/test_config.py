@@ -25,6 +25,7 @@ def test_example_loads_with_every_section() -> None:
     assert config.import_.openssl[0].ca == "issuing-ca"
     assert config.ldap.size_limit == 500 and config.http.max_certids == 100
     assert config.tls is None and config.log.format == "logfmt"
+    assert config.server.workers == 0
 
 
 def test_example_documents_every_key() -> None:
@@ -56,6 +57,7 @@ def test_example_documents_every_key() -> None:
         (lambda d: d["ldap"].update(listen=[389]), "ldap.listen[0]", "a string"),
         (lambda d: d["http"].update(ocsp_paths=["ocsp"]), "http.ocsp_paths[0]", "starting with '/'"),
         (lambda d: d["log"].update(format="xml"), "log.format", "logfmt, json"),
+        (lambda d: d["server"].update(workers=-1), "server.workers", "at least 0"),
         (lambda d: d.pop("ca"), "ca", "at least one"),
         (lambda d: d.update(extra={}), "extra", "unknown key"),
         (lambda d: d["ca"][0].update(certificate=True), "ca[0].certificate", "got a boolean"),

@@ -1,0 +1,247 @@
+"""``certpub serve --workers N``: endpoint parsing, and a real supervisor with real clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.workers import Endpoint, describe_status, parse_endpoint, resolve_workers
+from tests.conftest import require_tool
+
+FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+# --- endpoint strings ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("tcp:389", Endpoint("tcp:389", False, 389)),
+    ("tcp:0:interface=127.0.0.1", Endpoint("tcp:0:interface=127.0.0.1", False, 0, "127.0.0.1")),
+    ("tls:636:interface=127.0.0.1:backlog=128",
+     Endpoint("tls:636:interface=127.0.0.1:backlog=128", True, 636, "127.0.0.1", 128)),
+    ("tcp:port=80:backlog=5", Endpoint("tcp:port=80:backlog=5", False, 80, "", 5)),
+    ("tcp:80:10.0.0.1:7", Endpoint("tcp:80:10.0.0.1:7", False, 80, "10.0.0.1", 7)),
+    (r"tcp:389:interface=\:\:1", Endpoint(r"tcp:389:interface=\:\:1", False, 389, "::1")),
+])
+def test_parse_endpoint(text: str, expected: Endpoint) -> None:
+    assert parse_endpoint(text) == expected
+
+
+def test_endpoint_family() -> None:
+    assert parse_endpoint("tcp:1").family == socket.AF_INET
+    assert parse_endpoint(r"tls:1:interface=\:\:").family == socket.AF_INET6
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("unix:/run/x.sock", "only tcp: and tls:"),
+    ("ssl:443", "only tcp: and tls:"),
+    ("tcp6:389", "only tcp: and tls:"),
+    ("tcp:interface=127.0.0.1", "no port"),
+    ("tcp:http", "integers"),
+    ("tcp:70000", "0-65535"),
+    ("tcp:389:backlog=0", "backlog at least 1"),
+    ("tcp:389:reuse=1", "unknown parameter 'reuse'"),
+    ("tcp:389:port=390", "port given twice"),
+])
+def test_parse_endpoint_refuses(text: str, words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        parse_endpoint(text)
+
+
+def test_resolve_workers_and_status() -> None:
+    assert resolve_workers(3) == 3
+    assert resolve_workers(0) == (os.cpu_count() or 1)
+    assert describe_status(0) == "exit:0" and describe_status(1 << 8) == "exit:1"
+    assert describe_status(signal.SIGKILL) == "signal:SIGKILL"
+
+
+# --- a real supervisor --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fields(line: str) -> dict[str, str]:
+    return {k: v[1:-1] if v.startswith('"') else v for k, v in FIELD.findall(line)}
+
+
+class Server:
+    """``certpub serve`` as a subprocess; a thread collects its log lines."""
+
+    def __init__(self, config: Path, workers: int = 2) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--workers", str(workers),
+             "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.done = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.done = True
+            self._cond.notify_all()
+
+    def wait_for(self, match: Callable[[dict[str, str]], bool], since: int = 0,
+                 timeout: float = 15.0) -> dict[str, str]:
+        """The first log line after index since whose fields satisfy match."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[since:]:
+                    if match(f := fields(line)):
+                        return f
+                left = end - time.monotonic()
+                if left <= 0 or self.done:
+                    raise AssertionError("no such log line; log:\n" + "\n".join(self.lines))
+                self._cond.wait(min(left, 0.5))
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def ready_pid(self, worker: int, since: int = 0) -> int:
+        f = self.wait_for(lambda f: f.get("msg") == f"worker {worker} ready", since)
+        return int(f["pid"])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from server.config import load_config
+    from server.demo.pki import build_demo_pki
+    from store.importer import import_openssl, import_paths
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    pki = build_demo_pki(tmp_path_factory.mktemp("workers"), now=now, ldap_port=free_port(),
+                         http_port=free_port(), subscribers_per_ca=15)
+    config = load_config(pki.config_path)
+    import_openssl(config, now=lambda: datetime.now(UTC), progress=None)
+    import_paths(config, [ca.crl_path for ca in pki.cas.values() if ca.crl_path is not None],
+                 now=lambda: datetime.now(UTC), progress=None)
+    return pki
+
+
+def with_ports(pki: Any, tmp_path: Path, **replace: str) -> tuple[Path, int, int]:
+    """A copy of the demo configuration on fresh ports (and other text replaced)."""
+    ldap_port, http_port = free_port(), free_port()
+    text = re.sub(r'\[ldap\]\nlisten = \["tcp:\d+', f'[ldap]\nlisten = ["tcp:{ldap_port}',
+                  pki.config_path.read_text())
+    text = re.sub(r'\[http\]\nlisten = \["tcp:\d+', f'[http]\nlisten = ["tcp:{http_port}', text)
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "certpub.toml"
+    path.write_text(text)
+    return path, ldap_port, http_port
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[1])
+
+
+@pytest.fixture
+def server(pki: Any, tmp_path: Path) -> Iterator[tuple[Server, int, int]]:
+    config, ldap_port, http_port = with_ports(pki, tmp_path)
+    srv = Server(config)
+    yield srv, ldap_port, http_port
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+        srv.proc.wait(10)
+
+
+@pytest.mark.realclient
+def test_workers_serve_restart_reload_stop(server: tuple[Server, int, int], pki: Any) -> None:
+    ldapsearch, openssl = require_tool("ldapsearch"), require_tool("openssl")
+    srv, ldap_port, http_port = server
+    good = next(c for c in pki.certs if c.state == "good" and c.emails and c.ca == "rsa-ca")
+
+    def serving() -> None:
+        r = subprocess.run(
+            [ldapsearch, "-x", "-LLL", "-o", "ldif-wrap=no", "-H", f"ldap://127.0.0.1:{ldap_port}",
+             "-b", "c=MO", f"(mail={good.emails[0]})", "userCertificate;binary"],
+            check=False, capture_output=True, text=True, timeout=20,
+            env=dict(os.environ, LDAPNOINIT="1"))
+        assert r.returncode == 0 and "userCertificate;binary::" in r.stdout, r.stderr
+        r = subprocess.run(
+            [openssl, "ocsp", "-issuer", str(pki.cas["rsa-ca"].cert_path), "-cert", str(good.path),
+             "-CAfile", str(pki.cas["root"].cert_path), "-url", f"http://127.0.0.1:{http_port}/ocsp"],
+            check=False, capture_output=True, text=True, timeout=20)
+        assert "Response verify OK" in r.stderr and f"{good.path}: good" in r.stdout, r.stderr
+
+    srv.wait_for(lambda f: f.get("msg") == "all 2 workers ready")
+    pids = {n: srv.ready_pid(n) for n in (1, 2)}
+    assert all(alive(p) and parent_of(p) == srv.proc.pid for p in pids.values())
+    worker_lines = [fields(line) for line in srv.lines if "system=app" in line]
+    assert {f.get("worker") for f in worker_lines} == {"1", "2"}
+    for _ in range(3):
+        serving()
+
+    mark = srv.mark()  # a worker killed: the other one serves; it is restarted
+    os.kill(pids[1], signal.SIGKILL)
+    died = srv.wait_for(lambda f: f.get("msg", "").startswith("worker 1 died"), mark)
+    assert died["pid"] == str(pids[1]) and died["status"] == "signal:SIGKILL"
+    serving()
+    pids[1] = srv.ready_pid(1, mark)
+    assert alive(pids[1]) and pids[1] != int(died["pid"]) and alive(pids[2])
+    serving()
+
+    mark = srv.mark()  # SIGHUP: each worker reloads, none is replaced
+    srv.proc.send_signal(signal.SIGHUP)
+    for n in (1, 2):
+        srv.wait_for(lambda f, n=n: f.get("msg", "").startswith("configuration reloaded")  # type: ignore[misc]
+                     and f.get("worker") == str(n), mark)
+    assert all(alive(p) for p in pids.values())
+    serving()
+
+    srv.proc.send_signal(signal.SIGTERM)  # a clean stop: exit 0, no worker left
+    assert srv.proc.wait(20) == 0, "\n".join(srv.lines)
+    assert not any(alive(p) for p in pids.values())
+    assert any("all workers stopped" in line for line in srv.lines)
+
+
+def test_worker_that_cannot_start_stops_the_parent(pki: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    store = str(pki.root / "store" / "store.sqlite3")
+    config, _, _ = with_ports(pki, tmp_path, **{store: str(blocker / "store.sqlite3")})
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "2",
+                        "--config", str(config)], check=False, capture_output=True, text=True,
+                       timeout=25)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.fullmatch(r"certpub: worker \d failed to start 3 times: .*not-a-folder.*\n",
+                        r.stderr), r.stderr
+    assert time.monotonic() - started < 20
+    assert r.stdout.count("could not start") >= 2
+
+
+def test_workers_option_is_checked(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "-1"],
+                       check=False, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--workers/-w: must be from 0 to" in r.stderr
