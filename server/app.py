@@ -91,11 +91,17 @@ def _listen(reactor: Any, description: str, factory: Factory, tls: Any,
 def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock,
           inherited: Mapping[str, socket.socket] | None = None) -> Any:
     """Open the store, build both services and listen (or adopt inherited sockets); returns a Running."""
+    from server.health import HealthCheck, mount_ops
     from server.ldap.server import make_ldap_factory
+    from server.metrics import Metrics, set_metrics
     from server.ocsp.http import make_http_factory
 
     store = Store.open(config.store.path)
     feed = ChangeFeed(store)
+    metrics = Metrics(now)
+    set_metrics(metrics)
+    expiries: dict[str, Any] = {}  # filled once the OCSP service has loaded its signers
+    metrics.watch(store=store, feed=feed, signer_expiries=lambda: _signer_expiries(expiries))
     feed.start()
     running = Running(store=store, feed=feed)
     tls = tls_options(config.tls) if config.tls is not None else None
@@ -110,6 +116,10 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
                 log.info("LDAP listening on {listener}", listener=desc)
         if config.http.listen:
             http_factory = make_http_factory(config, store, feed, now, reactor)
+            expiries["service"] = getattr(http_factory, "service", None)
+            health = HealthCheck(store, feed, now, lambda: _signer_expiries(expiries),
+                                 poll_lag=metrics.poll_lag)
+            _mount(http_factory, lambda root: mount_ops(root, health, metrics))
             running.services["http"] = http_factory
             running.ports["http"] = []
             for desc in config.http.listen:
@@ -119,9 +129,41 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
     except BaseException:
         yield running.stop()
         raise
-    log.info(
-        "certpub serving store={store} generation={generation} cas={cas}",
-        store=str(config.store.path), generation=int(store.generation()),
-        cas=",".join(c.name for c in config.cas),
-    )
+    _summary(config, store, running, _signer_expiries(expiries))
     return running
+
+
+def _signer_expiries(holder: dict[str, Any]) -> dict[str, datetime]:
+    service = holder.get("service")
+    return dict(service.signer_expiries()) if service is not None else {}
+
+
+def _mount(factory: Any, wrap: Callable[[Any], Any]) -> None:
+    """Put /healthz and /metrics in front of the HTTP site's resource tree."""
+    site = getattr(factory, "site", factory)
+    site.resource = wrap(site.resource)
+
+
+def _summary(config: Config, store: Store, running: Running, signers: dict[str, datetime]) -> None:
+    """The start-up line operators look for: version, listeners, CAs and signers, store."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("certpub")
+    except PackageNotFoundError:
+        ver = "unknown"
+    listeners = []
+    for service, ports in running.ports.items():
+        for port in ports:
+            host = port.getHost()
+            listeners.append(f"{service}:{host.host}:{host.port}")
+    cas = []
+    for ca in config.cas:
+        until = signers.get(ca.name)
+        cas.append(f"{ca.name}(signer until {until:%Y-%m-%d})" if until else f"{ca.name}(no OCSP)")
+    log.info(
+        "certpub {version} serving listeners={listeners} cas={cas} store={store}"
+        " generation={generation}",
+        version=ver, listeners=",".join(listeners), cas=",".join(cas),
+        store=str(config.store.path), generation=int(store.generation()),
+    )

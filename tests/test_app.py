@@ -1,0 +1,65 @@
+"""The composition root: both listeners from one config, /healthz and /metrics, the start line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.logger import capturedLogs
+
+from server import app
+from server.config import load_config
+from store.importer import import_openssl, import_paths
+
+
+def _get(url: str) -> tuple[int, bytes, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read(), resp.headers
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_serves_health_metrics_and_logs_a_summary(tmp_path: Path) -> None:
+    from server.demo.pki import build_demo_pki
+
+    pki = build_demo_pki(tmp_path / "pki")
+    config = load_config(pki.config_path)
+    config = dataclasses.replace(
+        config,
+        ldap=dataclasses.replace(config.ldap, listen=("tcp:0:interface=127.0.0.1",)),
+        http=dataclasses.replace(config.http, listen=("tcp:0:interface=127.0.0.1",)),
+    )
+    now = lambda: datetime.now(UTC)  # noqa: E731
+    import_openssl(config, now=now, progress=None)
+    import_paths(config, [ca.crl_path for ca in pki.cas.values() if ca.crl_path], now=now,
+                 progress=None)
+    with capturedLogs() as events:
+        running = await app.start(config, reactor, now)
+    ldap_host, ldap_port = running.address("ldap")
+    try:
+        host, port = running.address("http")
+        status, body, headers = await threads.deferToThread(_get, f"http://{host}:{port}/healthz")
+        assert status == 200, body
+        health = json.loads(body)
+        assert health["status"] == "ok" and health["generation"] >= 1
+        assert set(health["signer_days_left"]) == {"rsa-ca", "ec-ca"}
+        status, body, headers = await threads.deferToThread(_get, f"http://{host}:{port}/metrics")
+        assert status == 200 and b"certpub_store_generation" in body
+        assert b'certpub_certificates{ca="rsa-ca",status="revoked"}' in body
+        # the OCSP site still answers behind the ops front
+        status, body, _ = await threads.deferToThread(_get, f"http://{host}:{port}/ca/rsa-ca.pem")
+        assert status == 200 and body.startswith(b"-----BEGIN CERTIFICATE-----")
+    finally:
+        await running.stop()
+    summary = [e for e in events if "serving listeners=" in e.get("log_format", "")]
+    assert len(summary) == 1
+    assert "rsa-ca(signer until" in summary[0]["cas"] and "root(no OCSP)" in summary[0]["cas"]
+    assert f"ldap:{ldap_host}:{ldap_port}" in summary[0]["listeners"]
