@@ -41,7 +41,7 @@ def parse_ldap(sec: Section) -> LdapConfig:
         attributes=sec.str_list("attributes", DEFAULT_ATTRIBUTES),
         size_limit=sec.int("size_limit", 500, min=1, max=100_000),
         time_limit=sec.duration("time_limit", 10.0, min=0.1, max=3600),
-        max_request_bytes=sec.int("max_request_bytes", 262_143, min=1024, max=16 * 1024 * 1024),
+        max_request_bytes=sec.int("max_request_bytes", 1_048_576, min=1024, max=16 * 1024 * 1024),
         max_connections=sec.int("max_connections", 1000, min=1, max=1_000_000),
         max_connections_per_address=sec.int("max_connections_per_address", 100, min=1,
                                              max=1_000_000),
