@@ -48,6 +48,22 @@ def tls_options(tls: TlsConfig) -> Any:
     )
 
 
+class ReloadableTls:
+    """The server TLS context, swapped on SIGHUP: every new handshake asks for the current one,
+    established connections keep theirs."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self.options = tls_options(tls)
+
+    def getContext(self) -> Any:  # noqa: N802 - Twisted's context factory interface
+        return self.options.getContext()
+
+    def reload(self, config: Config) -> None:
+        if config.tls is None:
+            raise ValueError("the [tls] section was removed; listeners need a restart")
+        self.options = tls_options(config.tls)
+
+
 @dataclass
 class Running:
     """What ``start`` built: the store, the feed, and the listening ports by service."""
@@ -104,7 +120,9 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
     metrics.watch(store=store, feed=feed, signer_expiries=lambda: _signer_expiries(expiries))
     feed.start()
     running = Running(store=store, feed=feed)
-    tls = tls_options(config.tls) if config.tls is not None else None
+    tls = ReloadableTls(config.tls) if config.tls is not None else None
+    if tls is not None:
+        running.services["tls"] = tls  # first, so that a bad new certificate stops the reload
     try:
         if config.ldap.listen:
             ldap_factory = make_ldap_factory(config.ldap, store, feed, tls, now)
