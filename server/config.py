@@ -149,6 +149,9 @@ def parse_config(data: dict[str, object], source: Path | None = None, *,
         if check_files:
             _existing_file(t, "certificate", tls.certificate)
             _existing_file(t, "key", tls.key)
+            from server.ocsp.signer import check_key_file  # owner-only, as the signer keys
+
+            check_key_file(tls.key, t.key("key"))
         t.done()
 
     lg = root.section("log")

@@ -183,7 +183,22 @@ class Store:
         try:
             return self._conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                self._reopen()
             raise StoreError(f"store read failed: {exc}") from exc
+
+    def _reopen(self) -> None:
+        """A new connection after a failed read, if one opens: a connection that read a
+        corrupted file keeps failing after the file is restored in place."""
+        if self._conn.in_transaction:
+            return
+        try:
+            fresh = Store.open(self.path, create=False)
+        except StoreError:
+            return
+        self._conn.close()
+        self._conn, self._durable = fresh._conn, False
+        self._hash_cache.clear()
 
     def generation(self) -> Generation:
         rows = self._query("SELECT value FROM meta WHERE key = 'generation'")
@@ -392,7 +407,10 @@ class Store:
         try:
             yield batch
             batch.finish()
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:  # disk full, I/O error: the batch is rolled back
+                raise StoreError(f"store write failed: {exc}") from exc
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")

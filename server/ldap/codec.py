@@ -383,8 +383,18 @@ def _length(n: int) -> bytes:
     return bytes((0x80 | len(body),)) + body
 
 
+def _header(tag: int, n: int) -> bytes:
+    if n < 0x80:
+        return bytes((tag, n))
+    if n < 0x100:
+        return bytes((tag, 0x81, n))
+    if n < 0x10000:
+        return bytes((tag, 0x82, n >> 8, n & 0xFF))
+    return bytes((tag,)) + _length(n)
+
+
 def tlv(tag: int, content: bytes) -> bytes:
-    return bytes((tag,)) + _length(len(content)) + content
+    return _header(tag, len(content)) + content
 
 
 def integer(value: int, tag: int = 0x02) -> bytes:
@@ -420,10 +430,13 @@ def encode_result(message_id: int, tag: int, code: int, matched: str = "", messa
 def encode_entry(message_id: int, dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]]
                  ) -> bytes:
     """SearchResultEntry (RFC 4511 §4.5.2)."""
-    attrs = b"".join(
-        tlv(0x30, octets(name) + tlv(0x31, b"".join(octets(v) for v in values)))
-        for name, values in attributes
-    )
+    parts = []
+    for name, values in attributes:
+        vals = b"".join([_header(0x04, len(v)) + v for v in
+                         (v if isinstance(v, bytes) else v.encode("utf-8") for v in values)])
+        inner = octets(name) + _header(0x31, len(vals)) + vals
+        parts.append(_header(0x30, len(inner)) + inner)
+    attrs = b"".join(parts)
     return _message(message_id, tlv(0x64, octets(dn) + tlv(0x30, attrs)))
 
 

@@ -7,8 +7,12 @@ so results are exact; a search without one evaluates the base entry (scope base)
 children (one level) or walks the base's subtree page by page in key order, examining at most
 ``scan_limit`` entries (then adminLimitExceeded). Searches are generators: the protocol pulls
 one result at a time, so it can stop at the size limit, check the time limit, interleave other
-clients and resume a paged search from a position. Only the CA rows (a handful, with their
-CRLs) are cached, and dropped when the change feed reports a CA or CRL change.
+clients and resume a paged search from a position. The CA rows (a handful, with their CRLs)
+are cached, and dropped when the change feed reports a CA or CRL change; with a change feed,
+materialised entries are also kept in a bounded LRU cache (``entry_cache`` entries, so memory
+does not grow with the store), each dropped when the feed reports a change at its key (all of
+them on a CA, CRL or unkeyed change) and unused once ``now`` passes the first notAfter of its
+certificates (what an entry shows depends on the time only through expiry).
 
 Known limits: indexed searches return subscriber, certificate and CA entries, not glue entries
 (a glue entry matches a name filter only through its own RDN, and is reached by one-level or
@@ -18,10 +22,11 @@ certificates (then adminLimitExceeded after the matching entries found).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from server.ldap.entries import (
     CA_OID,
@@ -32,11 +37,13 @@ from server.ldap.entries import (
     cert_entry,
     dse_entry,
     glue_entry,
+    parse_dn,
     subject_entry,
     subschema_entry,
 )
 from server.ldap.errors import AdminLimitExceeded, NoSuchObject
 from server.ldap.filters import Filter, evaluate
+from server.ldap.lean import LeanReader, expiry_bound
 from server.ldap.plan import IndexQuery, Plan, plan
 from server.ldap.schema import Allowlist
 from store import names
@@ -44,6 +51,7 @@ from store.model import CaRecord, CertRecord, Change, DirectoryEntry
 
 BASE, ONE, SUB = 0, 1, 2
 PAGE = 200
+NEVER = float("inf")
 
 # (phase, first certificate id, entry key, certificate id): where a paged search resumes.
 Position = tuple[int, int, str, int]
@@ -75,7 +83,7 @@ class Directory:
     def __init__(self, store: DirectoryStore, allow: Allowlist, *,
                  naming_contexts: Sequence[str] = (), scan_limit: int = 20_000,
                  controls: Sequence[str] = (), extensions: Sequence[str] = (),
-                 version: str = "0.1.0") -> None:
+                 version: str = "0.1.0", entry_cache: int = 0) -> None:
         self.store = store
         self.allow = allow
         self.scan_limit = scan_limit
@@ -87,6 +95,13 @@ class Directory:
         self._ca_names: dict[int, str] = {}
         self._contexts: tuple[str, ...] | None = None
         self._subschema = subschema_entry()
+        # key -> (entry, POSIX time until which it is right); only used with a change feed
+        self.entry_cache = entry_cache
+        self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
+        # fewer queries and columns for the hot path (server.ldap.lean); None: general API
+        self._lean = LeanReader.of(store)
+        # search base text -> key of the entry it named (plain DNs only; bounded)
+        self._base_keys: dict[str, str] = {}
 
     # --- caches -----------------------------------------------------------------------------
 
@@ -95,6 +110,16 @@ class Directory:
         self._contexts = None
         if any(c.kind in ("ca", "crl", "all") for c in changes):
             self._cas = None
+            self._entries.clear()
+            return
+        entries = self._entries
+        for c in changes:
+            if not entries:
+                return
+            if c.directory_key is None:
+                entries.clear()
+                return
+            entries.pop(c.directory_key, None)
 
     def _ca_map(self) -> dict[str, list[CaRecord]]:
         if self._cas is None:
@@ -122,12 +147,53 @@ class Directory:
         return dse_entry(self.naming_contexts(), self._controls, self._extensions, self._version)
 
     def materialise(self, e: DirectoryEntry, now: datetime) -> Entry:
+        if self.entry_cache:
+            cached = self._cached(e.key, now)
+            if cached is not None:
+                return cached
         if e.kind == "glue":
-            return glue_entry(e)
-        certs = self.store.certs_by_directory_key(e.key)
+            return self._keep(glue_entry(e), NEVER)
+        certs: Sequence[Any] = (self._lean.certs(e.key) if self._lean is not None
+                                else self.store.certs_by_directory_key(e.key))
+        return self._build(e, certs, now)
+
+    def _build(self, e: DirectoryEntry, certs: Sequence[Any], now: datetime) -> Entry:
+        if e.kind == "glue":
+            return self._keep(glue_entry(e), NEVER)
         if e.kind == "ca":
-            return ca_entry(e, self._ca_map().get(e.key, []), certs, now)
-        return subject_entry(e, certs, now)
+            entry = ca_entry(e, self._ca_map().get(e.key, []), certs, now)
+        else:
+            entry = subject_entry(e, certs, now)
+        if not self.entry_cache:
+            return entry
+        # an entry shows a certificate until it expires
+        return self._keep(entry, expiry_bound(list(certs), now))
+
+    def _cached(self, key: str, now: datetime) -> Entry | None:
+        hit = self._entries.get(key)
+        if hit is None or hit[1] <= now.timestamp():
+            return None
+        self._entries.move_to_end(key)
+        return hit[0]
+
+    def _keep(self, entry: Entry, until: float) -> Entry:
+        if self.entry_cache:
+            self._entries[entry.key] = (entry, until)
+            if len(self._entries) > self.entry_cache:
+                self._entries.popitem(last=False)
+        return entry
+
+    def entry_at(self, key: str, now: datetime) -> Entry | None:
+        """The materialised entry with this key: from the cache, else one indexed read."""
+        if self.entry_cache:
+            cached = self._cached(key, now)
+            if cached is not None:
+                return cached
+        if self._lean is not None:
+            found = self._lean.entry(key)
+            return None if found is None else self._build(found[0], found[1], now)
+        e = self.store.entry(key)
+        return None if e is None else self.materialise(e, now)
 
     def cert_children(self, parent: Entry, now: datetime,
                       certs: Sequence[CertRecord] | None = None) -> list[Entry]:
@@ -146,12 +212,13 @@ class Directory:
         leaf = dn.rdns[0]
         if any(a.oid == SERIAL_OID for a in leaf):
             return self._lookup_cert(dn, now)
-        e = self.store.entry(dn.key)
-        if e is None:
+        key = dn.key
+        found = self.entry_at(key, now)
+        if found is None:
             public = dn.public()
-            if public.key != dn.key and public.rdns:
-                e = self.store.entry(public.key)
-        return None if e is None else self.materialise(e, now)
+            if public.rdns and public.key != key:
+                found = self.entry_at(public.key, now)
+        return found
 
     def _lookup_cert(self, dn: names.DN, now: datetime) -> Entry | None:
         leaf = dn.rdns[0]
@@ -187,6 +254,22 @@ class Directory:
             raise NoSuchObject("no such entry", self.matched(dn))
         return found
 
+    def base_text(self, text: str, now: datetime) -> Entry:
+        """base(parse_dn(text)), remembering which key a plain DN text names."""
+        key = self._base_keys.get(text)
+        if key is not None:
+            found = self.entry_at(key, now)
+            if found is not None:
+                return found
+        dn = parse_dn(text)
+        entry = self.base(dn, now)
+        if (entry.kind in ("glue", "subject", "ca") and entry.key == dn.key
+                and self.entry_cache):
+            if len(self._base_keys) >= 1024:
+                self._base_keys.clear()
+            self._base_keys[text] = entry.key
+        return entry
+
     # --- search -----------------------------------------------------------------------------
 
     def search(self, base: Entry, scope: int, f: Filter, now: datetime,
@@ -212,6 +295,17 @@ class Directory:
         parsed = entry.parsed or names.DN(())
         if scope == ONE:
             return parsed.parent.key == base.key
+        # subtree: compare the normalised keys (a DN.key is rebuilt on every access)
+        key, bkey = entry.key, base.key
+        if not bkey or key == bkey:
+            return True
+        cut = len(key) - len(bkey) - 1
+        if cut > 0 and key.endswith(bkey) and key[cut] == ",":
+            slashes = 0
+            while cut - slashes - 1 >= 0 and key[cut - slashes - 1] == "\\":
+                slashes += 1
+            if slashes % 2 == 0:
+                return True
         return parsed.is_within(base.parsed or names.DN(()))
 
     def _run(self, q: IndexQuery) -> list[CertRecord]:
@@ -239,15 +333,17 @@ class Directory:
             pos: Position = (0, 0, key, 0)
             if after is not None and pos <= after:
                 continue
-            e = self.store.entry(key)
-            if e is None:
+            entry = self.entry_at(key, now)
+            if entry is None:
                 continue
-            entry = self.materialise(e, now)
             if self._in_scope(entry, base, scope) and evaluate(f, entry, self.allow) is True:
                 yield Hit(entry, pos)
+        per_cert = any(q.kind in ("cert", "serial") for q in p.queries)
+        if not per_cert and self._lean is not None:
+            yield from self._indexed_lean(p, base, scope, f, now, after)
+            return
         truncated = False
         found: dict[int, CertRecord] = {}
-        per_cert = any(q.kind in ("cert", "serial") for q in p.queries)
         for q in p.queries:
             rows = self._run(q)
             truncated = truncated or len(rows) >= self.scan_limit
@@ -261,12 +357,11 @@ class Directory:
             first = hits[0].id
             if after is not None and (1, first, "", 1 << 62) <= after:
                 continue
-            e = self.store.entry(key)
-            if e is None or e.kind == "ca" and not per_cert:
+            entry = self.entry_at(key, now)
+            if entry is None or entry.kind == "ca" and not per_cert:
                 continue
-            entry = self.materialise(e, now)
             pos = (1, first, "", 0)
-            if (e.kind != "ca" and (after is None or pos > after)
+            if (entry.kind != "ca" and (after is None or pos > after)
                     and self._in_scope(entry, base, scope)
                     and evaluate(f, entry, self.allow) is True):
                 yield Hit(entry, pos)
@@ -276,6 +371,37 @@ class Directory:
                     if ((after is None or cpos > after) and self._in_scope(child, base, scope)
                             and evaluate(f, child, self.allow) is True):
                         yield Hit(child, cpos)
+        if truncated:
+            raise AdminLimitExceeded("too many candidate entries; refine the filter")
+
+    def _indexed_lean(self, p: Plan, base: Entry, scope: int, f: Filter, now: datetime,
+                      after: Position | None) -> Iterator[Hit | None]:
+        """_indexed for plans without certificate queries: the same hits, in the same order,
+        from (id, key) pairs and one read per entry."""
+        assert self._lean is not None
+        truncated = False
+        found: dict[int, str] = {}
+        for q in p.queries:
+            if q.kind == "eq":
+                pairs = self._lean.matching(q.attr, q.value, self.scan_limit)
+            else:
+                pairs = [(c.id, c.directory_key) for c in self._run(q)]
+            truncated = truncated or len(pairs) >= self.scan_limit
+            found.update(pairs)
+        yield None
+        firsts: dict[str, int] = {}
+        for cid in sorted(found):
+            firsts.setdefault(found[cid], cid)
+        for key, first in firsts.items():
+            if after is not None and (1, first, "", 1 << 62) <= after:
+                continue
+            entry = self.entry_at(key, now)
+            if entry is None or entry.kind == "ca":
+                continue
+            pos = (1, first, "", 0)
+            if ((after is None or pos > after) and self._in_scope(entry, base, scope)
+                    and evaluate(f, entry, self.allow) is True):
+                yield Hit(entry, pos)
         if truncated:
             raise AdminLimitExceeded("too many candidate entries; refine the filter")
 

@@ -103,6 +103,28 @@ def parse_dn(text: str) -> names.DN:
             return m.group(1) + m.group(2) + (t.oid if t else m.group(3)) + m.group(4)
 
         text = _CUSTOM_TYPE.sub(oid, text)
+        return names.parse(text)
+    # Hot path: a subscriber's DN is parsed once per entry shown. Its parent (ou=..,o=..,c=..)
+    # is shared by many, so parse the leaf RDN alone and take the parent from a small cache.
+    # Only plain DNs (no escapes, quotes or ';') are split; anything else, and any error, goes
+    # to the full parser, whose result and messages are the reference.
+    if (len(text) <= names.MAX_DN_LENGTH and "\\" not in text and '"' not in text
+            and ";" not in text and text.count(",") < names.MAX_RDNS):
+        comma = text.find(",")
+        try:
+            if comma < 0:
+                return _parse_cached(text)
+            leaf = names.parse(text[:comma])
+            parent = _parse_cached(text[comma + 1:])
+            if leaf.rdns and parent.rdns:
+                return names.DN(leaf.rdns + parent.rdns)
+        except names.DNSyntaxError:
+            pass
+    return names.parse(text)
+
+
+@lru_cache(maxsize=1024)
+def _parse_cached(text: str) -> names.DN:
     return names.parse(text)
 
 
@@ -144,15 +166,25 @@ def _add(attrs: dict[str, list[Value]], name: str, value: Value) -> None:
     values.append(value)
 
 
-def _naming(attrs: dict[str, list[Value]], avas: Iterable[names.AVA]) -> None:
+def _naming(attrs: dict[str, list[Value]], avas: Iterable[names.AVA],
+            seen: dict[str, set[str]] | None = None) -> None:
     for a in avas:
         if a.display.startswith("#"):
             continue  # a value that is not a string stays in the DN only
         t = attribute_type(a.oid)
         if a.oid == "1.2.840.113549.1.9.1":
-            _add(attrs, "mail", a.display)
+            name = "mail"
         elif t is not None and not t.binary and not t.meta and t.name != "objectClass":
-            _add(attrs, t.name, a.display)
+            name = t.name
+        else:
+            continue
+        if seen is None:
+            _add(attrs, name, a.display)
+        else:  # an AVA's norm is prep_value(display): no need to prepare it again
+            norms = seen.setdefault(name, set())
+            if a.norm not in norms:
+                norms.add(a.norm)
+                attrs.setdefault(name, []).append(a.display)
 
 
 def _freeze(attrs: dict[str, list[Value]]) -> dict[str, tuple[Value, ...]]:
@@ -182,10 +214,16 @@ def subject_entry(
         "objectClass": ["top", "person", "organizationalPerson", "inetOrgPerson", "pkiUser",
                         "certpubSubscriber"],
     }
-    _naming(attrs, (a for rdn in dn.rdns for a in rdn))
+    # as _naming + _add, with each value prepared once (this is the hot path of a search)
+    seen: dict[str, set[str]] = {}
+    _naming(attrs, (a for rdn in dn.rdns for a in rdn), seen)
+    mail_norms = seen.setdefault("mail", set())
     for cert in certs:
         for email in cert.emails:
-            _add(attrs, "mail", email)
+            norm = names.prep_value(email)
+            if norm not in mail_norms:
+                mail_norms.add(norm)
+                attrs.setdefault("mail", []).append(email)
     attrs["userCertificate"] = [c.der for c in certs if c.der is not None and usable(c, now)]
     return Entry(e.dn, e.key, kind, _freeze(attrs), dn)
 

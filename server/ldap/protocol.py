@@ -15,18 +15,27 @@ WhoAmI → the empty authzId (anonymous, RFC 4532); another extended operation �
 unavailable (52). Compare: a type outside the schema → undefinedAttributeType (17), outside the
 allowlist or absent → noSuchAttribute (16), no equality rule → inappropriateMatching (18).
 Log lines follow slapd's ``stats`` format; passwords are never logged.
+
+Hot path (bench/ldap_bench.py, docs/performance.md): a search runs inline in ``dataReceived``
+for up to ``INLINE_BUDGET`` seconds (a one-entry search finishes there: one reactor turn, one
+write), and only a longer one is handed to the Cooperator; the per-search log lines are not
+even built when the log observers drop info events (``info_enabled``); the paging fingerprint
+is computed only for a paged search.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.internet.task import TaskFinished
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
@@ -50,12 +59,32 @@ PAGED = "1.2.840.113556.1.4.319"
 MANAGE_DSA_IT = "2.16.840.1.113730.3.4.2"  # no referrals here, so it changes nothing
 KNOWN_CONTROLS = (PAGED, MANAGE_DSA_IT)
 WRITE_TAGS = {"ADD": 0x69, "DEL": 0x6B, "MOD": 0x67, "MODRDN": 0x6D}
+INLINE_BUDGET = 0.002  # seconds a search may run inside dataReceived before it is cooperative
+_UNSAFE = re.compile(r'[\x00-\x1f"\\]')
 
 
 def clean(text: str, limit: int = 1024) -> str:
     """Text safe inside a quoted log field: control characters and quotes escaped, cut."""
-    out = "".join(f"\\{ord(c):02x}" if ord(c) < 0x20 or c in '"\\' else c for c in text[:limit])
+    out = _UNSAFE.sub(lambda m: f"\\{ord(m.group()):02x}", text[:limit])
     return out + ("..." if len(text) > limit else "")
+
+
+def info_enabled(namespace: str = "certpub.ldap") -> bool:
+    """False only when every global log observer is a filter that drops info events here."""
+    observers = getattr(globalLogPublisher, "_observers", None)
+    if not observers:
+        return True
+    probe = {"log_level": LogLevel.info, "log_namespace": namespace, "log_format": ""}
+    for observer in observers:
+        should = getattr(observer, "_shouldLogEvent", None)
+        if not isinstance(observer, FilteringLogObserver) or should is None:
+            return True
+        try:
+            if should(dict(probe)):  # twisted's shouldLogEvent: a bool
+                return True
+        except (TypeError, KeyError, AttributeError, ValueError):
+            return True
+    return False
 
 
 class _Search:
@@ -81,6 +110,7 @@ class LdapProtocol(Protocol, TimeoutMixin):
         self._closing = False
         self._tls = False
         self._searches: dict[int, _Search] = {}
+        self._info = getattr(factory, "log_info", True)
         if factory.call_later is not None:
             self.callLater = factory.call_later
 
@@ -88,6 +118,14 @@ class LdapProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._tls = ISSLTransport.providedBy(self.transport)
+        # Nagle + the client's delayed ACK would hold a SearchResultDone written after its
+        # entries for up to 40 ms: answers are written whole, so send them at once.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
         host = self.transport.getHost()  # type: ignore[union-attr]
         log.info("conn={conn} ACCEPT from IP={peer} (IP={local})", conn=self.conn,
                  peer=self.peer, local=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}")
@@ -98,7 +136,8 @@ class LdapProtocol(Protocol, TimeoutMixin):
         for search in self._searches.values():
             search.abandoned = True
             if search.task is not None:
-                search.task.stop()
+                with contextlib.suppress(TaskFinished):  # done already: closed mid-search
+                    search.task.stop()
         self._searches.clear()
         self.factory.connection_closed(self.peer)
         log.info("conn={conn} closed", conn=self.conn)
@@ -128,7 +167,8 @@ class LdapProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
+        if not self._buf:  # per PDU, not per byte: slow dribbling is cut at idle_timeout
+            self.resetTimeout()
         buf = self._buf
         buf += data
         pos = 0
@@ -140,6 +180,7 @@ class LdapProtocol(Protocol, TimeoutMixin):
                     break
                 pdu = bytes(buf[pos : pos + total])
                 pos += total
+                self.resetTimeout()  # a whole PDU arrived
                 self._handle(pdu)
         except ProtocolError as exc:
             log.info("conn={conn} PROTOCOL ERROR ({error}); closing", conn=self.conn,
@@ -291,17 +332,20 @@ class LdapProtocol(Protocol, TimeoutMixin):
     def _search(self, message_id: int, req: codec.SearchRequest,
                 paged: tuple[int, bytes] | None) -> None:
         f = self.factory
-        log.info('conn={conn} op={op} SRCH base="{base}" scope={scope} deref={deref} '
-                 'filter="{filter}" attrs="{attrs}"', conn=self.conn, op=self.op,
-                 base=clean(req.base), scope=req.scope, deref=req.deref,
-                 filter=clean(to_text(req.filter)), attrs=clean(" ".join(req.attributes)))
+        if self._info:
+            log.info('conn={conn} op={op} SRCH base="{base}" scope={scope} deref={deref} '
+                     'filter="{filter}" attrs="{attrs}"', conn=self.conn, op=self.op,
+                     base=clean(req.base), scope=req.scope, deref=req.deref,
+                     filter=clean(to_text(req.filter)), attrs=clean(" ".join(req.attributes)))
         search = _Search(self.op, message_id, f.timer())
         if len(self._searches) >= f.config.max_outstanding:
             self._done(search, ResultCode.BUSY, 0, "too many outstanding operations")
             return
-        fingerprint = hashlib.sha256(
-            json.dumps([req.base, req.scope, to_text(req.filter, 1 << 20)]).encode()
-        ).digest()[:8]
+        fingerprint = b""
+        if paged is not None:
+            fingerprint = hashlib.sha256(
+                json.dumps([req.base, req.scope, to_text(req.filter, 1 << 20)]).encode()
+            ).digest()[:8]
         after: Position | None = None
         if paged is not None and paged[1]:
             after = _decode_cookie(paged[1], fingerprint)
@@ -313,7 +357,7 @@ class LdapProtocol(Protocol, TimeoutMixin):
             return
         try:
             now = f.clock()
-            base = f.directory.base(parse_dn(req.base), now)
+            base = f.directory.base_text(req.base, now)
             results = f.directory.search(base, req.scope, req.filter, now, after)
         except names.DNSyntaxError as exc:
             self._done(search, ResultCode.INVALID_DN_SYNTAX, 0, str(exc))
@@ -326,7 +370,12 @@ class LdapProtocol(Protocol, TimeoutMixin):
             return
         self._searches[message_id] = search
         steps = self._drive(search, req, results, paged, fingerprint)
-        search.task = f.cooperator.cooperate(steps)
+        # Run inline while it is quick (most searches end here); the rest is cooperative.
+        deadline = f.timer() + INLINE_BUDGET
+        for _ in steps:
+            if f.timer() > deadline:
+                search.task = f.cooperator.cooperate(steps)
+                return
 
     def _drive(self, search: _Search, req: codec.SearchRequest, results: Iterator[Any],
                paged: tuple[int, bytes] | None, fingerprint: bytes) -> Iterator[None]:
@@ -382,10 +431,11 @@ class LdapProtocol(Protocol, TimeoutMixin):
         self._searches.pop(search.message_id, None)
         self._send(codec.encode_result(search.message_id, 0x65, int(code), matched, message,
                                        b"", controls))
-        log.info('conn={conn} op={op} SEARCH RESULT tag=101 err={err} nentries={nentries} '
-                 'etime={etime:.4f} text="{text}"', conn=self.conn, op=search.op, err=int(code),
-                 nentries=count, etime=self.factory.timer() - search.started,
-                 text=clean(message))
+        if self._info:
+            log.info('conn={conn} op={op} SEARCH RESULT tag=101 err={err} nentries={nentries} '
+                     'etime={etime:.4f} text="{text}"', conn=self.conn, op=search.op,
+                     err=int(code), nentries=count, etime=self.factory.timer() - search.started,
+                     text=clean(message))
 
 
 def _paged(cookie: bytes) -> bytes:

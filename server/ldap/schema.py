@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 # 2.25 + UUID 85f78d59-c652-41e5-ab78-071b767892ab as an integer.
 ARC = "2.25.178072687695889967227825329996928946859"
@@ -172,6 +173,7 @@ for _t in ATTRIBUTE_TYPES:
         _BY_KEY[_k.lower()] = _t
 
 
+@lru_cache(maxsize=1024)  # pure; names come from requests and entries (a bounded cache)
 def attribute_type(name: str) -> AttributeType | None:
     """The attribute type a name, alias or OID denotes (case-insensitive); None if unknown."""
     key = name.strip().lower()
@@ -180,6 +182,7 @@ def attribute_type(name: str) -> AttributeType | None:
     return _BY_KEY.get(key)
 
 
+@lru_cache(maxsize=1024)
 def describe(description: str) -> tuple[AttributeType | None, bool]:
     """Resolve an attribute description ``type;options``: (type or None, options acceptable).
 
@@ -316,6 +319,12 @@ class Selection:
 
 
 def select(requested: Sequence[str]) -> Selection:
+    """Selection of an attribute list; unknown names and unacceptable options select nothing."""
+    return _select(tuple(requested))
+
+
+@lru_cache(maxsize=256)  # clients ask for the same few attribute lists over and over
+def _select(requested: tuple[str, ...]) -> Selection:
     """Selection of an attribute list; unknown names and unacceptable options select nothing."""
     names: set[str] = set()
     all_user = not requested

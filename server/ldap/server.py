@@ -3,7 +3,7 @@
 Strategy: the factory owns what every connection shares — the configuration, the virtual
 directory over the store, the TLS context for StartTLS, the clock — and enforces the connection
 limits (in total and per client address) before a protocol is built. The change feed drops the
-directory's small caches when the importer commits.
+directory's caches when the importer commits.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from twisted.logger import Logger
 
 from server.ldap.config import LdapConfig
 from server.ldap.directory import Directory, DirectoryStore
-from server.ldap.protocol import KNOWN_CONTROLS, STARTTLS, WHOAMI, LdapProtocol
+from server.ldap.protocol import KNOWN_CONTROLS, STARTTLS, WHOAMI, LdapProtocol, info_enabled
 from server.ldap.schema import Allowlist
 
 log = Logger(namespace="certpub.ldap")
 VERSION = "0.1.0"
+# Materialised entries each worker keeps (LRU): a subscriber entry is ~1-2 KiB, so a few MiB
+# at most, whatever the size of the store.
+ENTRY_CACHE = 4096
 
 
 class LdapFactory(ServerFactory):
@@ -44,6 +47,7 @@ class LdapFactory(ServerFactory):
         self.connections = 0
         self.per_address: Counter[str] = Counter()
         self._next_conn = 1000
+        self.log_info: bool | None = None  # per-operation info lines wanted (probed once)
 
     def buildProtocol(self, addr: Any) -> LdapProtocol | None:  # type: ignore[override]
         host = str(getattr(addr, "host", addr))
@@ -55,6 +59,8 @@ class LdapFactory(ServerFactory):
         if self.per_address[host] >= self.config.max_connections_per_address:
             log.warn("refusing connection from IP={peer}: per-address limit", peer=peer)
             return None
+        if self.log_info is None:  # logging is set up before the first client connects
+            self.log_info = info_enabled()
         self.connections += 1
         self.per_address[host] += 1
         self._next_conn += 1
@@ -77,6 +83,7 @@ def make_ldap_factory(config: LdapConfig, store: DirectoryStore, feed: Any,
         scan_limit=config.scan_limit, controls=KNOWN_CONTROLS, extensions=extensions,
         version=VERSION,
     )
-    if feed is not None:
+    if feed is not None:  # the entry cache is only correct while the feed invalidates it
+        directory.entry_cache = ENTRY_CACHE
         feed.subscribe(directory.invalidate)
     return LdapFactory(config, directory, tls, now)

@@ -312,13 +312,51 @@ def encode_response_data(
     return ocsp.ResponseData(data)
 
 
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(raw),)) + raw
+
+
+def _tlv(tag: int, contents: bytes) -> bytes:
+    return bytes((tag,)) + _der_len(len(contents)) + contents
+
+
+_OID_BASIC = bytes.fromhex("06092b0601050507300101")  # id-pkix-ocsp-basic
+
+
 def encode_response(
     data: ocsp.ResponseData,
     sign: Callable[[bytes], bytes],
     signature_algorithm_der: bytes,
     certs: Sequence[bytes] = (),
 ) -> bytes:
-    """A successful OCSPResponse with a signed BasicOCSPResponse (RFC 6960 §4.2.1)."""
+    """A successful OCSPResponse with a signed BasicOCSPResponse (RFC 6960 §4.2.1).
+
+    The envelope is DER spliced from bytes (the signed data, the algorithm and the
+    certificates are DER already): byte for byte what asn1crypto builds, without re-parsing
+    the certificates on every signature (tests.ocsp.test_codec compares both)."""
+    return encode_response_der(data.dump(), sign, signature_algorithm_der, certs)
+
+
+def encode_response_der(tbs_der: bytes, sign: Callable[[bytes], bytes],
+                        signature_algorithm_der: bytes, certs: Sequence[bytes] = ()) -> bytes:
+    """``encode_response`` from the DER tbsResponseData."""
+    basic = tbs_der + signature_algorithm_der + _tlv(0x03, b"\x00" + sign(tbs_der))
+    if certs:
+        basic += _tlv(0xA0, _tlv(0x30, b"".join(certs)))
+    response_bytes = _tlv(0x30, _OID_BASIC + _tlv(0x04, _tlv(0x30, basic)))
+    return _tlv(0x30, b"\x0a\x01\x00" + _tlv(0xA0, response_bytes))
+
+
+def encode_response_asn1(
+    data: ocsp.ResponseData,
+    sign: Callable[[bytes], bytes],
+    signature_algorithm_der: bytes,
+    certs: Sequence[bytes] = (),
+) -> bytes:
+    """The same response built by asn1crypto (the reference ``encode_response`` must match)."""
     from asn1crypto import algos
     from asn1crypto import x509 as asn1_x509
 

@@ -1,6 +1,7 @@
 """The HTTP listener: OCSP over POST and GET (RFC 6960 appendix A, RFC 5019 §5-6), /ca, /crl.
 
-Strategy: a ``twisted.web`` Site whose root is one leaf resource that routes on the raw
+Strategy: common OCSP requests are answered below twisted.web by ``server.ocsp.fast``,
+which hands every other request to this module's twisted.web site. Here, a ``twisted.web`` Site whose root is one leaf resource that routes on the raw
 path (so a base64 request containing ``/`` stays whole) and hands bytes to ``OcspService``.
 Every answer is rendered as bytes, so twisted.web always sends ``Content-Length`` and never
 chunks. The channel adds what twisted.web lacks: HTTP/1.0 keep-alive (on request), and a
@@ -102,7 +103,38 @@ class _Channel(HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if not self._refused:
+            if self._deadline is None and self.timeOut:  # a request's first bytes
+                self._deadline = self.callLater(self.timeOut, self._refuse_too_slow)
             super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    # The idle timeout restarts with every byte, so a client dribbling headers or a body
+    # (slowloris) would hold the connection forever: a whole request must also arrive
+    # within idle_timeout of its first byte, else 408 and close.
+    _deadline: Any = None
+
+    def allContentReceived(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def _refuse_too_slow(self) -> None:
+        self._deadline = None
+        if self._refused:
+            return
+        self._refused = True
+        transport: Any = self.transport
+        transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n")
+        log.info("http request", client=getattr(transport.getPeer(), "host", "-"), kind="ocsp",
+                 status=408, bytes=0, reason="request not complete within idle_timeout")
+        transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
 class OcspResource(Resource):
@@ -194,41 +226,71 @@ class OcspResource(Resource):
 
     def _reply(self, request: Any, out: Outcome, fields: dict[str, Any], *,
                get: bool = False) -> bytes:
-        fields.update(ca=out.ca or "-", serials=",".join(format(s, "x") for s in out.serials)
-                      or "-", statuses=",".join(out.statuses) or "-",
-                      nonce="yes" if out.nonce else "no", cache=out.cache,
-                      ocsp=RFC_STATUS.get(out.status, out.status))
-        if out.reason:
-            fields["reason"] = out.reason
-        request.setHeader(b"Content-Type", OCSP_RESPONSE)
-        if out.status != "successful" or out.etag is None or out.next_update is None:
-            request.setHeader(b"Cache-Control", b"no-store")  # never cache unsigned errors
-            return out.der
-        if not get:
-            return out.der
-        now = self.now()
-        max_age = max(0, int((out.next_update - now).total_seconds()))
-        request.setHeader(b"Cache-Control",
-                          b"max-age=%d, public, no-transform, must-revalidate" % max_age)
-        request.setHeader(b"ETag", out.etag.encode())
-        if out.this_update is not None:
-            request.setHeader(b"Last-Modified", publish.http_date(out.this_update))
-        request.setHeader(b"Expires", publish.http_date(out.next_update))
-        if _not_modified(request, out):
-            request.setResponseCode(304)
-            return b""
-        return out.der
+        fields.update(reply_fields(out))
+        code, headers, body = ocsp_reply(
+            out, self.now() if get and _cacheable(out) else None,
+            request.getHeader(b"If-None-Match"), request.getHeader(b"If-Modified-Since"))
+        if code != 200:
+            request.setResponseCode(code)
+        for name, value in headers:
+            request.setHeader(name, value)
+        return body
 
 
-def _not_modified(request: Any, out: Outcome) -> bool:
+def reply_fields(out: Outcome) -> dict[str, Any]:
+    """The log fields of one OCSP exchange (after ``kind``)."""
+    fields = {"ca": out.ca or "-",
+              "serials": ",".join(format(s, "x") for s in out.serials) or "-",
+              "statuses": ",".join(out.statuses) or "-",
+              "nonce": "yes" if out.nonce else "no", "cache": out.cache,
+              "ocsp": RFC_STATUS.get(out.status, out.status)}
+    if out.reason:
+        fields["reason"] = out.reason
+    return fields
+
+
+def _cacheable(out: Outcome) -> bool:
+    return out.status == "successful" and out.etag is not None and out.next_update is not None
+
+
+def get_headers(out: Outcome, now: datetime) -> list[tuple[bytes, bytes]]:
+    """The RFC 5019 §6 caching headers of a successful GET answer (after Content-Type)."""
+    assert out.next_update is not None and out.etag is not None
+    max_age = max(0, int((out.next_update - now).total_seconds()))
+    headers = [(b"Cache-Control", b"max-age=%d, public, no-transform, must-revalidate" % max_age),
+               (b"ETag", out.etag.encode())]
+    if out.this_update is not None:
+        headers.append((b"Last-Modified", publish.http_date(out.this_update)))
+    headers.append((b"Expires", publish.http_date(out.next_update)))
+    return headers
+
+
+def ocsp_reply(out: Outcome, get_now: datetime | None, if_none_match: bytes | None,
+               if_modified_since: bytes | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(code, headers, body) of an OCSP answer; ``get_now`` is the time of a GET, else None.
+
+    Shared by the twisted.web resource and the fast path, so both answer alike."""
+    headers = [(b"Content-Type", OCSP_RESPONSE)]
+    if not _cacheable(out):
+        headers.append((b"Cache-Control", b"no-store"))  # never cache unsigned errors
+        return 200, headers, out.der
+    if get_now is None:
+        return 200, headers, out.der
+    headers += get_headers(out, get_now)
+    if not_modified(if_none_match, if_modified_since, out):
+        return 304, headers, b""
+    return 200, headers, out.der
+
+
+def not_modified(if_none_match: bytes | None, if_modified_since: bytes | None,
+                 out: Outcome) -> bool:
     """RFC 9110 §13.1.2 (If-None-Match, which wins) and §13.1.3 (If-Modified-Since)."""
-    tags = _if_none_match(request)
-    if tags is not None:
+    if if_none_match is not None:
+        tags = {t.strip().removeprefix("W/") for t in if_none_match.decode("latin-1").split(",")}
         return "*" in tags or (out.etag or "") in tags
-    ims = request.getHeader(b"If-Modified-Since")
-    if ims is not None and out.this_update is not None:
+    if if_modified_since is not None and out.this_update is not None:
         try:
-            since = parsedate_to_datetime(ims.decode("latin-1"))
+            since = parsedate_to_datetime(if_modified_since.decode("latin-1"))
         except (TypeError, ValueError):
             return False
         return since.tzinfo is not None and out.this_update.replace(microsecond=0) <= since
@@ -293,9 +355,23 @@ class OcspSite(Site):
         self.noisy = False
         self._clock = reactor
         self._expiry_check: LoopingCall | None = None
+        self.fast_path = True  # False: every connection goes to twisted.web
+        self.get_memo: dict[bytes, tuple[tuple[str, ...], bytes]] = {}  # see server.ocsp.fast
 
     def protocol(self) -> _Channel:  # type: ignore[override]
         return _Channel()  # type: ignore[no-untyped-call]
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """The fast path (server.ocsp.fast), which hands odd requests to twisted.web."""
+        if not self.fast_path:
+            return self.slow_channel(addr)
+        from server.ocsp.fast import FastChannel
+
+        return FastChannel(self, addr)
+
+    def slow_channel(self, addr: Any) -> _Channel:
+        """The twisted.web channel of this site."""
+        return super().buildProtocol(addr)  # type: ignore[no-any-return]
 
     def log(self, request: Any) -> None:
         pass  # OcspResource writes the one line per request

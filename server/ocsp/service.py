@@ -148,9 +148,19 @@ class OcspService:
     def respond(self, der: bytes) -> Outcome:
         """The response to one DER request; never raises."""
         now = self.now()
-        entry = self.cache.get(raw_key(der), now) if len(der) <= CACHEABLE_REQUEST_BYTES else None
+        entry = self.lookup(der, now)
         if entry is not None:
             return self._from_entry(entry, "hit")
+        return self.respond_miss(der, now)
+
+    def lookup(self, der: bytes, now: datetime) -> CachedResponse | None:
+        """The live pre-signed response to exactly these request bytes (counted hit or miss)."""
+        if len(der) > CACHEABLE_REQUEST_BYTES:
+            return None
+        return self.cache.get(raw_key(der), now)
+
+    def respond_miss(self, der: bytes, now: datetime) -> Outcome:
+        """The response to a request ``lookup`` did not find; never raises."""
         try:
             request = decode_request(der, max_certids=self.max_certids)
             return self._respond(der, request, now)

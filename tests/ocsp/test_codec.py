@@ -181,3 +181,35 @@ def test_certid_key_ignores_nothing_but_spelling() -> None:
     a = CertId("sha1", b"n", b"k", 5, b"der-a")
     b = CertId("sha1", b"n", b"k", 5, b"der-b")
     assert a.key == b.key and a != b
+
+
+@pytest.mark.parametrize("certs", [0, 1, 2])
+@pytest.mark.parametrize("nonce", [None, b"n" * 32, b"x" * 128])
+def test_spliced_envelope_matches_asn1crypto(tmp_path: Path, certs: int, nonce: bytes | None) -> None:
+    """encode_response splices DER by hand; asn1crypto's build is the reference."""
+    from datetime import UTC, datetime, timedelta
+
+    from server.ocsp.codec import (
+        CertId,
+        ResponderId,
+        SingleAnswer,
+        encode_response,
+        encode_response_asn1,
+        encode_response_data,
+    )
+    from tests.ocsp.helpers import request_der
+
+    ca = make_ca(tmp_path, "env", kind="ed25519")  # deterministic signatures
+    from server.ocsp.signer import make_signer
+
+    signer = make_signer("env", ca.cert, ca.signer_key, ca.signer_cert)
+    cid = decode_request(request_der(ca, [5])).cert_ids[0]
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    singles = [SingleAnswer(cid, "good", now, now + timedelta(days=1)),
+               SingleAnswer(CertId(cid.hash_algorithm, cid.issuer_name_hash,
+                                   cid.issuer_key_hash, 6, cid.der), "revoked", now,
+                            now + timedelta(days=1), revoked_at=now, reason="key_compromise")]
+    data = encode_response_data(ResponderId(by_key=b"k" * 20), now, singles, nonce=nonce)
+    chosen = (signer.certificate_der, signer.ca_certificate_der)[:certs]
+    assert (encode_response(data, signer.sign, signer.algorithm_der, chosen)
+            == encode_response_asn1(data, signer.sign, signer.algorithm_der, chosen))
