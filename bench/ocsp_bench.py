@@ -1,0 +1,469 @@
+"""OCSP benchmark (issue 7, item 3): certpub vs `openssl ocsp` vs nginx serving a pre-signed file.
+
+Usage: python bench/ocsp_bench.py DATA [--rounds 3] [--duration 5] [--connections 4]
+                                       [--workers 1] [--serial 0x1000] [--work DIR]
+
+DATA is a directory written by ``bench/gen_certs.py`` and already imported
+(``certpub import --config DATA/certpub.toml --openssl`` then ``... DATA/crl.pem``).
+
+Three targets on 127.0.0.1, each on a free port chosen at run time:
+- certpub: ``certpub serve`` with a copy of DATA/certpub.toml (HTTP only, ``[server] workers``
+  set to --workers, logging one line per request to a file, as in production);
+- nginx: one worker serving the certpub response of the same request as a static file
+  (``sendfile off``, ``open_file_cache``, keep-alive, ``access_log off``) — the HTTP ceiling;
+  POST is answered from the same file through ``error_page 405 =200``;
+- ``openssl ocsp -index DATA/index.txt -rsigner ocsp.pem -rkey ocsp.key -CA ca.pem``: it signs
+  every answer and handles one request per connection (HTTP/1.0, then close), so it is driven
+  with its natural client pattern: ``Connection: close``, a new TCP connection per request.
+  (``openssl ocsp -port`` cannot bind one address: it listens on every interface while the
+  benchmark runs.)
+
+Scenarios: ``get`` (GET <path>/<percent-encoded base64>), ``post`` (POST of the same DER) —
+both cached by certpub — and ``nonce`` (POST with a fresh random 32-octet nonce per request:
+signed per request by certpub and openssl; nginx cannot do it). Each measurement is one
+``wrk --latency -t1 -cC -dD`` run with a Lua script; rounds alternate certpub/nginx/openssl
+(rotating the order each round); the figures are medians over the rounds, p99 from wrk's
+latency distribution. The load generator's CPU (wrk user+sys from wait4) and each server's
+CPU (/proc/PID/stat, its whole process tree) are reported per run: the machine's cores are
+shared by the servers and the load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+HERE = Path(__file__).resolve().parent
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE_CTYPE = "application/ocsp-request"
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on port (from /proc/net: a probe connection would be taken
+    as a request by `openssl ocsp`, which then hangs on it)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before listening on {port}")
+        if listening(port):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on {port} after {timeout} s")
+
+
+def tree_pids(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """user+sys seconds of pid and its descendants (alive ones)."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK
+
+
+def http_exchange(port: int, raw: bytes) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            if sep and m and len(body) >= int(m.group(1)):
+                break
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+# --- requests -----------------------------------------------------------------------------
+
+
+def make_requests(data: Path, serial: int) -> dict[str, bytes]:
+    ca = x509.load_pem_x509_certificate((data / "ca.pem").read_bytes())
+    cert_path = data / "certs" / f"{serial:X}.pem"
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    plain = (ocsp.OCSPRequestBuilder().add_certificate(cert, ca, hashes.SHA1()).build()
+             .public_bytes(serialization.Encoding.DER))
+    with_nonce = (ocsp.OCSPRequestBuilder().add_certificate(cert, ca, hashes.SHA1())
+                  .add_extension(x509.OCSPNonce(b"\x00" * 32), critical=False).build()
+                  .public_bytes(serialization.Encoding.DER))
+    assert with_nonce.endswith(b"\x00" * 32)  # the nonce octets end the DER: the Lua
+    return {"plain": plain, "nonce_prefix": with_nonce[:-32]}  # script appends fresh ones
+
+
+def check_response(der: bytes, nonce: bytes | None = None) -> None:
+    resp = ocsp.load_der_ocsp_response(der)
+    assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL, resp.response_status
+    assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD, resp.certificate_status
+    if nonce is not None:
+        got = resp.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+        assert got == nonce, "nonce not echoed"
+
+
+# wrk's default resolve() opens and closes a probe connection: `openssl ocsp` (3.0) then spins
+# reading EOF on it forever, so every script resolves without probing.
+LUA_RESOLVE = """
+function wrk.resolve(host, service)
+  wrk.addrs = wrk.lookup(host, service)
+end
+"""
+
+LUA_POST = """
+wrk.method = "POST"
+local f = assert(io.open(os.getenv("OCSP_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/ocsp-request"
+if os.getenv("OCSP_CLOSE") == "1" then wrk.headers["Connection"] = "close" end
+"""
+
+LUA_GET = """
+wrk.method = "GET"
+wrk.path = os.getenv("OCSP_PATH")
+if os.getenv("OCSP_CLOSE") == "1" then wrk.headers["Connection"] = "close" end
+"""
+
+LUA_NONCE = """
+local f = assert(io.open(os.getenv("OCSP_BODY"), "rb"))
+local prefix = f:read("*a")
+f:close()
+local headers = {["Content-Type"] = "application/ocsp-request"}
+if os.getenv("OCSP_CLOSE") == "1" then headers["Connection"] = "close" end
+math.randomseed(os.time())
+local char, random, concat = string.char, math.random, table.concat
+request = function()
+  local t = {}
+  for i = 1, 32 do t[i] = char(random(0, 255)) end
+  return wrk.format("POST", "/", headers, prefix .. concat(t))
+end
+"""
+
+
+# --- targets ------------------------------------------------------------------------------
+
+
+class Target:
+    name = ""
+    proc: subprocess.Popen[bytes]
+    port: int
+    close_each = False  # one request per connection
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Certpub(Target):
+    name = "certpub"
+
+    def __init__(self, data: Path, work: Path, workers: int) -> None:
+        self.port = free_port()
+        text = (data / "certpub.toml").read_text()
+        text = re.sub(r"(?ms)^\[ldap\]\nlisten = \[.*?\]\n", "[ldap]\nlisten = []\n", text)
+        text = re.sub(r"(?ms)^\[http\]\nlisten = \[.*?\]\n",
+                      f'[http]\nlisten = ["tcp:{self.port}:interface=127.0.0.1"]\n', text)
+        text += f'\n[log]\nfile = "{work}/certpub.log"\n\n[server]\nworkers = {workers}\n'
+        self.config = work / "certpub.toml"
+        self.config.write_text(text)
+        exe = Path(sys.executable).with_name("certpub")
+        self.proc = subprocess.Popen([str(exe), "serve", "--config", str(self.config)],
+                                     stdout=open(work / "certpub.out", "wb"),  # noqa: SIM115 - lives with the server
+                                     stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+
+
+class Nginx(Target):
+    name = "nginx"
+
+    def __init__(self, work: Path, response: bytes) -> None:
+        self.port = free_port()
+        root = work / "www"
+        root.mkdir(exist_ok=True)
+        (root / "resp.der").write_bytes(response)
+        for d in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (work / "nginx-tmp" / d).mkdir(parents=True, exist_ok=True)
+        conf = work / "nginx.conf"
+        t = work / "nginx-tmp"
+        conf.write_text(f"""
+worker_processes 1;
+daemon off;
+master_process on;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile off;
+    tcp_nodelay on;
+    open_file_cache max=16 inactive=60s;
+    open_file_cache_valid 60s;
+    keepalive_timeout 65;
+    keepalive_requests 100000000;
+    client_body_temp_path {t}/client;
+    proxy_temp_path {t}/proxy;
+    fastcgi_temp_path {t}/fastcgi;
+    uwsgi_temp_path {t}/uwsgi;
+    scgi_temp_path {t}/scgi;
+    types {{ }}
+    default_type application/ocsp-response;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {root};
+        location / {{
+            rewrite ^ /resp.der break;
+            error_page 405 =200 /resp.der;
+        }}
+    }}
+}}
+""")
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+
+
+class OpensslOcsp(Target):
+    """Restarted before every run: a connection wrk closes without a request at the end of a
+    run leaves `openssl ocsp` (3.0) spinning on EOF, answering nothing more."""
+
+    name = "openssl"
+    close_each = True
+
+    def __init__(self, data: Path, work: Path) -> None:
+        self.data, self.work = data, work
+        self.start()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def start(self) -> None:
+        data, work = self.data, self.work
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["openssl", "ocsp", "-index", str(data / "index.txt"), "-port",
+             str(self.port), "-rsigner", str(data / "ocsp.pem"), "-rkey",
+             str(data / "ocsp.key"), "-CA", str(data / "ca.pem"), "-nmin", "60", "-ignore_err"],
+            stdout=open(work / "openssl.out", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+
+
+# --- wrk ----------------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(2)]
+
+
+def run_wrk(target: Target, scenario: str, files: dict[str, Path], args: argparse.Namespace
+            ) -> dict[str, float]:
+    env = dict(os.environ, OCSP_BODY=str(files["plain"]), OCSP_PATH=str(files["get_path"]),
+               OCSP_CLOSE="1" if target.close_each else "0")
+    script = {"get": files["get.lua"], "post": files["post.lua"], "nonce": files["nonce.lua"]}
+    if scenario == "nonce":
+        env["OCSP_BODY"] = str(files["nonce_prefix"])
+    cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency",
+           "-s", str(script[scenario]), f"http://127.0.0.1:{target.port}/"]
+    if isinstance(target, OpensslOcsp):
+        target.restart()
+        cmd[-1] = f"http://127.0.0.1:{target.port}/"
+    cpu0, t0 = tree_cpu(target.proc.pid), time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out_bytes = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    server_cpu = tree_cpu(target.proc.pid) - cpu0
+    out = out_bytes.decode()
+    if status != 0 or "Requests/sec" not in out:
+        raise SystemExit(f"wrk failed against {target.name} {scenario}:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _seconds(re.search(r"^\s*99%\s+(\S+)", out, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    p50 = _seconds(re.search(r"^\s*50%\s+(\S+)", out, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"rps": rps, "p50": p50, "p99": p99, "non2xx": int(bad.group(1)) if bad else 0,
+            "sock_errors": sum(int(x) for x in errs.groups()) if errs else 0,
+            "wrk_cpu": (usage.ru_utime + usage.ru_stime) / wall,
+            "server_cpu": server_cpu / wall}
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} CPUs ({model}), Linux {os.uname().release}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (max 5)")
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1, help="certpub worker processes")
+    parser.add_argument("--serial", type=lambda s: int(s, 0), default=0x1000)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--targets", default="certpub,nginx,openssl")
+    parser.add_argument("--scenarios", default="get,post,nonce")
+    parser.add_argument("--json", type=Path, default=None, help="write every run here")
+    args = parser.parse_args()
+    args.duration = min(args.duration, 5)
+    data = args.data.resolve()
+    work = args.work or Path(tempfile.mkdtemp(prefix="ocsp-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    reqs = make_requests(data, args.serial)
+    files = {"plain": work / "req.der", "nonce_prefix": work / "req-nonce-prefix.der",
+             "get.lua": work / "get.lua", "post.lua": work / "post.lua",
+             "nonce.lua": work / "nonce.lua"}
+    files["plain"].write_bytes(reqs["plain"])
+    files["nonce_prefix"].write_bytes(reqs["nonce_prefix"])
+    files["get.lua"].write_text(LUA_GET + LUA_RESOLVE)
+    files["post.lua"].write_text(LUA_POST + LUA_RESOLVE)
+    files["nonce.lua"].write_text(LUA_NONCE + LUA_RESOLVE)
+    get_path = "/" + urllib.parse.quote(base64.b64encode(reqs["plain"]).decode(), safe="")
+    files["get_path"] = Path(get_path)  # carried as text
+
+    wanted = args.targets.split(",")
+    targets: list[Target] = []
+    try:
+        certpub = Certpub(data, work, args.workers)
+        targets.append(certpub)
+        post = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(reqs["plain"]) + reqs["plain"])
+        code, presigned = http_exchange(certpub.port, post)
+        assert code == 200
+        check_response(presigned)
+        if "nginx" in wanted:
+            targets.append(Nginx(work, presigned))
+        if "openssl" in wanted:
+            targets.append(OpensslOcsp(data, work))
+        targets = [t for t in targets if t.name in wanted]
+        nonce = os.urandom(32)
+        body = reqs["nonce_prefix"] + nonce
+        for t in targets:  # every target answers correctly before anything is timed
+            code, der = http_exchange(t.port, b"GET " + get_path.encode() + b" HTTP/1.0\r\n\r\n")
+            assert code == 200, (t.name, code)
+            check_response(der)
+            if t.name != "nginx":
+                code, der = http_exchange(
+                    t.port, b"POST / HTTP/1.0\r\nContent-Type: application/ocsp-request\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                check_response(der, nonce)
+        scenarios = args.scenarios.split(",")
+        runs: list[dict[str, object]] = []
+        for r in range(args.rounds):
+            order = targets[r % len(targets):] + targets[:r % len(targets)]
+            for t in order:
+                for sc in scenarios:
+                    if t.name == "nginx" and sc == "nonce":
+                        continue
+                    res = run_wrk(t, sc, files, args)
+                    runs.append({"round": r, "target": t.name, "scenario": sc, **res})
+                    print(f"round {r} {t.name:8} {sc:6} {res['rps']:9.0f} req/s"
+                          f"  p99 {res['p99'] * 1000:7.2f} ms  wrk cpu {res['wrk_cpu']:.2f}"
+                          f"  server cpu {res['server_cpu']:.2f}"
+                          f"  non2xx {res['non2xx']} errors {res['sock_errors']}", flush=True)
+    finally:
+        for t in targets:
+            t.stop()
+
+    def med(target: str, sc: str, key: str) -> float | None:
+        vals = [float(x[key]) for x in runs if x["target"] == target and x["scenario"] == sc]
+        return statistics.median(vals) if vals else None
+
+    print(f"\nmachine: {machine()}; wrk -t1 -c{args.connections} -d{args.duration}s,"
+          f" {args.rounds} rounds, certpub workers={args.workers}\n")
+    print("| scenario | target | req/s (median) | p99 ms | wrk CPU | server CPU |"
+          " × openssl | × nginx |")
+    print("|---|---|---|---|---|---|---|---|")
+    for sc in scenarios:
+        for t in [x.name for x in targets]:
+            rps = med(t, sc, "rps")
+            if rps is None:
+                continue
+            o = med("openssl", sc, "rps")
+            n = med("nginx", "get" if sc == "nonce" else sc, "rps")
+            print(f"| {sc} | {t} | {rps:,.0f} | {med(t, sc, 'p99') * 1000:.2f} |"  # type: ignore[operator]
+                  f" {med(t, sc, 'wrk_cpu'):.2f} | {med(t, sc, 'server_cpu'):.2f} |"
+                  f" {rps / o if o else float('nan'):.2f} | {rps / n if n else float('nan'):.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "args": vars(args) | {
+            "data": str(data), "work": str(work), "json": str(args.json)}, "runs": runs},
+            indent=1, default=str))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
