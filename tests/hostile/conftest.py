@@ -26,6 +26,7 @@ from cryptography import x509
 from twisted.internet import reactor, threads
 
 from tests.hostile import wire
+from tests.conftest import import_demo_store
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -34,16 +35,8 @@ LOOPBACK = "tcp:0:interface=127.0.0.1"
 def hostile_store_path(demo_pki: Any, demo_now: datetime,
                        tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo PKI (index files, certificates, CRLs) imported once; copy before changing."""
-    from server.config import load_config
-    from store.importer import import_openssl, import_paths
-
-    config = load_config(demo_pki.config_path)
-    path = tmp_path_factory.mktemp("hostile-store") / "store.sqlite3"
-    config = dataclasses.replace(config, store=dataclasses.replace(config.store, path=path))
-    import_openssl(config, now=lambda: demo_now, progress=None)
-    crls = [ca.crl_path for ca in demo_pki.cas.values() if ca.crl_path is not None]
-    import_paths(config, crls, now=lambda: demo_now, progress=None)
-    return path
+    return import_demo_store(demo_pki, tmp_path_factory.mktemp("hostile-store") / "store.sqlite3",
+                             demo_now)
 
 
 @dataclasses.dataclass

@@ -14,22 +14,15 @@ from server.ldap.config import DEFAULT_ATTRIBUTES, LdapConfig
 from server.ldap.directory import Directory
 from server.ldap.schema import Allowlist
 from store.sqlite import Store
+from tests.conftest import import_demo_store
 
 
 @pytest.fixture(scope="session")
 def ldap_store_path(demo_pki: Any, demo_now: datetime,
                     tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo PKI (index files, certificates, CRLs) imported once into a private store."""
-    from server.config import load_config
-    from store.importer import import_openssl, import_paths
-
-    config = load_config(demo_pki.config_path)
-    path = tmp_path_factory.mktemp("ldapstore") / "store.sqlite3"
-    config = dataclasses.replace(config, store=dataclasses.replace(config.store, path=path))
-    import_openssl(config, now=lambda: demo_now, progress=None)
-    crls = [ca.crl_path for ca in demo_pki.cas.values() if ca.crl_path is not None]
-    import_paths(config, crls, now=lambda: demo_now, progress=None)
-    return path
+    return import_demo_store(demo_pki, tmp_path_factory.mktemp("ldapstore") / "store.sqlite3",
+                             demo_now)
 
 
 @pytest.fixture
