@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.configtools import ConfigError, Section
+from store import is_postgres_url, redact_location
 from server.ldap.config import LdapConfig, parse_ldap
 from server.ocsp.config import HttpConfig, OcspSignerConfig, parse_http, parse_signer
 
@@ -20,9 +21,35 @@ DEFAULT_STORE_PATH = Path("/var/lib/certpub/store.sqlite3")
 MAX_WORKERS = 256
 
 
+DEFAULT_PG_THREADS = 8
+
+
 @dataclass(frozen=True)
 class StoreConfig:
+    """Where the store lives: an SQLite file (``path``) or a PostgreSQL database (``url``)."""
+
     path: Path
+    url: str | None = None  # postgresql://…: the database the importer writes
+    read_url: str | None = None  # servers read here (a replica); default: url
+    threads: int = 0  # server threads for store calls; 0: calls run inline on the reactor
+    migrate: str = "auto"  # "auto": migrate on open; "manual": `certpub migrate` only
+
+    @property
+    def location(self) -> str:
+        """What the importer opens (and `certpub migrate`)."""
+        return self.url or str(self.path)
+
+    @property
+    def read_location(self) -> str:
+        """What the servers open."""
+        return self.read_url or self.url or str(self.path)
+
+    @property
+    def shown(self) -> str:
+        """The location for logs and messages, without a password."""
+        from store import redact_location
+
+        return redact_location(self.location)
 
 
 @dataclass(frozen=True)
@@ -100,7 +127,22 @@ def parse_config(data: dict[str, object], source: Path | None = None, *,
     root = Section(data)
 
     st = root.section("store")
-    store = StoreConfig(path=st.path_("path", DEFAULT_STORE_PATH))
+    url = st.str("url", None)
+    read_url = st.str("read_url", None)
+    for key, value in (("url", url), ("read_url", read_url)):
+        if value is not None and not is_postgres_url(value):
+            raise ConfigError(st.key(key), f"expected a postgresql:// URL; got {redact_location(value)!r}")
+    if url is not None and st.has("path"):
+        raise ConfigError(st.key("url"), "give either path (SQLite) or url (PostgreSQL), not both")
+    if read_url is not None and url is None:
+        raise ConfigError(st.key("read_url"), "read_url needs url (the database the importer writes)")
+    store = StoreConfig(
+        path=st.path_("path", DEFAULT_STORE_PATH),
+        url=url,
+        read_url=read_url,
+        threads=st.int("threads", DEFAULT_PG_THREADS if url else 0, min=0, max=256),
+        migrate=st.str("migrate", "auto", choices=("auto", "manual")),
+    )
     st.done()
 
     cas: list[CaConfig] = []

@@ -107,8 +107,12 @@ class Store:
         self._durable = False
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> Store:
-        """Open (and create or migrate) the store at path."""
+    def open(cls, path: str | os.PathLike[str], *, create: bool = True,
+             migrate: bool = True) -> Store:
+        """Open (and create or migrate) the store at path.
+
+        migrate=False refuses a store whose schema is behind (``certpub migrate`` upgrades it).
+        """
         p = Path(path)
         if not create and not p.exists():
             raise StoreError(f"store {p} does not exist")
@@ -128,7 +132,10 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {p}: {exc}") from exc
         store = cls(conn, p)
-        store._migrate()
+        if migrate:
+            store._migrate()
+        else:
+            store._check_current()
         return store
 
     def close(self) -> None:
@@ -148,6 +155,17 @@ class Store:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
         ).fetchone()
         return row is not None
+
+    def _check_current(self) -> None:
+        try:
+            current = self.schema_version()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read store {self.path}: {exc}") from exc
+        if current != SCHEMA_VERSION:
+            raise StoreSchemaError(
+                f"store {self.path} has schema version {current}, this certpub needs "
+                f"{SCHEMA_VERSION}: run `certpub migrate` (or set [store] migrate = \"auto\")"
+            )
 
     def _migrate(self, target: int = SCHEMA_VERSION) -> None:
         try:
