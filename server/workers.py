@@ -4,8 +4,11 @@ Strategy: the parent parses the ``tcp:``/``tls:`` endpoint strings of ``[ldap]``
 binds each socket once (port 0 gets its real port here, logged), sets it non-blocking, imports
 the service modules but never the reactor, then ``os.fork()``s: each child builds a fresh
 reactor and runs ``server.serve.serve``, whose ``server.app`` adopts the inherited sockets
-(``adoptStreamPort``, TLS-wrapped for ``tls:``) and opens its own store and change feed; the
-kernel gives each connection to whichever worker accepts first. Fork, not spawn: no re-import
+(``adoptStreamPort``, TLS-wrapped for ``tls:``) and opens its own store and change feed; on
+Linux each worker has its own socket bound with SO_REUSEPORT to the same address (the kernel
+spreads connections evenly; a shared socket lets whichever worker is in accept() take them),
+elsewhere all workers share one socket. A socket stays open in the parent while its worker is
+restarted, so connections queued on it wait for the new worker instead of being refused. Fork, not spawn: no re-import
 per worker (a restart serves in a fraction of a second) and no fd passing. The parent is a
 ``select`` loop (signals via ``set_wakeup_fd``) that reaps with ``waitpid``, restarts a dead
 worker (backoff doubling while it dies young), passes SIGHUP/SIGUSR1 on, and on SIGTERM/SIGINT
@@ -108,12 +111,19 @@ def parse_endpoint(description: str) -> Endpoint:
     return Endpoint(description, kind == "tls", port, values.get("interface", ""), backlog)
 
 
-def bind(endpoint: Endpoint) -> socket.socket:
-    """A listening, non-blocking socket for endpoint (SO_REUSEADDR, as Twisted sets it)."""
+def bind(endpoint: Endpoint, *, reuseport: bool = False, port: int | None = None) -> socket.socket:
+    """A listening, non-blocking socket for endpoint (SO_REUSEADDR, as Twisted sets it).
+
+    reuseport: set SO_REUSEPORT, so that other sockets bound the same way share the address
+    and the kernel spreads new connections across them; port overrides the endpoint's (the
+    real port the first socket got for ``port 0``).
+    """
     sock = socket.socket(endpoint.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((endpoint.interface, endpoint.port))
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((endpoint.interface, endpoint.port if port is None else port))
         sock.listen(endpoint.backlog)
         sock.setblocking(False)
     except OSError as exc:
@@ -121,6 +131,10 @@ def bind(endpoint: Endpoint) -> socket.socket:
         raise SupervisorError(
             f"cannot listen on {endpoint.description}: {exc.strerror or exc}") from None
     return sock
+
+
+def reuseport_available() -> bool:
+    return hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
 
 
 def resolve_workers(count: int) -> int:
@@ -181,7 +195,7 @@ class Supervisor:
     """The parent: forks, watches, restarts and stops the workers."""
 
     def __init__(self, config: Config, config_path: Path, count: int,
-                 listeners: dict[str, socket.socket], log: Logger, observer: LineObserver) -> None:
+                 listeners: list[Listeners], log: Logger, observer: LineObserver) -> None:
         self.config, self.config_path, self.listeners = config, config_path, listeners
         self.log, self.observer = log, observer
         self.workers = [Worker(i) for i in range(1, count + 1)]
@@ -276,8 +290,13 @@ class Supervisor:
             for fd in (status_r, *self._wake, *(w.status_fd for w in self.workers)):
                 if fd >= 0:
                     os.close(fd)
-            code = run_worker(worker.index, self.config, self.config_path, self.listeners,
-                              status_w)
+            own = self.listeners[worker.index - 1]
+            for listeners in self.listeners:  # other workers' SO_REUSEPORT sockets
+                for description, sock in listeners.items():
+                    if sock is not own[description]:
+                        sock.close()
+            code = run_worker(worker.index, self.config, self.config_path,
+                              self.listeners[worker.index - 1], status_w)
         except BaseException:  # noqa: BLE001 - the child must reach os._exit, whatever happened
             traceback.print_exc()
         finally:
@@ -404,28 +423,48 @@ def _read(fd: int) -> bytes | None:
         return None
 
 
-def bind_listeners(config: Config, log: Logger) -> dict[str, socket.socket]:
-    """Bind every configured listener once, by endpoint string; logs each real address."""
-    listeners: dict[str, socket.socket] = {}
+Listeners = dict[str, socket.socket]
+
+
+def bind_listeners(config: Config, log: Logger, count: int = 1) -> list[Listeners]:
+    """Bind every configured listener, by endpoint string; logs each real address.
+
+    Returns one {description: socket} map per worker. With several workers on Linux, each
+    worker gets its own socket bound with SO_REUSEPORT to the same address, and the kernel
+    spreads connections evenly across them; one socket shared by all workers would let the
+    busiest worker (the one that happens to be in accept()) take most of them.
+    """
+    reuse = count > 1 and reuseport_available()
+    per_worker: list[Listeners] = [{} for _ in range(count if reuse else 1)]
     try:
         for service, descriptions in (("ldap", config.ldap.listen), ("http", config.http.listen)):
             for description in descriptions:
-                if description in listeners:
+                if description in per_worker[0]:
                     raise SupervisorError(f"listener {description!r} is configured twice")
                 try:
                     endpoint = parse_endpoint(description)
                 except ValueError as exc:
                     raise SupervisorError(f"listener {exc}; run with --workers 1") from None
-                sock = listeners[description] = bind(endpoint)
-                host, port = sock.getsockname()[:2]
+                first = per_worker[0][description] = bind(endpoint, reuseport=reuse)
+                host, port = first.getsockname()[:2]
+                for listeners in per_worker[1:]:
+                    listeners[description] = bind(endpoint, reuseport=True, port=port)
                 address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 log.info("{service} listening on {listener}", service=service.upper(),
-                         listener=description, address=address)
+                         listener=description, address=address,
+                         sockets=len(per_worker) if reuse else 1)
     except BaseException:
+        _close_all(per_worker)
+        raise
+    if not reuse:
+        per_worker = per_worker * count  # every worker adopts the same sockets
+    return per_worker
+
+
+def _close_all(per_worker: list[Listeners]) -> None:
+    for listeners in per_worker:
         for sock in listeners.values():
             sock.close()
-        raise
-    return listeners
 
 
 def preload() -> None:
@@ -441,10 +480,9 @@ def supervise(config: Config, config_path: Path, count: int) -> int:
     """Bind, fork count workers and supervise them; the exit code of ``certpub serve``."""
     preload()
     log, observer = parent_logger(config.log)
-    listeners = bind_listeners(config, log)
+    listeners = bind_listeners(config, log, count)
     log.info("starting {workers} workers", workers=count, pid=os.getpid())
     try:
         return Supervisor(config, config_path, count, listeners, log, observer).run()
     finally:
-        for sock in listeners.values():
-            sock.close()
+        _close_all(listeners)

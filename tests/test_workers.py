@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -17,7 +18,13 @@ from typing import Any
 
 import pytest
 
-from server.workers import Endpoint, describe_status, parse_endpoint, resolve_workers
+from server.workers import (
+    Endpoint,
+    describe_status,
+    parse_endpoint,
+    resolve_workers,
+    reuseport_available,
+)
 from tests.conftest import require_tool
 
 FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
@@ -245,3 +252,38 @@ def test_workers_option_is_checked(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "-1"],
                        check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--workers/-w: must be from 0 to" in r.stderr
+
+
+def established_sockets(pid: int) -> set[str]:
+    """Socket inodes a process holds open (listening ones included)."""
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:"):
+                out.add(target)
+    return out
+
+
+@pytest.mark.skipif(not reuseport_available(), reason="SO_REUSEPORT is Linux-only")
+def test_connections_spread_over_workers(server: tuple[Server, int, int]) -> None:
+    """Each worker has its own SO_REUSEPORT socket: 40 connections reach both workers."""
+    srv, ldap_port, _ = server
+    srv.wait_for(lambda f: f.get("msg") == "all 2 workers ready")
+    pids = [srv.ready_pid(n) for n in (1, 2)]
+    before = {pid: established_sockets(pid) for pid in pids}
+    assert before[pids[0]] != before[pids[1]]  # each holds its own listening sockets only
+    clients = []
+    try:
+        for _ in range(40):
+            c = socket.create_connection(("127.0.0.1", ldap_port), timeout=10)
+            # An anonymous bind answered proves a worker accepted this connection.
+            c.sendall(bytes.fromhex("300c020101600702010304008000"))
+            assert c.recv(64)[:1] == b"\x30"
+            clients.append(c)
+        gained = {pid: len(established_sockets(pid) - before[pid]) for pid in pids}
+        assert sum(gained.values()) >= 40, gained
+        assert all(n > 0 for n in gained.values()), gained
+    finally:
+        for c in clients:
+            c.close()
