@@ -1,4 +1,4 @@
-"""The ``certpub`` command: serve, importd, import, status, check-config, demo.
+"""The ``certpub`` command: serve, importd, import, status, migrate, copy-store, check-config, demo.
 
 Strategy: each subcommand is a function taking parsed arguments and returning an exit code;
 every error a user can cause (configuration, files, store) is caught at this one place and
@@ -46,7 +46,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     for line in check_signers(config, now()):
         print(line)
-    print(f"{args.config}: OK ({len(config.cas)} CAs, store {config.store.path})")
+    print(f"{args.config}: OK ({len(config.cas)} CAs, store {config.store.shown})")
     return 0
 
 
@@ -112,16 +112,17 @@ def _workers_arg(text: str) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from store.sqlite import Store
+    from store import is_postgres_url, open_store
 
     config = _config(args)
-    if not config.store.path.exists():
+    location = config.store.location
+    if not is_postgres_url(location) and not config.store.path.exists():
         raise CliError(f"store {config.store.path} does not exist yet: run certpub import first")
-    store = Store.open(config.store.path, create=False)
+    store = open_store(location, create=False, migrate=config.store.migrate == "auto")
     try:
         t = now()
         rows = store.stats(t)
-        print(f"store {config.store.path}  generation {store.generation()}")
+        print(f"store {config.store.shown}  generation {store.generation()}")
         header = f"{'CA':<12} {'good':>8} {'revoked':>8} {'on hold':>8} {'expired':>8}  {'CRL':>5}  {'CRL nextUpdate':<20}  last import"
         print(header)
         for s in rows:
@@ -132,6 +133,59 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from store import migrate_store
+
+    config = _config(args)
+    before, after = migrate_store(config.store.location)
+    if before == after:
+        print(f"store {config.store.shown}: schema version {after}, nothing to do")
+    else:
+        print(f"store {config.store.shown}: schema version {before} -> {after}")
+    return 0
+
+
+def cmd_copy_store(args: argparse.Namespace) -> int:
+    from store import is_postgres_url, open_store
+    from store.copy import copy_store, destination_rows
+    from store.sqlite import Store
+
+    config = _config(args)
+    if not is_postgres_url(config.store.location):
+        raise CliError("copy-store copies into PostgreSQL: set [store] url in the configuration",
+                       EXIT_CONFIG)
+    source = Path(args.source)
+    if is_postgres_url(args.source) or not source.is_file():
+        raise CliError(f"--from {args.source}: not an SQLite store file", EXIT_USAGE)
+    src = Store.open(source, create=False)
+    try:
+        dst = open_store(config.store.location, migrate=config.store.migrate == "auto")
+        try:
+            present = destination_rows(dst)  # asked again under the writer lock
+            if present and not args.replace:
+                raise CliError(f"destination {config.store.shown} is not empty ({present} rows):"
+                               " give --replace to overwrite it")
+            print(f"copying {source} into {config.store.shown}", file=sys.stderr)
+            summary = copy_store(src, dst, replace=args.replace, every=args.every,
+                                 progress=lambda line: print(line, file=sys.stderr))
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    print(summary.line())
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more; got {value}")
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -165,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
     p = with_config(sub.add_parser("status", help="certificates per CA and status, CRLs, last import"))
     p.set_defaults(func=cmd_status)
+    p = with_config(sub.add_parser("migrate", help="apply pending schema migrations to the store"))
+    p.set_defaults(func=cmd_migrate)
+    p = with_config(sub.add_parser("copy-store",
+                                   help="copy an SQLite store into the configured PostgreSQL store"))
+    p.add_argument("--from", dest="source", required=True, metavar="SQLITE_PATH",
+                   help="the SQLite store file to copy")
+    p.add_argument("--replace", action="store_true",
+                   help="overwrite a destination that already holds data")
+    p.add_argument("--every", type=_positive, default=10_000, metavar="N",
+                   help="print progress every N rows (default 10000)")
+    p.set_defaults(func=cmd_copy_store)
     p = with_config(sub.add_parser("check-config", help="validate the configuration, keys and signers"))
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("demo", help="create a demo PKI, import it and serve it on 127.0.0.1")

@@ -42,3 +42,20 @@ def open_store(location: str | os.PathLike[str], *, create: bool = True,
     from store.sqlite import Store
 
     return Store.open(location, create=create, migrate=migrate)
+
+
+def migrate_store(location: str | os.PathLike[str]) -> tuple[int, int]:
+    """Apply pending schema migrations at location (``certpub migrate``): (from, to) versions."""
+    store: Any
+    if is_postgres_url(location):
+        from store.postgres import PostgresStore
+
+        store = PostgresStore.connect(str(location))
+    else:
+        from store.sqlite import Store
+
+        store = Store.connect(location)
+    try:
+        return store.migrate()  # type: ignore[no-any-return]
+    finally:
+        store.close()

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 
 from asn1crypto import crl as asn1crl
 from asn1crypto import x509 as asn1x509
+from cryptography import x509 as cx509
+from cryptography.x509.oid import CRLEntryExtensionOID
 
 from store import names
 from store.model import CaId, CertInput, CrlInput, RevocationReason, RevokedEntry, Serial
@@ -105,6 +107,48 @@ def cert_input(der: bytes, ca_id: CaId) -> CertInput:
     )
 
 
+def _entries_asn1crypto(tbs: asn1crl.TbsCertList) -> list[RevokedEntry]:
+    """The reference reading of revokedCertificates (slow: ~70 µs an entry)."""
+    entries = []
+    for revoked in tbs["revoked_certificates"]:
+        reason_value = revoked.crl_reason_value
+        reason = None if reason_value is None else RevocationReason(reason_value.native)
+        entries.append(
+            RevokedEntry(
+                Serial(int(revoked["user_certificate"].native)),
+                _aware(revoked["revocation_date"].native),
+                reason,
+            )
+        )
+    return entries
+
+
+_REASONS_BY_FLAG: dict[cx509.ReasonFlags, RevocationReason] = {
+    flag: RevocationReason(flag.name) for flag in cx509.ReasonFlags
+}
+
+
+def _entries_fast(der: bytes) -> list[RevokedEntry] | None:
+    """revokedCertificates through ``cryptography`` (~15x faster), or None to use the reference.
+
+    Anything unusual (an encoding or extension ``cryptography`` refuses, reason code 7, a
+    duplicated extension) returns None, so such CRLs are read exactly as before; entry
+    extensions other than CRLReason are ignored, critical or not, as the reference does.
+    """
+    try:
+        entries = []
+        for revoked in cx509.load_der_x509_crl(der):
+            reason = None
+            for ext in revoked.extensions:  # raises on a duplicated or malformed extension
+                if ext.oid == CRLEntryExtensionOID.CRL_REASON:
+                    reason = _REASONS_BY_FLAG[ext.value.reason]
+            entries.append(RevokedEntry(Serial(revoked.serial_number),
+                                        revoked.revocation_date_utc, reason))
+    except Exception:  # noqa: BLE001 - any refusal falls back to the reference parser
+        return None
+    return entries
+
+
 def crl_input(der: bytes, ca_id: CaId) -> CrlInput:
     """A CRL's number, times and entries (RFC 5280 §5), copied out of one strict parse."""
     try:
@@ -115,17 +159,9 @@ def crl_input(der: bytes, ca_id: CaId) -> CrlInput:
         this_update = _aware(tbs["this_update"].native)
         nu = tbs["next_update"].native
         next_update = None if nu is None else _aware(nu)
-        entries = []
-        for revoked in tbs["revoked_certificates"]:
-            reason_value = revoked.crl_reason_value
-            reason = None if reason_value is None else RevocationReason(reason_value.native)
-            entries.append(
-                RevokedEntry(
-                    Serial(int(revoked["user_certificate"].native)),
-                    _aware(revoked["revocation_date"].native),
-                    reason,
-                )
-            )
+        entries = _entries_fast(der)
+        if entries is None:
+            entries = _entries_asn1crypto(tbs)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise ParseError(f"not a CRL: {exc}") from exc
     return CrlInput(
@@ -133,3 +169,62 @@ def crl_input(der: bytes, ca_id: CaId) -> CrlInput:
         this_update=this_update, next_update=next_update, entries=tuple(entries),
         is_delta=is_delta,
     )
+
+
+def _tlv(d: bytes, p: int) -> tuple[int, int, int]:
+    """(tag, content start, content end) of the DER element at p; definite lengths only."""
+    tag, n = d[p], d[p + 1]
+    p += 2
+    if n & 0x80:
+        k = n & 0x7F
+        if not 1 <= k <= 4 or p + k > len(d):
+            raise ValueError("unsupported DER length")
+        n = int.from_bytes(d[p:p + k], "big")
+        p += k
+    if p + n > len(d):
+        raise ValueError("DER element overruns its container")
+    return tag, p, p + n
+
+
+def crl_entry_ders(der: bytes) -> list[bytes] | None:
+    """The revokedCertificates entries of a CRL as raw DER, in order (RFC 5280 §5.1.2.6).
+
+    None when the layout is not the expected one. Meant for CRLs ``crl_input`` accepted.
+    """
+    try:
+        _, p, _ = _tlv(der, 0)  # CertificateList
+        _, p, end = _tlv(der, p)  # TBSCertList
+        tag, s, e = _tlv(der, p)
+        if tag == 0x02:  # version
+            p = e
+            tag, s, e = _tlv(der, p)
+        for expected in ((0x30,), (0x30,), (0x17, 0x18)):  # signature, issuer, thisUpdate
+            if tag not in expected:
+                return None
+            p = e
+            tag, s, e = _tlv(der, p) if p < end else (0, p, p)
+        if tag in (0x17, 0x18):  # nextUpdate
+            p = e
+            tag, s, e = _tlv(der, p) if p < end else (0, p, p)
+        if tag != 0x30 or p >= end:
+            return []
+        out: list[bytes] = []
+        q = s
+        while q < e:
+            etag, _, qe = _tlv(der, q)
+            if etag != 0x30 or qe > e:
+                return None
+            out.append(der[q:qe])
+            q = qe
+        return out
+    except (IndexError, ValueError):
+        return None
+
+
+def entry_serial(entry_der: bytes) -> int:
+    """The userCertificate serial of one raw revokedCertificates entry."""
+    _, p, _ = _tlv(entry_der, 0)
+    tag, s, e = _tlv(entry_der, p)
+    if tag != 0x02:
+        raise ValueError("entry without a serial")
+    return int.from_bytes(entry_der[s:e], "big", signed=True)

@@ -43,10 +43,11 @@ from twisted.logger import Logger
 
 from server.config import Config
 from server.configtools import ConfigError
+from store import open_store
 from store.certparse import ParseError, cert_input, crl_input
 from store.model import BatchResult, CaId, CertInput, CrlInput
 from store.openssl_index import IndexTracker, parse_index, sync_database
-from store.sqlite import Store
+from store.sqlbase import SqlStore
 
 log = Logger()
 
@@ -504,7 +505,7 @@ def _keep_stored(stored_der: bytes | None, new_der: bytes) -> bool:
 class Importer:
     """Verifies and writes batches for one store; shared by ``import`` and the daemon."""
 
-    def __init__(self, config: Config, store: Store, now: Callable[[], datetime], *,
+    def __init__(self, config: Config, store: SqlStore, now: Callable[[], datetime], *,
                  progress: Progress | None = None, workers: int | None = None) -> None:
         self.config = config
         self.store = store
@@ -814,7 +815,7 @@ def import_paths(config: Config, paths: list[Path], *, now: Callable[[], datetim
                  progress: TextIO | None) -> ImportSummary:
     """``certpub import PATH...``: import files and folders once; the files stay where they are."""
     files = collect_files(paths)
-    store = Store.open(config.store.path)
+    store = open_store(config.store.location, migrate=config.store.migrate == "auto")
     importer = Importer(config, store, now,
                         progress=Progress(progress, len(files)) if progress else None)
     try:
@@ -845,7 +846,7 @@ def import_paths(config: Config, paths: list[Path], *, now: Callable[[], datetim
 def import_openssl(config: Config, *, now: Callable[[], datetime],
                    progress: TextIO | None = None) -> ImportSummary:
     """Import every configured OpenSSL CA database (index.txt and its certificate files)."""
-    store = Store.open(config.store.path)
+    store = open_store(config.store.location, migrate=config.store.migrate == "auto")
     importer = Importer(config, store, now)
     try:
         importer.start()

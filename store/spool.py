@@ -7,14 +7,16 @@ Drop protocol (for whatever writes into a spool folder):
 2. Rename it to its final name (``mv``, ``os.replace``): the rename is atomic, so the daemon
    sees either nothing or the complete file.
 
-As a safety net for writers that ignore the protocol, a file is taken only once its size,
-mtime, ctime and inode stayed the same for ``SETTLE`` seconds (over two looks or more; a file
-whose size or mtime changed since the last look is still growing). Sub-folders are scanned
+A file inotify reports as renamed into a spool folder (and not created or written under that
+name since) is complete, and is taken at once. As a safety net for writers that ignore the
+protocol (a file written in place, or copied from another file system), any other file is
+taken only once its size, mtime, ctime and inode stayed the same for ``SETTLE`` seconds (over
+two looks or more; a file whose size or mtime changed since the last look is still growing). Sub-folders are scanned
 too, except ``done/`` and ``rejected/`` at the top of each spool folder.
 
 Detection: inotify (Linux, a small ctypes binding) wakes the daemon as soon as a file is
-renamed into, created in or closed in a spool folder or an index folder, so a dropped file is
-taken within about ``SETTLE`` seconds; the folders are also polled with ``os.scandir`` every
+renamed into, created in or closed in a spool folder or an index folder, so a renamed file is
+taken at once and a file written in place within about ``SETTLE`` seconds; the folders are also polled with ``os.scandir`` every
 ``import.poll_interval`` seconds (the only mechanism where inotify is unavailable; then a
 file is taken within poll_interval + SETTLE seconds).
 
@@ -38,10 +40,11 @@ import ctypes
 import os
 import select
 import signal
+import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,9 +54,10 @@ from twisted.logger import Logger
 
 from server.config import Config
 from server.configtools import ConfigError
+from store import open_store
 from store.importer import FileOutcome, FileRejected, Importer, ImportSummary
 from store.openssl_index import IndexTracker, sync_database
-from store.sqlite import Store, StoreError
+from store.sqlbase import SqlStore, StoreError
 
 log = Logger()
 
@@ -109,8 +113,11 @@ class SpoolScanner:
             sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
             out[path] = (SpoolFile(root, path, str(path.relative_to(root))), sig)
 
-    def scan(self) -> tuple[list[SpoolFile], bool]:
-        """(files ready to import, whether some file is still settling)."""
+    def scan(self, renamed: Set[Path] = frozenset()) -> tuple[list[SpoolFile], bool]:
+        """(files ready to import, whether some file is still settling).
+
+        renamed: paths known to have arrived complete, by a rename (drop protocol, step 2).
+        """
         found: dict[Path, tuple[SpoolFile, Signature]] = {}
         for root in self.roots:
             self._walk(root, root, found)
@@ -125,7 +132,7 @@ class SpoolScanner:
             current[path] = (sig, since)
             if self.ignored.get(path) == sig:
                 continue
-            if same and now - since >= self.settle:
+            if path in renamed or same and now - since >= self.settle:
                 ready.append(f)
             else:
                 settling = True
@@ -201,6 +208,8 @@ def dispose(f: SpoolFile, o: FileOutcome, processed: str, when: datetime) -> set
 # --- inotify (Linux): a wake-up call, polling stays the fallback ------------------------
 
 IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x8, 0x80, 0x100
+IN_ISDIR = 0x40000000
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 
 
 class Inotify:
@@ -214,12 +223,16 @@ class Inotify:
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         self.watched: set[Path] = set()
+        self._folders: dict[int, Path] = {}
+        self.renamed: set[Path] = set()  # files renamed in, not created or written since
 
     def watch(self, folder: Path) -> None:
         if folder in self.watched or not folder.is_dir():
             return
-        if self._libc.inotify_add_watch(self.fd, os.fsencode(folder), self.MASK) >= 0:
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(folder), self.MASK)
+        if wd >= 0:
             self.watched.add(folder)
+            self._folders[wd] = folder
 
     def wait(self, timeout: float) -> bool:
         """Block up to timeout seconds; True when something happened."""
@@ -227,11 +240,31 @@ class Inotify:
         if not ready:
             return False
         try:
-            while os.read(self.fd, 65536):
-                pass
+            while data := os.read(self.fd, 65536):
+                self._note(data)
         except BlockingIOError:
             pass
         return True
+
+    def _note(self, data: bytes) -> None:
+        """Track renames in (complete files) against creations and writes (maybe not)."""
+        p = 0
+        while p + _EVENT.size <= len(data):
+            wd, mask, _, length = _EVENT.unpack_from(data, p)
+            raw = data[p + _EVENT.size:p + _EVENT.size + length].rstrip(b"\0")
+            p += _EVENT.size + length
+            folder = self._folders.get(wd)
+            if folder is None or not raw or mask & IN_ISDIR:
+                continue
+            path = folder / os.fsdecode(raw)
+            if mask & IN_MOVED_TO:
+                self.renamed.add(path)
+            else:  # IN_CREATE, IN_CLOSE_WRITE: written under its final name, so it settles
+                self.renamed.discard(path)
+
+    def take_renamed(self) -> set[Path]:
+        taken, self.renamed = self.renamed, set()
+        return taken
 
     def close(self) -> None:
         os.close(self.fd)
@@ -251,7 +284,7 @@ class SpoolDaemon:
         self.progress = progress
         self.scanner = SpoolScanner(config.import_.spool)
         self.trackers = [(db, IndexTracker(db.index)) for db in config.import_.openssl]
-        self.store: Store | None = None
+        self.store: SqlStore | None = None
         self.importer: Importer | None = None
         self.inotify: Inotify | None = None
         self.last_synced = self.last_missing = self.last_work = -1e18
@@ -261,7 +294,8 @@ class SpoolDaemon:
         if self.importer is None:
             for root in self.config.import_.spool:
                 root.mkdir(parents=True, exist_ok=True)
-            store = Store.open(self.config.store.path)
+            store = open_store(self.config.store.location,
+                               migrate=self.config.store.migrate == "auto")
             importer = Importer(self.config, store, self.now)
             try:
                 importer.start()
@@ -284,7 +318,8 @@ class SpoolDaemon:
                 self.inotify.watch(root)
             for db, _ in self.trackers:
                 self.inotify.watch(db.index.parent)
-        ready, settling = self.scanner.scan()
+        renamed = self.inotify.take_renamed() if self.inotify is not None else set()
+        ready, settling = self.scanner.scan(renamed)
         did = False
         size = self.config.import_.batch_size
         by_path = {f.path: f for f in ready}

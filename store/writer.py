@@ -10,7 +10,6 @@ generation counter moves only if the batch changed something.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +25,10 @@ from store.model import (
     RevocationReason,
     Serial,
 )
-from store.sqlite import StoreError, reversed_key, serial_text, ts
+from store.sqlbase import StoreError, reversed_key, serial_text, ts
 
 if TYPE_CHECKING:
-    from store.sqlite import Store
+    from store.sqlbase import SqlStore
 
 HOLD = RevocationReason.CERTIFICATE_HOLD.value
 
@@ -37,9 +36,9 @@ HOLD = RevocationReason.CERTIFICATE_HOLD.value
 class Batch:
     """One atomic, idempotent write to the store."""
 
-    def __init__(self, store: Store, conn: sqlite3.Connection, now: datetime) -> None:
+    def __init__(self, store: SqlStore, now: datetime) -> None:
+        """Called by ``store.batch`` once the write transaction (and its lock) is held."""
         self._store = store
-        self._conn = conn
         self.now = now
         self._now_ts = int(now.timestamp())
         self.result = BatchResult()
@@ -49,17 +48,14 @@ class Batch:
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         return self._exec(sql, params).fetchone()
 
-    def _exec(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> sqlite3.Cursor:
-        try:
-            return self._conn.execute(sql, params)
-        except sqlite3.Error as exc:
-            raise StoreError(f"store write failed: {exc}") from exc
+    def _exec(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Any:
+        return self._store._execute(sql, params)
 
     def _change(self, kind: str, ca_id: int, serial: int | None = None, key: str | None = None) -> None:
         self._changes.append((kind, ca_id, None if serial is None else serial_text(serial), key))
 
     def finish(self) -> None:
-        """Called by Store.batch before COMMIT: bump the generation if anything changed."""
+        """Called by the store's batch before COMMIT: bump the generation if anything changed."""
         if not self.result.changed:
             return
         for kind, ca_id, serial, key in self._changes:
@@ -84,11 +80,11 @@ class Batch:
         if row is None:
             cur = self._exec(
                 "INSERT INTO cas (name, subject_dn, subject_key, directory_key, cert_der,"
-                " updated_at, generation) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " updated_at, generation) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (name, info.subject_dn, info.subject_key, info.directory_key, cert_der,
                  self._now_ts, self.generation),
             )
-            ca_id = CaId(int(cur.lastrowid or 0))
+            ca_id = CaId(int(cur.fetchall()[0][0]))
             outcome = "new"
         else:
             ca_id = CaId(row[0])
@@ -155,11 +151,11 @@ class Batch:
             cur = self._exec(
                 "INSERT INTO certs (ca_id, serial, der, sha256, subject_dn, directory_dn,"
                 " directory_key, emails, cn, not_before, not_after, status, imported_at, source,"
-                " generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'good', ?, ?, ?)",
+                " generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'good', ?, ?, ?) RETURNING id",
                 (cert.ca_id, serial_text(cert.serial), *cols, self._now_ts, source,
                  self.generation),
             )
-            cert_id = int(cur.lastrowid or 0)
+            cert_id = int(cur.fetchall()[0][0])  # fetchall: the statement is done
             outcome = "new"
             self.result.certs_new += 1
         else:
@@ -253,18 +249,20 @@ class Batch:
             elif old_tu is not None and ts(crl.this_update) <= old_tu:  # type: ignore[operator]
                 return "older"
         by = f"crl:{crl.number}" if crl.number is not None else f"crl@{ts(crl.this_update)}"
-        listed = set()
-        for entry in crl.entries:
-            listed.add(serial_text(entry.serial))
-            self.revoke(crl.ca_id, entry.serial, entry.revoked_at, entry.reason, by, source)
+        settled = _settled_entries(crl, None if old_der is None else bytes(old_der))
+        for i, entry in enumerate(crl.entries):
+            if i not in settled:
+                self.revoke(crl.ca_id, entry.serial, entry.revoked_at, entry.reason, by, source)
         if not crl.is_delta:
             held = self._exec(
                 "SELECT serial FROM certs WHERE ca_id = ? AND status = 'revoked' AND reason = ?",
                 (crl.ca_id, HOLD),
             ).fetchall()
-            for (serial,) in held:
-                if serial not in listed:
-                    self.release(crl.ca_id, int(serial, 16), by)
+            if held:
+                listed = {serial_text(entry.serial) for entry in crl.entries}
+                for (serial,) in held:
+                    if serial not in listed:
+                        self.release(crl.ca_id, int(serial, 16), by)
             self._exec(
                 "UPDATE cas SET crl_der = ?, crl_number = ?, crl_this_update = ?,"
                 " crl_next_update = ?, updated_at = ?, generation = ? WHERE id = ?",
@@ -308,3 +306,35 @@ class Batch:
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
             (sha256, name, self._now_ts, self.generation, outcome),
         )
+
+
+_NEVER_SETTLED = (RevocationReason.CERTIFICATE_HOLD, RevocationReason.REMOVE_FROM_CRL)
+
+
+def _settled_entries(crl: CrlInput, previous_der: bytes | None) -> set[int]:
+    """Indexes of crl's entries that ``revoke`` would certainly leave unchanged.
+
+    An entry byte-identical to one of the CA's previously applied full CRL, whose reason is
+    neither certificateHold nor removeFromCRL: applying that CRL left the serial revoked with a
+    reason other than certificateHold, and nothing moves such a row any more (``revoke`` keeps
+    it, ``release`` lifts holds only). Holds and removeFromCRL entries are always applied again,
+    since an index or a delta CRL may have changed them since. An empty set means "apply all".
+    """
+    if crl.is_delta or previous_der is None or not crl.entries:
+        return set()
+    from store.certparse import crl_entry_ders, entry_serial
+
+    previous = crl_entry_ders(previous_der)
+    current = crl_entry_ders(crl.der)
+    if not previous or current is None or len(current) != len(crl.entries):
+        return set()
+    seen = set(previous)
+    settled = set()
+    try:
+        for i, (raw, entry) in enumerate(zip(current, crl.entries, strict=True)):
+            if (raw in seen and entry.reason not in _NEVER_SETTLED
+                    and entry_serial(raw) == entry.serial):
+                settled.add(i)
+    except (IndexError, ValueError):
+        return set()
+    return settled

@@ -56,3 +56,54 @@ def import_demo_store(demo_pki, path: Path, now: datetime) -> Path:  # type: ign
 @pytest.fixture
 def store_path(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "store" / "store.sqlite3"
+
+
+# --- PostgreSQL: a throwaway cluster per session, a fresh database per test ----------------
+
+
+def _skip_or_fail(message: str) -> None:
+    if REQUIRE_CLIENTS:
+        pytest.fail(message + " (CERTPUB_REQUIRE_CLIENTS=1 forbids skipping)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():  # type: ignore[no-untyped-def]
+    """A running PostgreSQL server: ``CERTPUB_TEST_PG_URL`` (a user with CREATEDB) if set,
+    else a cluster initdb'd for this session; skipped (failed under CI) without PostgreSQL."""
+    from tests.pg import PgCluster, find_bindir
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _skip_or_fail("psycopg is not installed (pip install 'psycopg[binary]')")
+    url = os.environ.get("CERTPUB_TEST_PG_URL")
+    if url:
+        yield PgCluster.external(url)
+        return
+    bindir = find_bindir()
+    if bindir is None:
+        _skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
+    assert bindir is not None
+    cluster = PgCluster.start(bindir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """The URL of a new, empty PostgreSQL database, dropped after the test."""
+    url = pg_cluster.create_database()
+    yield url
+    pg_cluster.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where a test's store lives, once per engine: an SQLite path, then a PostgreSQL URL."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "store" / "store.sqlite3")
+    else:
+        yield request.getfixturevalue("pg_url")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ["serve", "importd", "import", "status", "check-config", "demo"]
+COMMANDS = ["serve", "importd", "import", "status", "migrate", "copy-store", "check-config", "demo"]
 
 
 def certpub(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -28,9 +28,10 @@ def test_no_command_prints_usage() -> None:
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["serve", "importd", "import", "status", "check-config"])
+@pytest.mark.parametrize("command", ["serve", "importd", "import", "status", "check-config",
+                                     "migrate", "copy-store --from x"])
 def test_missing_config_is_one_line(command: str, tmp_path: Path) -> None:
-    result = certpub(command, "--config", str(tmp_path / "none.toml"))
+    result = certpub(*command.split(), "--config", str(tmp_path / "none.toml"))
     assert result.returncode == 78
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "cannot read configuration" in result.stderr and "none.toml" in result.stderr
@@ -43,3 +44,28 @@ def test_bad_key_is_named(tmp_path: Path) -> None:
     result = certpub("check-config", "--config", str(conf))
     assert result.returncode == 78
     assert "store.bogus: unknown key" in result.stderr
+
+
+def test_manual_migration_then_import_and_status(store_location: str, tmp_path: Path) -> None:
+    """[store] migrate = "manual": nothing opens an old schema until `certpub migrate` ran."""
+    from tests.store.test_importer_helpers import MiniPki, pem, write
+
+    pki = MiniPki(tmp_path / "pki", store=store_location)
+    conf = pki.config().source
+    assert conf is not None
+    conf.write_text(conf.read_text().replace("[store]\n", '[store]\nmigrate = "manual"\n', 1))
+    write(tmp_path / "in" / "c.pem", pem(pki.cert("ca-a", 0x42)))
+    refused = certpub("import", str(tmp_path / "in"), "--config", str(conf))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "schema version 0" in refused.stderr and "run `certpub migrate`" in refused.stderr
+    first = certpub("migrate", "--config", str(conf))
+    assert first.returncode == 0 and "schema version 0 -> 2" in first.stdout, first.stderr
+    again = certpub("migrate", "--config", str(conf))
+    assert again.returncode == 0 and "schema version 2, nothing to do" in again.stdout
+    done = certpub("import", str(tmp_path / "in"), "--config", str(conf))
+    assert done.returncode == 0, done.stderr
+    status = certpub("status", "--config", str(conf))
+    assert status.returncode == 0, status.stderr
+    assert "generation 2" in status.stdout
+    assert [line.split()[:2] for line in status.stdout.splitlines() if line.startswith("ca-a")] \
+        == [["ca-a", "1"]]

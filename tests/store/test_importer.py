@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -16,16 +17,17 @@ from server.config import load_config
 from server.configtools import ConfigError
 from server.demo.pki import DemoPki
 from store import importer as importer_mod
+from store import is_postgres_url, open_store
 from store.importer import FileRejected, Importer, extract, import_openssl, import_paths
-from store.sqlite import Store
 from tests.store.test_importer_helpers import MiniPki, clock, der, dump, pem, status, write
 
 R = x509.ReasonFlags
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> MiniPki:
-    return MiniPki(tmp_path / "pki")
+def pki(tmp_path: Path, store_location: str) -> MiniPki:
+    """Every importer test runs once per store engine (SQLite, PostgreSQL)."""
+    return MiniPki(tmp_path / "pki", store=store_location)
 
 
 def run(pki: MiniPki, *paths: Path, **kw: object) -> importer_mod.ImportSummary:
@@ -33,8 +35,8 @@ def run(pki: MiniPki, *paths: Path, **kw: object) -> importer_mod.ImportSummary:
     return import_paths(config, list(paths), now=clock(), progress=None)
 
 
-def store_path(pki: MiniPki) -> Path:
-    return pki.folder / "store" / "store.sqlite3"
+def store_path(pki: MiniPki) -> str:
+    return pki.store_location
 
 
 def p7(certs: list[x509.Certificate], encoding: Encoding) -> bytes:
@@ -169,7 +171,7 @@ def test_crls_in_one_batch_apply_after_certificates_in_number_order(
     assert st[("ca-a", 5)] == ("revoked", "key_compromise")
     assert st[("ca-a", 6)] == ("good", None)
     assert st[("ca-a", 7)] == ("good", None)
-    store = Store.open(store_path(pki))
+    store = open_store(store_path(pki))
     try:
         ca = store.ca_by_name("ca-a")
         assert ca is not None and ca.crl_number == 3
@@ -210,14 +212,14 @@ def test_ca_certificates(pki: MiniPki, tmp_path: Path) -> None:
     write(tmp_path / "in" / "older.pem", pem(older))
     summary = run(pki, tmp_path / "in")
     assert summary.rejected == [] and summary.cas == 1
-    store = Store.open(store_path(pki))
+    store = open_store(store_path(pki))
     try:
         ca = store.ca_by_name("ca-a")
         assert ca is not None and ca.cert_der == der(newer)
     finally:
         store.close()
     run(pki)  # a restart does not put the configured (older) certificate back
-    store = Store.open(store_path(pki))
+    store = open_store(store_path(pki))
     try:
         ca = store.ca_by_name("ca-a")
         assert ca is not None and ca.cert_der == der(newer)
@@ -272,7 +274,7 @@ def test_worker_processes_give_the_same_result(pki: MiniPki, tmp_path: Path,
     monkeypatch.setattr(importer_mod, "POOL_THRESHOLD", 10)
     monkeypatch.setattr(importer_mod, "CHUNK", 7)
     config = pki.config()
-    store = Store.open(config.store.path)
+    store = open_store(config.store.location)
     imp = Importer(config, store, clock(), workers=2)
     try:
         imp.start()
@@ -283,13 +285,16 @@ def test_worker_processes_give_the_same_result(pki: MiniPki, tmp_path: Path,
         store.close()
     assert [o.outcome for o in outcomes] == ["rejected", "accepted"]
     assert "serial 0x63 is not signed" in outcomes[0].reason
-    assert len([k for k in status(config.store.path) if k[0] != "root"]) == 40
+    assert len([k for k in status(config.store.location) if k[0] != "root"]) == 40
 
 
-def test_demo_pki(demo_pki: DemoPki, tmp_path: Path) -> None:
+def test_demo_pki(demo_pki: DemoPki, tmp_path: Path, store_location: str) -> None:
     root = tmp_path / "demo"
     shutil.copytree(demo_pki.root, root, symlinks=True)
     text = (root / "certpub.toml").read_text().replace(str(demo_pki.root), str(root))
+    if is_postgres_url(store_location):
+        text, n = re.subn(r"\[store\]\npath = [^\n]*", f'[store]\nurl = "{store_location}"', text)
+        assert n == 1
     (root / "certpub.toml").write_text(text)
     config = load_config(root / "certpub.toml")
     s1 = import_openssl(config, now=clock(), progress=None)
@@ -298,7 +303,7 @@ def test_demo_pki(demo_pki: DemoPki, tmp_path: Path) -> None:
             for ca in demo_pki.cas.values() if ca.crl_path is not None]
     s2 = import_paths(config, crls, now=clock(), progress=None)
     assert s2.rejected == [] and s2.crls == len(crls)
-    st = status(config.store.path)
+    st = status(config.store.location)
     for c in demo_pki.certs:
         revoked = c.state in ("revoked", "hold", "revoked-expired")
         reason = None if c.reason in (None, "unspecified") else c.reason
@@ -306,7 +311,7 @@ def test_demo_pki(demo_pki: DemoPki, tmp_path: Path) -> None:
     crl2 = [Path(str(ca.crl2_path).replace(str(demo_pki.root), str(root)))
             for ca in demo_pki.cas.values() if ca.crl2_path is not None]
     import_paths(config, crl2, now=clock(), progress=None)
-    st = status(config.store.path)
+    st = status(config.store.location)
     for ca, serial in demo_pki.crl2_revokes.items():
         assert st[(ca, serial)] == ("revoked", "key_compromise")
     for ca, serial in demo_pki.crl2_releases.items():

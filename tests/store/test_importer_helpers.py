@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from server.config import Config, load_config
+from store import is_postgres_url, open_store
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+# For a test about the SQLite file itself (WAL, file locks, corruption, permissions): it runs
+# on the SQLite engine only, though it takes the two-engine ``store_location`` fixture.
+sqlite_only = pytest.mark.parametrize("store_location", ["sqlite"], indirect=True)
 DAY = timedelta(days=1)
 PEM = serialization.Encoding.PEM
 DER = serialization.Encoding.DER
@@ -37,8 +41,10 @@ class Ca:
 class MiniPki:
     """root -> ca-a, ca-b (configured) and an unconfigured "foreign" CA; certificates on demand."""
 
-    def __init__(self, folder: Path, now: datetime = NOW) -> None:
+    def __init__(self, folder: Path, now: datetime = NOW, store: str | Path | None = None) -> None:
         self.folder = folder
+        # The store its configurations name: an SQLite path or a PostgreSQL URL.
+        self.store_location = str(store or folder / "store" / "store.sqlite3")
         self.now = now
         folder.mkdir(parents=True, exist_ok=True)
         self.sub_key = ec.generate_private_key(ec.SECP256R1())
@@ -101,12 +107,13 @@ class MiniPki:
 
     def config(self, *, spool: list[Path] | None = None, processed: str = "move",
                batch_size: int = 500, openssl: list[tuple[str, Path, Path]] = (),  # type: ignore[assignment]
-               store: Path | None = None, poll_interval: float = 0.2,
+               store: str | Path | None = None, poll_interval: float = 0.2,
                cas: tuple[str, ...] = ("root", "ca-a", "ca-b")) -> Config:
         """Write certpub.toml and load it like the CLI does."""
         spool = spool if spool is not None else [self.folder / "spool"]
-        store = store or self.folder / "store" / "store.sqlite3"
-        lines = ["[store]", f"path = {str(store)!r}".replace("'", '"'), "", "[import]",
+        location = str(store or self.store_location)
+        key = "url" if is_postgres_url(location) else "path"
+        lines = ["[store]", f"{key} = {location!r}".replace("'", '"'), "", "[import]",
                  "spool = [" + ", ".join(f'"{p}"' for p in spool) + "]",
                  f'processed = "{processed}"', f"batch_size = {batch_size}",
                  f"poll_interval = {poll_interval}", ""]
@@ -146,27 +153,27 @@ def clock(start: datetime = NOW) -> Any:
     return now
 
 
-def dump(store_path: Path) -> dict[str, Any]:
-    """Canonical content of a store: what must be equal after any crash and restart."""
-    conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
+def dump(location: str | Path) -> dict[str, Any]:
+    """Canonical content of a store (either engine): what must be equal after any crash and
+    restart, or after a copy to another engine."""
+    store = open_store(location, create=False, migrate=False)
+    q = store._query
     try:
         cas = {r[0]: (r[1], r[2], hashlib.sha256(r[3]).hexdigest(),
                       None if r[4] is None else hashlib.sha256(r[4]).hexdigest())
-               for r in conn.execute("SELECT name, crl_number, crl_this_update, cert_der, crl_der"
-                                     " FROM cas")}
+               for r in q("SELECT name, crl_number, crl_this_update, cert_der, crl_der FROM cas")}
         certs = sorted(
             (r[0], r[1], r[2], r[3], r[4], None if r[5] is None else hashlib.sha256(r[5]).hexdigest())
-            for r in conn.execute(
-                "SELECT a.name, c.serial, c.status, c.reason, c.revoked_at, c.der"
-                " FROM certs c JOIN cas a ON a.id = c.ca_id"))
-        attrs = conn.execute("SELECT COUNT(*) FROM cert_attrs").fetchone()[0]
-        entries = sorted(r[0] for r in conn.execute("SELECT key FROM entries"))
+            for r in q("SELECT a.name, c.serial, c.status, c.reason, c.revoked_at, c.der"
+                       " FROM certs c JOIN cas a ON a.id = c.ca_id"))
+        attrs = q("SELECT COUNT(*) FROM cert_attrs")[0][0]
+        entries = sorted(r[0] for r in q("SELECT key FROM entries"))
     finally:
-        conn.close()
+        store.close()
     return {"cas": cas, "certs": certs, "attrs": attrs, "entries": entries}
 
 
-def status(store_path: Path) -> dict[tuple[str, int], tuple[str, str | None]]:
+def status(location: str | Path) -> dict[tuple[str, int], tuple[str, str | None]]:
     """(CA name, serial) -> (status, reason)."""
     return {(ca, int(serial, 16)): (st, reason)
-            for ca, serial, st, reason, _, _ in dump(store_path)["certs"]}
+            for ca, serial, st, reason, _, _ in dump(location)["certs"]}

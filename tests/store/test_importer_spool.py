@@ -17,18 +17,20 @@ import pytest
 from cryptography import x509
 from twisted.logger import capturedLogs
 
+from store import open_store
 from store import spool as spool_mod
 from store import sqlite as sqlite_mod
 from store.spool import SpoolDaemon, SpoolScanner, is_temporary, run_daemon
-from store.sqlite import Store
-from tests.store.test_importer_helpers import MiniPki, clock, pem, status, write
+from store.sqlite import StoreError
+from tests.store.test_importer_helpers import MiniPki, clock, pem, sqlite_only, status, write
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> MiniPki:
-    return MiniPki(tmp_path / "pki")
+def pki(tmp_path: Path, store_location: str) -> MiniPki:
+    """Each test runs once per store engine (SQLite, PostgreSQL)."""
+    return MiniPki(tmp_path / "pki", store=store_location)
 
 
 def drop(spool: Path, name: str, data: bytes) -> Path:
@@ -63,8 +65,8 @@ def daemon(pki: MiniPki) -> Iterator[Callable[..., Any]]:
         threads.append((t, stop))
         def started() -> bool:
             try:
-                return any(k[0] == "root" for k in status(config.store.path))
-            except sqlite3.Error:
+                return any(k[0] == "root" for k in status(config.store.location))
+            except (sqlite3.Error, StoreError):
                 return False
 
         wait_for(started)
@@ -104,6 +106,36 @@ def test_scanner_takes_only_settled_files(tmp_path: Path) -> None:
     assert len(slow.scan()[0]) == 2
 
 
+def test_scanner_takes_renamed_files_at_once(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    renamed = drop(spool, "a.pem", b"1")
+    write(spool / "b.pem", b"2")
+    scanner = SpoolScanner([spool], settle=10.0)
+    ready, settling = scanner.scan({renamed})
+    assert [f.name for f in ready] == ["a.pem"] and settling  # b.pem still has to settle
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
+def test_inotify_reports_renames_not_files_written_in_place(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    watcher = spool_mod.Inotify()
+    try:
+        watcher.watch(spool)
+        drop(spool, "renamed.pem", b"1")
+        write(spool / "written.pem", b"2")
+        drop(spool, "rewritten.pem", b"3")
+        write(spool / "rewritten.pem", b"3 again")  # written in place after the rename
+        (spool / "sub.d").mkdir()
+        assert watcher.wait(5.0)
+        time.sleep(0.05)
+        watcher.wait(0.0)
+        assert watcher.take_renamed() == {spool / "renamed.pem"}
+        assert watcher.take_renamed() == set()
+    finally:
+        watcher.close()
+
+
 def test_picked_up_within_one_second_then_moved(pki: MiniPki, daemon: Any) -> None:
     config = daemon()
     spool = config.import_.spool[0]
@@ -115,7 +147,7 @@ def test_picked_up_within_one_second_then_moved(pki: MiniPki, daemon: Any) -> No
         took = wait_for(lambda: (spool / "done" / "cert.pem").exists())
         wait_for(lambda: any("file {name}" in str(e.get("log_format")) for e in events))
     assert took < 1.0
-    assert status(config.store.path)[("ca-a", 0x1F)] == ("good", None)
+    assert status(config.store.location)[("ca-a", 0x1F)] == ("good", None)
     assert not (spool / "cert.pem").exists()
     line = next(e for e in events if str(e.get("log_format")).startswith("file "))
     assert (line["name"], line["outcome"], line["certs"]) == ("cert.pem", "accepted", 1)
@@ -147,7 +179,7 @@ def test_processed_delete(pki: MiniPki, daemon: Any) -> None:
     spool = config.import_.spool[0]
     drop(spool, "c.pem", pem(pki.cert("ca-b", 3)))
     wait_for(lambda: not (spool / "c.pem").exists())
-    assert status(config.store.path)[("ca-b", 3)] == ("good", None)
+    assert status(config.store.location)[("ca-b", 3)] == ("good", None)
     assert not (spool / "done").exists()
 
 
@@ -158,16 +190,17 @@ def test_several_spools_and_subfolders(pki: MiniPki, daemon: Any, tmp_path: Path
     drop(spools[1], "b.pem", pem(pki.cert("ca-b", 2)))
     wait_for(lambda: (spools[0] / "done" / "a.pem").exists() and
              (spools[1] / "done" / "b.pem").exists())
-    st = status(config.store.path)
+    st = status(config.store.location)
     assert st[("ca-a", 1)] == st[("ca-b", 2)] == ("good", None)
 
 
+@sqlite_only  # an SQLite file lock; tests/store/test_postgres.py has the PostgreSQL writer lock
 def test_survives_a_locked_store_and_retries(pki: MiniPki, daemon: Any,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sqlite_mod, "BUSY_TIMEOUT_MS", 200)
     config = daemon()
     spool = config.import_.spool[0]
-    blocker = sqlite3.connect(config.store.path, isolation_level=None)
+    blocker = sqlite3.connect(config.store.location, isolation_level=None)
     with capturedLogs() as events:
         blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
         drop(spool, "c.pem", pem(pki.cert("ca-a", 7)))
@@ -176,7 +209,7 @@ def test_survives_a_locked_store_and_retries(pki: MiniPki, daemon: Any,
         blocker.execute("ROLLBACK")
         wait_for(lambda: (spool / "done" / "c.pem").exists(), timeout=20)
     blocker.close()
-    assert status(config.store.path)[("ca-a", 7)] == ("good", None)
+    assert status(config.store.location)[("ca-a", 7)] == ("good", None)
 
 
 def test_unreadable_file_stays_and_is_retried_when_it_changes(
@@ -237,18 +270,18 @@ def test_index_changes_are_followed(pki: MiniPki, daemon: Any, tmp_path: Path) -
     index.write_text(v.format(s="0A"))
     with capturedLogs() as events:
         config = daemon(openssl=[("ca-a", index, newcerts)])
-        wait_for(lambda: status(config.store.path).get(("ca-a", 0x0A)) == ("good", None))
+        wait_for(lambda: status(config.store.location).get(("ca-a", 0x0A)) == ("good", None))
         # `openssl ca` rewrites index.txt through a rename: a revocation, a new line, a bad line
         tmp = ca_dir / "index.txt.new"
         tmp.write_text("R\t270301120000Z\t260101000000Z,keyCompromise\t0A\tunknown\t/C=MO/CN=x\n"
                        + "this line is broken\n" + v.format(s="0B"))
         os.replace(tmp, index)
-        wait_for(lambda: status(config.store.path).get(("ca-a", 0x0B)) == ("good", None))
-        wait_for(lambda: status(config.store.path)[("ca-a", 0x0A)] == ("revoked",
+        wait_for(lambda: status(config.store.location).get(("ca-a", 0x0B)) == ("good", None))
+        wait_for(lambda: status(config.store.location)[("ca-a", 0x0A)] == ("revoked",
                                                                         "key_compromise"))
     bad = [e for e in events if "malformed" in str(e.get("log_format"))]
     assert len(bad) == 1 and bad[0]["line"] == 2 and "fields" in bad[0]["why"]
-    store = Store.open(config.store.path)
+    store = open_store(config.store.location)
     try:
         ca = store.ca_by_name("ca-a")
         assert ca is not None
@@ -285,4 +318,4 @@ def test_unknown_crl_reason_codes_do_not_stall(pki: MiniPki, daemon: Any) -> Non
     spool = config.import_.spool[0]
     drop(spool, "crl.pem", pem(pki.crl("ca-a", 1, [(1, x509.ReasonFlags.aa_compromise)])))
     wait_for(lambda: (spool / "done" / "crl.pem").exists())
-    assert status(config.store.path)[("ca-a", 1)] == ("revoked", "aa_compromise")
+    assert status(config.store.location)[("ca-a", 1)] == ("revoked", "aa_compromise")

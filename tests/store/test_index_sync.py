@@ -8,9 +8,9 @@ import pytest
 from cryptography import x509
 from twisted.logger import capturedLogs
 
+from store import open_store
 from store.importer import Importer, import_openssl, import_paths
 from store.openssl_index import IndexTracker, sync_database
-from store.sqlite import Store
 from tests.store.test_importer_helpers import MiniPki, clock, pem, status, write
 
 R = x509.ReasonFlags
@@ -25,8 +25,9 @@ def r(serial: str, rev: str) -> str:
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> MiniPki:
-    return MiniPki(tmp_path / "pki")
+def pki(tmp_path: Path, store_location: str) -> MiniPki:
+    """Each test runs once per store engine (SQLite, PostgreSQL)."""
+    return MiniPki(tmp_path / "pki", store=store_location)
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_index_with_certificate_files(pki: MiniPki, db: tuple[Path, Path]) -> No
     with capturedLogs() as events:
         summary = import_openssl(config, now=clock(), progress=None)
     assert summary.malformed_lines == 1 and summary.index_lines == 5
-    st = status(config.store.path)
+    st = status(config.store.location)
     assert st[("ca-a", 1)] == ("good", None)
     assert st[("ca-a", 0x80)] == ("revoked", "certificate_hold")
     assert st[("ca-a", 0xFF00)] == ("good", None)
@@ -56,7 +57,7 @@ def test_index_with_certificate_files(pki: MiniPki, db: tuple[Path, Path]) -> No
     logged = {(e.get("line"), str(e.get("log_format"))) for e in events if e.get("line")}
     assert any(line == 3 and "malformed" in fmt for line, fmt in logged)
     assert any(line == 5 and "certificate not imported" in fmt for line, fmt in logged)
-    store = Store.open(config.store.path)
+    store = open_store(config.store.location)
     try:
         ca = store.ca_by_name("ca-a")
         assert ca is not None and ca.synced_at is not None
@@ -77,10 +78,10 @@ def test_restart_does_not_reapply_an_unchanged_index(pki: MiniPki, db: tuple[Pat
     import_openssl(config, now=clock(), progress=None)
     write(tmp_path / "crl2.pem", pem(pki.crl("ca-a", 2, [])))  # a newer CRL lifts the hold
     import_paths(config, [tmp_path / "crl2.pem"], now=clock(), progress=None)
-    assert status(config.store.path)[("ca-a", 7)] == ("good", None)
+    assert status(config.store.location)[("ca-a", 7)] == ("good", None)
     again = import_openssl(config, now=clock(), progress=None)  # e.g. the daemon restarting
     assert again.index_lines == 0 and again.revocations == 0
-    assert status(config.store.path)[("ca-a", 7)] == ("good", None)
+    assert status(config.store.location)[("ca-a", 7)] == ("good", None)
 
 
 def test_missing_certificate_files_are_looked_for_again(pki: MiniPki,
@@ -88,7 +89,7 @@ def test_missing_certificate_files_are_looked_for_again(pki: MiniPki,
     index, newcerts = db
     index.write_text(v("0A"))
     config = pki.config(openssl=[("ca-a", index, newcerts)])
-    store = Store.open(config.store.path)
+    store = open_store(config.store.location)
     imp = Importer(config, store, clock())
     try:
         imp.start()
@@ -120,5 +121,5 @@ def test_large_index_in_several_batches(pki: MiniPki, db: tuple[Path, Path]) -> 
     summary = import_openssl(config, now=clock(), progress=None)
     assert summary.index_lines == 35 and summary.certs_new == 35 and summary.revocations == 7
     assert summary.generation == 1 + 4  # the CAs, then one generation per batch of 10 lines
-    st = status(config.store.path)
+    st = status(config.store.location)
     assert sum(1 for k, s in st.items() if k[0] == "ca-b" and s[0] == "revoked") == 7

@@ -1,4 +1,9 @@
-"""The store itself: concurrency between processes, migrations, serials, generations, status rules."""
+"""The store itself: concurrency between processes, migrations, serials, generations, status rules.
+
+Every test here runs on both engines (the ``store_location`` fixture) except the migration
+tests that build an old SQLite file by hand; tests/store/test_postgres.py has their
+PostgreSQL counterparts.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from store import open_store
 from store.certparse import cert_input, crl_input
 from store.model import CaId, CertStatus, IndexLine, RevocationReason, Serial
 from store.schema import MIGRATIONS, SCHEMA_VERSION
-from store.sqlite import Store, StoreError, StoreSchemaError, serial_text
+from store.sqlite import Store, StoreError, StoreSchemaError, reversed_key, serial_text
 from tests.store.test_importer_helpers import NOW, MiniPki, der
 
 R = x509.ReasonFlags
@@ -30,13 +36,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> MiniPki:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = Store.open(tmp_path / "s" / "store.sqlite3")
+def store(store_location: str) -> Any:
+    s = open_store(store_location)
     yield s
     s.close()
 
 
-def ca(store: Store, pki: MiniPki, name: str = "ca-a") -> CaId:
+def ca(store: Any, pki: MiniPki, name: str = "ca-a") -> CaId:
     with store.batch(NOW) as b:
         return CaId(b.ensure_ca(name, der(pki.cas[name].cert))[0])
 
@@ -46,7 +52,7 @@ def ca(store: Store, pki: MiniPki, name: str = "ca-a") -> CaId:
 
 def _writer(path: str, template: bytes, batches: int, per: int, out: Any, ready: Any) -> None:
     try:
-        store = Store.open(path)
+        store = open_store(path)
         ready.wait(60)  # every reader is reading before the first write
         base = cert_input(template, CaId(1))
         for i in range(batches):
@@ -69,7 +75,7 @@ def _reader(path: str, seconds: float, out: Any, ready: Any) -> None:
     errors: list[str] = []
     reads = 0
     seen: set[int] = set()
-    store = Store.open(path, create=False)
+    store = open_store(path, create=False)
     seen.add(int(store.generation()))
     ready.wait(60)
     end = time.monotonic() + seconds
@@ -88,9 +94,9 @@ def _reader(path: str, seconds: float, out: Any, ready: Any) -> None:
     out.put(("reader", errors or (reads, len(seen))))
 
 
-def test_concurrent_reader_and_writer_processes(pki: MiniPki, tmp_path: Path) -> None:
-    path = tmp_path / "store.sqlite3"
-    store = Store.open(path)
+def test_concurrent_reader_and_writer_processes(pki: MiniPki, store_location: str) -> None:
+    path = store_location
+    store = open_store(path)
     ca(store, pki)
     store.close()
     ctx = multiprocessing.get_context("spawn")
@@ -110,7 +116,7 @@ def test_concurrent_reader_and_writer_processes(pki: MiniPki, tmp_path: Path) ->
     for r in readers:
         # no "database is locked", and the reads overlapped the writer's batches
         assert isinstance(r, tuple) and r[1] >= 2, r
-    store = Store.open(path)
+    store = open_store(path)
     try:
         assert store.generation() == 61  # one per batch, plus ensure_ca
         assert store.cert(1, 3000) is not None
@@ -122,6 +128,7 @@ def test_concurrent_reader_and_writer_processes(pki: MiniPki, tmp_path: Path) ->
 
 
 def test_migration_from_v1(pki: MiniPki, tmp_path: Path) -> None:
+    # SQLite only: builds the old file by hand (test_postgres.py has the PostgreSQL one).
     path = tmp_path / "old.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)
     for stmt in MIGRATIONS[0]:  # a store written by the first release
@@ -145,6 +152,7 @@ def test_migration_from_v1(pki: MiniPki, tmp_path: Path) -> None:
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    # SQLite only: edits the file by hand (test_postgres.py has the PostgreSQL one).
     path = tmp_path / "new.sqlite3"
     Store.open(path).close()
     conn = sqlite3.connect(path, isolation_level=None)
@@ -158,7 +166,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("serial", [1, 0x80, 0xFF00, 0x7F << 152 | 0x0102, (1 << 159) - 1])
-def test_serials_round_trip(pki: MiniPki, store: Store, serial: int) -> None:
+def test_serials_round_trip(pki: MiniPki, store: Any, serial: int) -> None:
     ca_id = ca(store, pki)
     cert = pki.cert("ca-a", serial)
     with store.batch(NOW) as b:
@@ -169,7 +177,7 @@ def test_serials_round_trip(pki: MiniPki, store: Store, serial: int) -> None:
     assert serial_text(serial) == format(serial, "x")
 
 
-def test_serials_from_crls_and_index(pki: MiniPki, store: Store) -> None:
+def test_serials_from_crls_and_index(pki: MiniPki, store: Any) -> None:
     ca_id = ca(store, pki)
     crl = pki.crl("ca-a", 1, [(0x80, R.key_compromise), (0xFF00, None)])
     line = IndexLine("V", NOW, None, None, Serial(0x00FF01), "unknown", "/CN=x")
@@ -184,7 +192,7 @@ def test_serials_from_crls_and_index(pki: MiniPki, store: Store) -> None:
 # --- generations and changes ---------------------------------------------------------------
 
 
-def test_generation_once_per_changing_batch(pki: MiniPki, store: Store) -> None:
+def test_generation_once_per_changing_batch(pki: MiniPki, store: Any) -> None:
     ca_id = ca(store, pki)
     g0 = store.generation()
     certs = [cert_input(der(pki.cert("ca-a", s, email=f"u{s}@example.mo")), ca_id)
@@ -213,7 +221,7 @@ def test_generation_once_per_changing_batch(pki: MiniPki, store: Store) -> None:
     assert [(c.kind, c.generation) for c in store.changes_since(g0 + 1)] == [("crl", g0 + 2)]
 
 
-def test_a_failed_batch_leaves_nothing(pki: MiniPki, store: Store) -> None:
+def test_a_failed_batch_leaves_nothing(pki: MiniPki, store: Any) -> None:
     ca_id = ca(store, pki)
     g0 = store.generation()
     with pytest.raises(RuntimeError), store.batch(NOW) as b:
@@ -225,7 +233,7 @@ def test_a_failed_batch_leaves_nothing(pki: MiniPki, store: Store) -> None:
 # --- status rules ------------------------------------------------------------------------
 
 
-def test_revocation_never_goes_backwards(pki: MiniPki, store: Store) -> None:
+def test_revocation_never_goes_backwards(pki: MiniPki, store: Any) -> None:
     ca_id = ca(store, pki)
     s = Serial(5)
     with store.batch(NOW) as b:
@@ -242,7 +250,7 @@ def test_revocation_never_goes_backwards(pki: MiniPki, store: Store) -> None:
     assert rec is not None and rec.status is CertStatus.REVOKED and rec.reason is KEY
 
 
-def test_hold_released_by_newer_crl_older_crl_ignored(pki: MiniPki, store: Store) -> None:
+def test_hold_released_by_newer_crl_older_crl_ignored(pki: MiniPki, store: Any) -> None:
     ca_id = ca(store, pki)
     with store.batch(NOW) as b:
         b.apply_crl(crl_input(der(pki.crl("ca-a", 2, [(7, R.certificate_hold)])), ca_id), "c2")
@@ -264,3 +272,52 @@ def test_hold_released_by_newer_crl_older_crl_ignored(pki: MiniPki, store: Store
     assert rec is not None and rec.reason is KEY
     stored = store.ca_by_id(ca_id)
     assert stored is not None and stored.crl_number == 3
+
+
+# --- text order: byte order on both engines (PostgreSQL columns are COLLATE "C") -------------
+
+NAMES = ["zed", "Émile", "alpha", "Alpha2", "beta", "ärger", "日本", "a b", "zé", "Zoë", "a_c",
+         "a%d"]
+
+
+def test_text_order_is_byte_order(pki: MiniPki, store: Any) -> None:
+    ca_id = ca(store, pki)
+    with store.batch(NOW) as b:
+        for i, n in enumerate(NAMES):
+            b.add_cert(cert_input(der(pki.cert("ca-a", 0x100 + i, cn=n)), ca_id), "t")
+    first = store.cert(ca_id, 0x100)
+    entry = store.entry(first.directory_key)
+    assert entry is not None and entry.parent_key
+    kids = store.children(entry.parent_key)
+    keys = [e.key for e in kids]
+    assert len(keys) > len(NAMES) - 1 and keys == sorted(keys, key=lambda k: k.encode())
+    paged: list[Any] = []
+    while page := store.children(entry.parent_key, limit=3, after=paged[-1].key if paged else ""):
+        paged += page
+    assert paged == kids
+    (root,) = store.roots()
+    tree = store.subtree(root.key)
+    assert len(tree) > len(kids)
+    rkeys = [reversed_key(e.key) for e in tree]
+    assert rkeys == sorted(rkeys, key=lambda k: k.encode())
+    paged = []
+    while page := store.subtree(root.key, limit=4, after=paged[-1].key if paged else ""):
+        paged += page
+    assert paged == tree
+    assert store.subtree(entry.parent_key, after=tree[-1].key) == []
+    values = store._query("SELECT cert_id, value FROM cert_attrs WHERE attr = 'cn'")
+    for prefix in ("a", "z", "é", "ä", "日", "a_", "a%"):
+        want = sorted(i for i, v in values if v.startswith(prefix))
+        got = [c.id for c in store.certs_by_attribute_prefix("cn", prefix)]
+        assert got == want, prefix
+        got = [c.id for c in store.certs_by_attribute_substring("cn", prefix, [], "")]
+        assert got == want, prefix
+    assert [c.serial for c in store.certs_by_attribute("cn", "a_c")] == [0x10A]
+
+
+def test_nul_in_a_search_matches_nothing(pki: MiniPki, store: Any) -> None:
+    ca(store, pki)
+    assert store.certs_by_attribute("cn", "a\x00") == []
+    assert store.certs_by_attribute_prefix("cn", "\x00") == []
+    assert store.children("\x00", after="\x00") == []
+    assert store.entry("cn=x\x00") is None
