@@ -7,6 +7,11 @@ endpoints wrapped in TLS with the ``[tls]`` certificate (TLS 1.2 and newer only)
 version floor does not depend on what an endpoint string says. A worker of
 ``certpub serve --workers N`` passes ``inherited``: sockets its parent already bound, keyed by
 endpoint string, which are adopted instead of listened on (same TLS wrapping).
+
+The store is opened from ``[store]``'s read location (a replica's URL when set: then never
+migrated). With ``[store] threads > 0`` a ``StoreAccess`` pool runs every request's store
+work off the reactor thread, each pool thread with a store of its own; the store opened here
+then only primes the feed and answers the start-up line.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from twisted.internet import defer
@@ -25,7 +31,8 @@ from twisted.logger import Logger
 
 from server.config import Config, TlsConfig
 from server.feed import ChangeFeed
-from store.sqlite import Store
+from server.storeaccess import StoreAccess
+from store import open_store
 
 log = Logger()
 
@@ -68,8 +75,9 @@ class ReloadableTls:
 class Running:
     """What ``start`` built: the store, the feed, and the listening ports by service."""
 
-    store: Store
+    store: Any
     feed: ChangeFeed
+    access: StoreAccess | None = None
     ports: dict[str, list[IListeningPort]] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +91,13 @@ class Running:
         for ports in self.ports.values():
             for port in ports:
                 yield port.stopListening()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the feed and the store threads, close the store (after the reactor stopped)."""
+        self.feed.stop()
+        if self.access is not None:
+            self.access.stop()
         self.store.close()
 
 
@@ -94,13 +109,24 @@ def _listen(reactor: Any, description: str, factory: Factory, tls: Any,
     if description.startswith("tls:"):
         if tls is None:
             raise ValueError(f"listener {description!r} needs a [tls] section")
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        factory = TLSMemoryBIOFactory(tls, False, factory)
+        factory = _tls_factory(tls, factory)
         description = "tcp:" + description[4:]
     if sock is not None:
         return defer.succeed(reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
     return serverFromString(reactor, description).listen(factory)
+
+
+def _tls_factory(tls: Any, factory: Factory) -> Any:
+    """TLS around factory; a connection the inner factory refuses (a connection limit) is
+    closed quietly, as on plain TCP, instead of wrapping None and logging tracebacks."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    class LimitedTls(TLSMemoryBIOFactory):  # type: ignore[misc]
+        def buildProtocol(self, addr: Any) -> Any:
+            inner = self.wrappedFactory.buildProtocol(addr)
+            return None if inner is None else self.protocol(self, inner)
+
+    return LimitedTls(tls, False, factory)
 
 
 @defer.inlineCallbacks
@@ -112,20 +138,37 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
     from server.metrics import Metrics, set_metrics
     from server.ocsp.http import make_http_factory
 
-    store = Store.open(config.store.path)
-    feed = ChangeFeed(store)
+    sc = config.store
+    location = sc.read_location
+    # A replica (read_url) is read-only: only the importer's database is ever migrated.
+    store = open_store(location, migrate=sc.migrate == "auto" and sc.read_url is None)
+    log.info("store {store} ({threads} store threads)", store=_shown(config),
+             threads=sc.threads)
+    access = StoreAccess(location, sc.threads, store=store, reactor=reactor)
+    access.start()
+    listen: Callable[[], Any] | None = None
+    # PostgreSQL: LISTEN for commits. Not on a replica: NOTIFY is not replicated and a hot
+    # standby refuses LISTEN, so a node reading a replica polls (README "Several nodes").
+    if callable(getattr(store, "wait_for_change", None)) and sc.read_url is None:
+        listen = partial(open_store, location, create=False, migrate=False)
+    feed = ChangeFeed(access.store, access=access, listen=listen)
     metrics = Metrics(now)
     set_metrics(metrics)
     expiries: dict[str, Any] = {}  # filled once the OCSP service has loaded its signers
-    metrics.watch(store=store, feed=feed, signer_expiries=lambda: _signer_expiries(expiries))
-    feed.start()
-    running = Running(store=store, feed=feed)
+    metrics.watch(store=access.store, feed=feed,
+                  signer_expiries=lambda: _signer_expiries(expiries))
+    running = Running(store=store, feed=feed, access=access)
+    try:
+        feed.start(reactor=reactor)
+    except BaseException:
+        running.close()
+        raise
     tls = ReloadableTls(config.tls) if config.tls is not None else None
     if tls is not None:
         running.services["tls"] = tls  # first, so that a bad new certificate stops the reload
     try:
         if config.ldap.listen:
-            ldap_factory = make_ldap_factory(config.ldap, store, feed, tls, now)
+            ldap_factory = make_ldap_factory(config.ldap, store, feed, tls, now, access=access)
             running.services["ldap"] = ldap_factory
             running.ports["ldap"] = []
             for desc in config.ldap.listen:
@@ -133,11 +176,11 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
                 running.ports["ldap"].append(port)
                 log.info("LDAP listening on {listener}", listener=desc)
         if config.http.listen:
-            http_factory = make_http_factory(config, store, feed, now, reactor)
+            http_factory = make_http_factory(config, store, feed, now, reactor, access=access)
             expiries["service"] = getattr(http_factory, "service", None)
-            health = HealthCheck(store, feed, now, lambda: _signer_expiries(expiries),
-                                 poll_lag=metrics.poll_lag)
-            _mount(http_factory, lambda root: mount_ops(root, health, metrics))
+            health = HealthCheck(access.store, feed, now, lambda: _signer_expiries(expiries),
+                                 poll_lag=metrics.poll_lag, access=access)
+            _mount(http_factory, lambda root: mount_ops(root, health, metrics, access))
             running.services["http"] = http_factory
             running.ports["http"] = []
             for desc in config.http.listen:
@@ -162,7 +205,16 @@ def _mount(factory: Any, wrap: Callable[[Any], Any]) -> None:
     site.resource = wrap(site.resource)
 
 
-def _summary(config: Config, store: Store, running: Running, signers: dict[str, datetime]) -> None:
+def _shown(config: Config) -> str:
+    """The store the servers read, without a password."""
+    from store import redact_location
+
+    if config.store.read_url is None:
+        return config.store.shown
+    return f"{redact_location(config.store.read_url)} (replica of {config.store.shown})"
+
+
+def _summary(config: Config, store: Any, running: Running, signers: dict[str, datetime]) -> None:
     """The start-up line operators look for: version, listeners, CAs and signers, store."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -183,5 +235,5 @@ def _summary(config: Config, store: Store, running: Running, signers: dict[str, 
         "certpub {version} serving listeners={listeners} cas={cas} store={store}"
         " generation={generation}",
         version=ver, listeners=",".join(listeners), cas=",".join(cas),
-        store=str(config.store.path), generation=int(store.generation()),
+        store=_shown(config), generation=int(store.generation()),
     )

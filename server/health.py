@@ -5,6 +5,8 @@ short CA list, and reads the feed's and signers' state; every check runs on each
 store that comes back turns the answer to 200 without a restart. The body is short and names
 no paths or error texts (the endpoint may be public): details go to the log when the state
 changes. The resources are plain adapters; ``mount_ops`` puts them beside the OCSP tree.
+With a threaded ``StoreAccess`` the store reads of a check and a whole metrics scrape run in
+the store pool and the answer is written when they are done (a full pool: 503).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from server.metrics import CONTENT_TYPE, Metrics
 from store.model import CaRecord, Generation
@@ -46,8 +50,10 @@ class HealthCheck:
                  signer_expiries: Callable[[], Mapping[str, datetime]],
                  min_signer_days: int = 7, max_import_age: float | None = None,
                  poll_lag: Callable[[], float | None] | None = None,
-                 max_poll_lag: float = 60.0) -> None:
+                 max_poll_lag: float = 60.0, access: Any = None) -> None:
         self.store = store
+        # a threaded StoreAccess (store is then its proxy): reads run in its pool
+        self.access = access if access is not None and not access.inline else None
         self.feed = feed
         self.now = now
         self.signer_expiries = signer_expiries
@@ -69,12 +75,34 @@ class HealthCheck:
         return st.st_dev, st.st_ino
 
     def check(self) -> tuple[bool, dict[str, Any]]:
-        """Run every check; (ok, short JSON-able body)."""
+        """Run every check, reading the store on this thread; (ok, short JSON-able body)."""
+        return self._verdict(self._read_store())
+
+    def check_deferred(self) -> defer.Deferred[tuple[bool, dict[str, Any]]]:
+        """``check`` with the store read in the store threads (inline without them)."""
+        if self.access is None:
+            return defer.execute(self.check)
+        if self.access.busy():
+            return defer.succeed(self._verdict(StoreError("store threads busy")))
+        reading: defer.Deferred[tuple[int, list[CaRecord]] | StoreError] = self.access.run(
+            self._read_store)
+        verdict: defer.Deferred[tuple[bool, dict[str, Any]]] = reading.addCallback(self._verdict)
+        return verdict
+
+    def _read_store(self) -> tuple[int, list[CaRecord]] | StoreError:
+        """The store's generation and CAs, or why they cannot be read."""
+        try:
+            return int(self.store.generation()), self.store.cas()
+        except StoreError as exc:
+            return exc
+
+    def _verdict(self, reading: tuple[int, list[CaRecord]] | StoreError
+                 ) -> tuple[bool, dict[str, Any]]:
         now = self.now()
         reasons: list[str] = []
         details: list[str] = []
         body: dict[str, Any] = {}
-        self._check_store(now, body, reasons, details)
+        self._check_store(now, reading, body, reasons, details)
         self._check_signers(now, body, reasons)
         self._check_feed(body, reasons, details)
         ok = not reasons
@@ -87,22 +115,20 @@ class HealthCheck:
             self._last_reasons = reasons
         return ok, body
 
-    def _check_store(self, now: datetime, body: dict[str, Any], reasons: list[str],
-                     details: list[str]) -> None:
+    def _check_store(self, now: datetime, reading: tuple[int, list[CaRecord]] | StoreError,
+                     body: dict[str, Any], reasons: list[str], details: list[str]) -> None:
         if self._file_id is not None:
             current = self._identity()
             if current is None:
                 reasons.append("store file missing")
             elif current != self._file_id:
                 reasons.append("store file replaced since start (restart needed)")
-        try:
-            body["generation"] = int(self.store.generation())
-            cas = self.store.cas()
-        except StoreError as exc:
+        if isinstance(reading, StoreError):
             reasons.append("store unreadable")
-            details.append(str(exc))
+            details.append(str(reading))
             body["generation"] = None
             return
+        body["generation"], cas = reading
         synced = [c.synced_at for c in cas if c.synced_at is not None]
         last = max(synced) if synced else None
         age = None if last is None else max((now - last).total_seconds(), 0.0)
@@ -172,12 +198,22 @@ class HealthResource(_GetOnly):
         super().__init__()
         self.health = health
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> Any:
+        if self.health.access is not None:
+            return _later(request, self.health.check_deferred(), self._answer)
+        result: tuple[bool, dict[str, Any]] | Failure
         try:
-            ok, body = self.health.check()
+            result = self.health.check()
         except Exception:
-            log.failure("health check failed")
-            ok, body = False, {"status": "fail", "reasons": ["health check failed"]}
+            result = Failure()  # type: ignore[no-untyped-call]
+        return self._answer(request, result)
+
+    @staticmethod
+    def _answer(request: Request, result: tuple[bool, dict[str, Any]] | Failure) -> bytes:
+        if isinstance(result, Failure):
+            log.failure("health check failed", result)
+            result = (False, {"status": "fail", "reasons": ["health check failed"]})
+        ok, body = result
         data = json.dumps(body, separators=(",", ":"), sort_keys=True).encode() + b"\n"
         return _respond(request, 200 if ok else 503, "application/json", data)
 
@@ -185,12 +221,42 @@ class HealthResource(_GetOnly):
 class MetricsResource(_GetOnly):
     """GET /metrics: the Prometheus text exposition."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, access: Any = None) -> None:
         super().__init__()
         self.metrics = metrics
+        self.access = access if access is not None and not access.inline else None
 
-    def render_GET(self, request: Request) -> bytes:
-        return _respond(request, 200, CONTENT_TYPE, self.metrics.render())
+    def render_GET(self, request: Request) -> Any:
+        if self.access is None:
+            return _respond(request, 200, CONTENT_TYPE, self.metrics.render())
+        if self.access.busy():
+            return _respond(request, 503, "text/plain; charset=utf-8", b"store threads busy\n")
+        return _later(request, self.access.run(self.metrics.render), self._answer)
+
+    @staticmethod
+    def _answer(request: Request, result: bytes | Failure) -> bytes:
+        if isinstance(result, Failure):
+            log.failure("metrics scrape failed", result)
+            return _respond(request, 500, "text/plain; charset=utf-8", b"scrape failed\n")
+        return _respond(request, 200, CONTENT_TYPE, result)
+
+
+def _later(request: Request, d: defer.Deferred[Any],
+           answer: Callable[[Request, Any], bytes]) -> Any:
+    """Answer request when d fires (unless the client left meanwhile): NOT_DONE_YET."""
+    gone: list[bool] = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    def done(result: Any) -> None:
+        if gone:
+            return
+        body = answer(request, result)
+        if request.method != b"HEAD":
+            request.write(body)  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
+
+    d.addBoth(done)
+    return NOT_DONE_YET
 
 
 class _OpsFront(Resource):
@@ -208,11 +274,12 @@ class _OpsFront(Resource):
         return self.inner.render(request)
 
 
-def mount_ops(root: Resource, health: HealthCheck, metrics: Metrics) -> Resource:
+def mount_ops(root: Resource, health: HealthCheck, metrics: Metrics,
+              access: Any = None) -> Resource:
     """Add /healthz and /metrics to root; serve the returned resource (root unless a leaf)."""
     front = _OpsFront(root) if root.isLeaf else root
     front.putChild(b"healthz", HealthResource(health))
-    front.putChild(b"metrics", MetricsResource(metrics))
+    front.putChild(b"metrics", MetricsResource(metrics, access))
     return front
 
 
@@ -230,10 +297,10 @@ class _QuietSite(Site):
         pass
 
 
-def make_ops_site(health: HealthCheck, metrics: Metrics) -> Site:
+def make_ops_site(health: HealthCheck, metrics: Metrics, access: Any = None) -> Site:
     """A standalone site serving /healthz and /metrics only (for a separate listener)."""
     root = _OpsRoot()
-    mount_ops(root, health, metrics)
+    mount_ops(root, health, metrics, access)
     site = _QuietSite(root)
     site.displayTracebacks = False
     site.noisy = False

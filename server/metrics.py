@@ -4,7 +4,9 @@ Strategy: request counters, latency histograms, the OCSP cache, connections and 
 backlog are updated by the protocol code through a handful of plain methods that never raise.
 Everything the store knows (generation, certificates by CA and status, imported files) and the
 signer expiries are computed when Prometheus scrapes, by one custom collector; the scan-ish
-per-CA counts are cached for ``STATS_TTL`` seconds. The change-poll lag is measured by wrapping
+per-CA counts are cached for ``STATS_TTL`` seconds; with a threaded store a scrape is
+rendered in a store thread (``MetricsResource``), as every collector and counter here is
+thread-safe. The change-poll lag is measured by wrapping
 the feed's ``poll`` (see ``Metrics.watch``), so a poll loop that died shows up as a growing lag.
 The registry is not prometheus_client's global one, so tests and processes stay isolated.
 """
@@ -27,6 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from store.model import CaStats, Generation
@@ -54,7 +57,7 @@ class FeedLike(Protocol):
     healthy: bool
     generation: Generation
 
-    def poll(self) -> None: ...
+    def poll(self) -> Any: ...  # a Deferred with a threaded store
 
 
 def wall_clock() -> datetime:
@@ -157,10 +160,17 @@ class Metrics:
             self._last_poll = self.now()
             inner = feed.poll
 
-            def poll() -> None:
-                inner()
+            def polled(result: Any = None) -> Any:
                 if feed.healthy:
                     self._last_poll = self.now()
+                return result
+
+            def poll() -> Any:
+                result = inner()
+                if isinstance(result, Deferred):  # threaded store: the tick ends later
+                    return result.addCallback(polled)
+                polled()
+                return result
 
             feed.poll = poll  # type: ignore[method-assign]  # start()'s LoopingCall takes this one
 

@@ -79,5 +79,5 @@ def serve(config: Config, config_path: Path, *,
     reactor.run()  # type: ignore[attr-defined]
     running = state.get("running")
     if running is not None:
-        running.store.close()
+        running.close()  # the feed's LISTEN thread, the store threads, the store
     return int(state["code"])

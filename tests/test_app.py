@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import reactor
+from twisted.internet import threads as threads_
 from twisted.logger import capturedLogs
 
 from server import app
@@ -26,9 +28,24 @@ def _get(url: str) -> tuple[int, bytes, Any]:
         return err.code, err.read(), err.headers
 
 
+def _ldap_mail_search(host: str, port: int, mail: str) -> list[Any]:
+    import ldap3
+
+    conn = ldap3.Connection(ldap3.Server(host, port=port, get_info=ldap3.NONE), auto_bind=True,
+                            receive_timeout=30)
+    try:
+        conn.search("c=MO", f"(mail={mail})", attributes=["userCertificate;binary"])
+        return [r["raw_attributes"]["userCertificate;binary"] for r in conn.response]
+    finally:
+        conn.unbind()
+
+
+@pytest.mark.parametrize("threads", [0, 2], ids=["inline", "threads2"])
 @pytest_twisted.ensureDeferred
-async def test_start_serves_health_metrics_and_logs_a_summary(tmp_path: Path) -> None:
+async def test_start_serves_health_metrics_and_logs_a_summary(tmp_path: Path,
+                                                              threads: int) -> None:
     from server.demo.pki import build_demo_pki
+    from server.storeaccess import ThreadStore
 
     pki = build_demo_pki(tmp_path / "pki")
     config = load_config(pki.config_path)
@@ -36,6 +53,7 @@ async def test_start_serves_health_metrics_and_logs_a_summary(tmp_path: Path) ->
         config,
         ldap=dataclasses.replace(config.ldap, listen=("tcp:0:interface=127.0.0.1",)),
         http=dataclasses.replace(config.http, listen=("tcp:0:interface=127.0.0.1",)),
+        store=dataclasses.replace(config.store, threads=threads),
     )
     now = lambda: datetime.now(UTC)  # noqa: E731
     import_openssl(config, now=now, progress=None)
@@ -44,18 +62,23 @@ async def test_start_serves_health_metrics_and_logs_a_summary(tmp_path: Path) ->
     with capturedLogs() as events:
         running = await app.start(config, reactor, now)
     ldap_host, ldap_port = running.address("ldap")
+    assert isinstance(running.access.store, ThreadStore) == (threads > 0)
     try:
+        good = next(c for c in pki.certs if c.state == "good" and c.emails)
+        found = await threads_.deferToThread(_ldap_mail_search, ldap_host, ldap_port,
+                                             good.emails[0])
+        assert found and all(values for values in found)
         host, port = running.address("http")
-        status, body, headers = await threads.deferToThread(_get, f"http://{host}:{port}/healthz")
+        status, body, headers = await threads_.deferToThread(_get, f"http://{host}:{port}/healthz")
         assert status == 200, body
         health = json.loads(body)
         assert health["status"] == "ok" and health["generation"] >= 1
         assert set(health["signer_days_left"]) == {"rsa-ca", "ec-ca"}
-        status, body, headers = await threads.deferToThread(_get, f"http://{host}:{port}/metrics")
+        status, body, headers = await threads_.deferToThread(_get, f"http://{host}:{port}/metrics")
         assert status == 200 and b"certpub_store_generation" in body
         assert b'certpub_certificates{ca="rsa-ca",status="revoked"}' in body
         # the OCSP site still answers behind the ops front
-        status, body, _ = await threads.deferToThread(_get, f"http://{host}:{port}/ca/rsa-ca.pem")
+        status, body, _ = await threads_.deferToThread(_get, f"http://{host}:{port}/ca/rsa-ca.pem")
         assert status == 200 and body.startswith(b"-----BEGIN CERTIFICATE-----")
     finally:
         await running.stop()
@@ -63,3 +86,5 @@ async def test_start_serves_health_metrics_and_logs_a_summary(tmp_path: Path) ->
     assert len(summary) == 1
     assert "rsa-ca(signer until" in summary[0]["cas"] and "root(no OCSP)" in summary[0]["cas"]
     assert f"ldap:{ldap_host}:{ldap_port}" in summary[0]["listeners"]
+    assert summary[0]["store"] == str(config.store.path)
+    assert running.access.pool is None  # stop() stopped the store threads

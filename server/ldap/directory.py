@@ -14,6 +14,11 @@ does not grow with the store), each dropped when the feed reports a change at it
 them on a CA, CRL or unkeyed change) and unused once ``now`` passes the first notAfter of its
 certificates (what an entry shows depends on the time only through expiry).
 
+Threads: with ``[store] threads > 0`` searches run in pool threads (``server.storeaccess``)
+while the change feed invalidates on the reactor thread. The caches are guarded by one lock,
+and every store read is tagged with the invalidation epoch it started in: a result read
+before an invalidation is not cached after it (it could hold what the change just voided).
+
 Known limits: indexed searches return subscriber, certificate and CA entries, not glue entries
 (a glue entry matches a name filter only through its own RDN, and is reached by one-level or
 subtree searches whose filter has no indexable part); candidates are capped at ``scan_limit``
@@ -22,6 +27,7 @@ certificates (then adminLimitExceeded after the matching entries found).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -102,33 +108,44 @@ class Directory:
         self._lean = LeanReader.of(store)
         # search base text -> key of the entry it named (plain DNs only; bounded)
         self._base_keys: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._epoch = 0  # bumped by every invalidation (see the module docstring)
 
     # --- caches -----------------------------------------------------------------------------
 
     def invalidate(self, changes: list[Change]) -> None:
         """Change-feed subscriber: forget what the committed batches made stale."""
-        self._contexts = None
-        if any(c.kind in ("ca", "crl", "all") for c in changes):
-            self._cas = None
-            self._entries.clear()
-            return
-        entries = self._entries
-        for c in changes:
-            if not entries:
+        with self._lock:
+            self._epoch += 1
+            self._contexts = None
+            if any(c.kind in ("ca", "crl", "all") for c in changes):
+                self._cas = None
+                self._entries.clear()
                 return
-            if c.directory_key is None:
-                entries.clear()
-                return
-            entries.pop(c.directory_key, None)
+            entries = self._entries
+            for c in changes:
+                if not entries:
+                    return
+                if c.directory_key is None:
+                    entries.clear()
+                    return
+                entries.pop(c.directory_key, None)
 
     def _ca_map(self) -> dict[str, list[CaRecord]]:
-        if self._cas is None:
+        cas = self._cas
+        if cas is None:
+            epoch = self._epoch
             by_key: dict[str, list[CaRecord]] = {}
+            names_by_id: dict[int, str] = {}
             for ca in self.store.cas():
                 by_key.setdefault(ca.directory_key, []).append(ca)
-                self._ca_names[ca.id] = ca.name
-            self._cas = by_key
-        return self._cas
+                names_by_id[ca.id] = ca.name
+            with self._lock:
+                self._ca_names.update(names_by_id)
+                if epoch == self._epoch:
+                    self._cas = by_key
+            cas = by_key
+        return cas
 
     def ca_name(self, ca_id: int) -> str:
         self._ca_map()
@@ -137,29 +154,38 @@ class Directory:
     def naming_contexts(self) -> tuple[str, ...]:
         if self._configured_contexts:
             return self._configured_contexts
-        if self._contexts is None:
-            self._contexts = tuple(e.dn for e in self.store.roots())
-        return self._contexts
+        contexts = self._contexts
+        if contexts is None:
+            epoch = self._epoch
+            contexts = tuple(e.dn for e in self.store.roots())
+            with self._lock:
+                if epoch == self._epoch:
+                    self._contexts = contexts
+        return contexts
 
     # --- entries ----------------------------------------------------------------------------
 
     def root_dse(self) -> Entry:
         return dse_entry(self.naming_contexts(), self._controls, self._extensions, self._version)
 
-    def materialise(self, e: DirectoryEntry, now: datetime) -> Entry:
+    def materialise(self, e: DirectoryEntry, now: datetime, epoch: int | None = None) -> Entry:
+        """The entry of a row read in ``epoch`` (default: now; pass the epoch before the read)."""
+        if epoch is None:
+            epoch = self._epoch
         if self.entry_cache:
             cached = self._cached(e.key, now)
             if cached is not None:
                 return cached
         if e.kind == "glue":
-            return self._keep(glue_entry(e), NEVER)
+            return self._keep(glue_entry(e), NEVER, epoch)
         certs: Sequence[Any] = (self._lean.certs(e.key) if self._lean is not None
                                 else self.store.certs_by_directory_key(e.key))
-        return self._build(e, certs, now)
+        return self._build(e, certs, now, epoch)
 
-    def _build(self, e: DirectoryEntry, certs: Sequence[Any], now: datetime) -> Entry:
+    def _build(self, e: DirectoryEntry, certs: Sequence[Any], now: datetime,
+               epoch: int) -> Entry:
         if e.kind == "glue":
-            return self._keep(glue_entry(e), NEVER)
+            return self._keep(glue_entry(e), NEVER, epoch)
         if e.kind == "ca":
             entry = ca_entry(e, self._ca_map().get(e.key, []), certs, now)
         else:
@@ -167,20 +193,24 @@ class Directory:
         if not self.entry_cache:
             return entry
         # an entry shows a certificate until it expires
-        return self._keep(entry, expiry_bound(list(certs), now))
+        return self._keep(entry, expiry_bound(list(certs), now), epoch)
 
     def _cached(self, key: str, now: datetime) -> Entry | None:
-        hit = self._entries.get(key)
-        if hit is None or hit[1] <= now.timestamp():
-            return None
-        self._entries.move_to_end(key)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None or hit[1] <= now.timestamp():
+                return None
+            self._entries.move_to_end(key)
         return hit[0]
 
-    def _keep(self, entry: Entry, until: float) -> Entry:
+    def _keep(self, entry: Entry, until: float, epoch: int) -> Entry:
         if self.entry_cache:
-            self._entries[entry.key] = (entry, until)
-            if len(self._entries) > self.entry_cache:
-                self._entries.popitem(last=False)
+            with self._lock:
+                if epoch != self._epoch:  # read before an invalidation: maybe stale
+                    return entry
+                self._entries[entry.key] = (entry, until)
+                if len(self._entries) > self.entry_cache:
+                    self._entries.popitem(last=False)
         return entry
 
     def entry_at(self, key: str, now: datetime) -> Entry | None:
@@ -189,11 +219,12 @@ class Directory:
             cached = self._cached(key, now)
             if cached is not None:
                 return cached
+        epoch = self._epoch
         if self._lean is not None:
             found = self._lean.entry(key)
-            return None if found is None else self._build(found[0], found[1], now)
+            return None if found is None else self._build(found[0], found[1], now, epoch)
         e = self.store.entry(key)
-        return None if e is None else self.materialise(e, now)
+        return None if e is None else self.materialise(e, now, epoch)
 
     def cert_children(self, parent: Entry, now: datetime,
                       certs: Sequence[CertRecord] | None = None) -> list[Entry]:
@@ -265,9 +296,10 @@ class Directory:
         entry = self.base(dn, now)
         if (entry.kind in ("glue", "subject", "ca") and entry.key == dn.key
                 and self.entry_cache):
-            if len(self._base_keys) >= 1024:
-                self._base_keys.clear()
-            self._base_keys[text] = entry.key
+            with self._lock:
+                if len(self._base_keys) >= 1024:
+                    self._base_keys.clear()
+                self._base_keys[text] = entry.key
         return entry
 
     # --- search -----------------------------------------------------------------------------
@@ -415,9 +447,10 @@ class Directory:
     def _one_level(self, base: Entry, f: Filter, now: datetime,
                    after: Position | None) -> Iterator[Hit | None]:
         if base.kind == "dse":
+            epoch = self._epoch
             rows = [e for e in self.store.roots() if after is None or (3, 0, e.key, 0) > after]
             for e in rows:
-                entry = self.materialise(e, now)
+                entry = self.materialise(e, now, epoch)
                 if evaluate(f, entry, self.allow) is True:
                     yield Hit(entry, (3, 0, e.key, 0))
             return
@@ -425,12 +458,13 @@ class Directory:
         start = after[2] if after is not None and after[0] == 3 else ""
         examined = 0
         while True:
+            epoch = self._epoch
             rows = self.store.children(base.key, PAGE, start)
             for e in rows:
                 examined += 1
                 if examined > self.scan_limit:
                     raise AdminLimitExceeded("too many entries to examine; refine the filter")
-                entry = self.materialise(e, now)
+                entry = self.materialise(e, now, epoch)
                 if evaluate(f, entry, self.allow) is True:
                     yield Hit(entry, (3, 0, e.key, 0))
             if len(rows) < PAGE:
@@ -444,17 +478,19 @@ class Directory:
         if after is not None and after[0] == 2:
             start = after[2]
             # finish the certificate children of the entry the last page ended in
+            epoch = self._epoch
             e = self.store.entry(start)
             if e is not None:
-                yield from self._cert_hits(self.materialise(e, now), f, now, 2, after)
+                yield from self._cert_hits(self.materialise(e, now, epoch), f, now, 2, after)
         examined = 0
         while True:
+            epoch = self._epoch
             rows = self.store.subtree(base.key, PAGE, start)
             for e in rows:
                 examined += 1
                 if examined > self.scan_limit:
                     raise AdminLimitExceeded("too many entries to examine; refine the filter")
-                entry = self.materialise(e, now)
+                entry = self.materialise(e, now, epoch)
                 if evaluate(f, entry, self.allow) is True:
                     yield Hit(entry, (2, 0, e.key, 0))
                 yield from self._cert_hits(entry, f, now, 2, None)

@@ -65,11 +65,15 @@ class LeanReader:
 
     @classmethod
     def of(cls, store: Any) -> LeanReader | None:
+        # A threaded store (server.storeaccess.ThreadStore) says what it stands for, and is
+        # probed through the store opened at start: it may not be read on this thread.
+        kind = getattr(store, "store_type", None) or type(store)
+        probe = getattr(store, "sample", store) if kind is not type(store) else store
         query = getattr(store, "_query", None)
-        if query is None or type(store).__module__ != "store.sqlite":
+        if query is None or probe is None or kind.__module__ != "store.sqlite":
             return None
         try:
-            query(_PROBE)
+            probe._query(_PROBE)
         except StoreError:  # another schema: the general API still works
             return None
         return cls(query)

@@ -16,6 +16,14 @@ unavailable (52). Compare: a type outside the schema → undefinedAttributeType 
 allowlist or absent → noSuchAttribute (16), no equality rule → inappropriateMatching (18).
 Log lines follow slapd's ``stats`` format; passwords are never logged.
 
+Threaded store (``[store] threads > 0``, ``server.storeaccess``): a search's or compare's
+store work runs in a pool thread — a search is materialised there whole (its entries encoded,
+at most the size limit or the page size of them, the time limit and abandon checked between
+entries) and its PDUs written on the reactor thread. Every answer of a connection takes its
+turn in a queue of slots, so answers leave in request order even when a later request (a
+bind, a root DSE search answered from memory) finishes first; an abandoned search, an unbind
+or a lost connection drops the pending slots unwritten. A full pool queue answers busy (51).
+
 Hot path (bench/ldap_bench.py, docs/performance.md): a search runs inline in ``dataReceived``
 for up to ``INLINE_BUDGET`` seconds (a one-entry search finishes there: one reactor turn, one
 write), and only a longer one is handed to the Cooperator; the per-search log lines are not
@@ -29,7 +37,8 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import ISSLTransport
@@ -98,6 +107,20 @@ class _Search:
         self.task: Any = None
 
 
+class _Slot:
+    """One answer's place in the connection's output order (threaded store only)."""
+
+    __slots__ = ("chunks", "ready")
+
+    def __init__(self, ready: bool, chunks: list[bytes]) -> None:
+        self.ready = ready
+        self.chunks = chunks
+
+
+Emit = Callable[[bytes], None]
+Ended = tuple[tuple[Any, ...], dict[str, Any]]  # the arguments of LdapProtocol._done
+
+
 class LdapProtocol(Protocol, TimeoutMixin):
     """One client connection."""
 
@@ -111,6 +134,10 @@ class LdapProtocol(Protocol, TimeoutMixin):
         self._tls = False
         self._searches: dict[int, _Search] = {}
         self._info = getattr(factory, "log_info", True)
+        access = getattr(factory, "access", None)
+        self._access = access if access is not None and not access.inline else None
+        self._slots: deque[_Slot] = deque()  # answers waiting for earlier ones (threaded)
+        self._in_pool = 0  # operations of this connection running in the store threads
         if factory.call_later is not None:
             self.callLater = factory.call_later
 
@@ -133,6 +160,8 @@ class LdapProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
+        self._closing = True  # answers still in the store threads are dropped
+        self._slots.clear()
         for search in self._searches.values():
             search.abandoned = True
             if search.task is not None:
@@ -143,7 +172,7 @@ class LdapProtocol(Protocol, TimeoutMixin):
         log.info("conn={conn} closed", conn=self.conn)
 
     def timeoutConnection(self) -> None:
-        if self._searches:
+        if self._searches or self._in_pool:
             self.resetTimeout()
             return
         log.info("conn={conn} idle timeout", conn=self.conn)
@@ -159,8 +188,33 @@ class LdapProtocol(Protocol, TimeoutMixin):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _send(self, data: bytes) -> None:
-        if not self._closing:
-            self.transport.write(data)  # type: ignore[union-attr]
+        if self._closing:
+            return
+        if self._slots:  # an earlier answer is still being computed: queue behind it
+            tail = self._slots[-1]
+            if tail.ready:
+                tail.chunks.append(data)
+            else:
+                self._slots.append(_Slot(True, [data]))
+            return
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def _slot(self) -> _Slot:
+        """A place in the output order for an answer computed in the store threads."""
+        slot = _Slot(False, [])
+        self._slots.append(slot)
+        self._in_pool += 1
+        return slot
+
+    def _fill(self, slot: _Slot) -> None:
+        """slot's answer is complete: write every ready answer at the head of the queue."""
+        self._in_pool -= 1
+        slot.ready = True
+        slots = self._slots
+        while slots and slots[0].ready:
+            chunks = slots.popleft().chunks
+            if chunks and not self._closing:
+                self.transport.write(b"".join(chunks))  # type: ignore[union-attr]
 
     # --- framing --------------------------------------------------------------------------
 
@@ -244,9 +298,9 @@ class LdapProtocol(Protocol, TimeoutMixin):
 
     def _result(self, message_id: int, tag: int, code: ResultCode, matched: str = "",
                 message: str = "", extra: bytes = b"", controls: bytes = b"",
-                op: int | None = None, **fields: Any) -> None:
-        self._send(codec.encode_result(message_id, tag, int(code), matched, message, extra,
-                                       controls))
+                op: int | None = None, emit: Emit | None = None, **fields: Any) -> None:
+        (emit or self._send)(codec.encode_result(message_id, tag, int(code), matched, message,
+                                                 extra, controls))
         log.info('conn={conn} op={op} RESULT tag={tag} err={err} text="{text}"', conn=self.conn,
                  op=self.op if op is None else op, tag=tag, err=int(code), text=clean(message),
                  **fields)
@@ -272,17 +326,36 @@ class LdapProtocol(Protocol, TimeoutMixin):
     def _compare(self, message_id: int, req: codec.CompareRequest) -> None:
         log.info('conn={conn} op={op} CMP dn="{dn}" attr="{attr}"', conn=self.conn, op=self.op,
                  dn=clean(req.dn), attr=clean(req.attribute))
+        now = self.factory.clock()
+        if self._access is None:
+            code, text = self._compare_outcome(req, now)
+            self._result(message_id, 0x6F, code, message=text)
+            return
+        if self._access.busy() or self._in_pool >= self.factory.config.max_outstanding:
+            self._result(message_id, 0x6F, ResultCode.BUSY, message="server busy")
+            return
+        op, slot = self.op, self._slot()
+
+        def answered(outcome: Any) -> None:
+            if isinstance(outcome, Failure):
+                log.failure("conn={conn} op={op} internal error", outcome, conn=self.conn, op=op)
+                outcome = (ResultCode.OTHER, "internal error")
+            self._result(message_id, 0x6F, outcome[0], message=outcome[1], op=op,
+                         emit=slot.chunks.append)
+            self._fill(slot)
+
+        self._access.run(self._compare_outcome, req, now).addBoth(answered)
+
+    def _compare_outcome(self, req: codec.CompareRequest, now: Any) -> tuple[ResultCode, str]:
+        """The result code of a compare (and its text); reads the store."""
         try:
-            entry = self.factory.directory.lookup(parse_dn(req.dn), self.factory.clock())
+            entry = self.factory.directory.lookup(parse_dn(req.dn), now)
         except names.DNSyntaxError as exc:
-            self._result(message_id, 0x6F, ResultCode.INVALID_DN_SYNTAX, message=str(exc))
-            return
+            return ResultCode.INVALID_DN_SYNTAX, str(exc)
         except StoreError:
-            self._result(message_id, 0x6F, ResultCode.UNAVAILABLE, message="store unavailable")
-            return
+            return ResultCode.UNAVAILABLE, "store unavailable"
         if entry is None:
-            self._result(message_id, 0x6F, ResultCode.NO_SUCH_OBJECT)
-            return
+            return ResultCode.NO_SUCH_OBJECT, ""
         t, ok = describe(req.attribute)
         allow = self.factory.directory.allow
         if t is None:
@@ -295,7 +368,7 @@ class LdapProtocol(Protocol, TimeoutMixin):
             truth = evaluate(Match("=", req.attribute, req.value), entry, allow)
             code = {True: ResultCode.COMPARE_TRUE, False: ResultCode.COMPARE_FALSE}.get(
                 truth, ResultCode.INVALID_ATTRIBUTE_SYNTAX)  # type: ignore[arg-type]
-        self._result(message_id, 0x6F, code)
+        return code, ""
 
     def _extended(self, message_id: int, req: codec.ExtendedRequest) -> None:
         log.info('conn={conn} op={op} EXT oid={oid}', conn=self.conn, op=self.op,
@@ -310,7 +383,7 @@ class LdapProtocol(Protocol, TimeoutMixin):
             elif self._tls:
                 self._ext_result(message_id, ResultCode.OPERATIONS_ERROR,
                                  "TLS is already established", STARTTLS)
-            elif self._searches:
+            elif self._searches or self._slots:
                 self._ext_result(message_id, ResultCode.OPERATIONS_ERROR,
                                  "operations are outstanding", STARTTLS)
             else:
@@ -341,6 +414,10 @@ class LdapProtocol(Protocol, TimeoutMixin):
         if len(self._searches) >= f.config.max_outstanding:
             self._done(search, ResultCode.BUSY, 0, "too many outstanding operations")
             return
+        if self._access is not None and (self._access.busy()
+                                         or self._in_pool >= f.config.max_outstanding):
+            self._done(search, ResultCode.BUSY, 0, "server busy")
+            return
         fingerprint = b""
         if paged is not None:
             fingerprint = hashlib.sha256(
@@ -354,6 +431,13 @@ class LdapProtocol(Protocol, TimeoutMixin):
                 return
         if paged is not None and paged[0] == 0:  # RFC 2696 §3: size 0 ends a paged search
             self._done(search, ResultCode.SUCCESS, 0, controls=_paged(b""))
+            return
+        if self._access is not None:
+            self._searches[message_id] = search
+            slot = self._slot()
+            d = self._access.run(self._collect, search, req, paged, fingerprint, after,
+                                 f.clock())
+            d.addBoth(self._collected, search, slot)
             return
         try:
             now = f.clock()
@@ -369,7 +453,7 @@ class LdapProtocol(Protocol, TimeoutMixin):
             self._done(search, ResultCode.UNAVAILABLE, 0, "store unavailable")
             return
         self._searches[message_id] = search
-        steps = self._drive(search, req, results, paged, fingerprint)
+        steps = self._drive(search, req, results, paged, fingerprint, self._send, self._done)
         # Run inline while it is quick (most searches end here); the rest is cooperative.
         deadline = f.timer() + INLINE_BUDGET
         for _ in steps:
@@ -377,8 +461,49 @@ class LdapProtocol(Protocol, TimeoutMixin):
                 search.task = f.cooperator.cooperate(steps)
                 return
 
+    def _collect(self, search: _Search, req: codec.SearchRequest,
+                 paged: tuple[int, bytes] | None, fingerprint: bytes, after: Position | None,
+                 now: Any) -> tuple[list[bytes], Ended | None]:
+        """A whole search in a store thread: its entries' PDUs and how it ended (the
+        arguments of ``_done`` after the search; None when abandoned)."""
+        chunks: list[bytes] = []
+        ended: list[Ended] = []
+
+        def finish(_: _Search, *args: Any, **kwargs: Any) -> None:
+            ended.append((args, kwargs))
+
+        f = self.factory
+        try:
+            base = f.directory.base_text(req.base, now)
+            results = f.directory.search(base, req.scope, req.filter, now, after)
+        except names.DNSyntaxError as exc:
+            return chunks, ((ResultCode.INVALID_DN_SYNTAX, 0, str(exc)), {})
+        except LdapError as exc:
+            return chunks, ((exc.code, 0, exc.message, exc.matched), {})
+        except StoreError:
+            return chunks, ((ResultCode.UNAVAILABLE, 0, "store unavailable"), {})
+        for _ in self._drive(search, req, results, paged, fingerprint, chunks.append, finish):
+            pass
+        return chunks, ended[0] if ended else None
+
+    def _collected(self, result: Any, search: _Search, slot: _Slot) -> None:
+        """On the reactor: a search the store threads finished takes its turn to be sent."""
+        if isinstance(result, Failure):
+            log.failure("conn={conn} op={op} internal error", result, conn=self.conn,
+                        op=search.op)
+            result = ([], ((ResultCode.OTHER, 0, "internal error"), {}))
+        chunks, ended = result
+        if search.abandoned or ended is None:  # abandoned or disconnected: no answer at all
+            self._searches.pop(search.message_id, None)
+        else:
+            slot.chunks.extend(chunks)
+            args, kwargs = ended
+            self._done(search, *args, **{**kwargs, "emit": slot.chunks.append})
+        self._fill(slot)
+
     def _drive(self, search: _Search, req: codec.SearchRequest, results: Iterator[Any],
-               paged: tuple[int, bytes] | None, fingerprint: bytes) -> Iterator[None]:
+               paged: tuple[int, bytes] | None, fingerprint: bytes, emit: Emit,
+               finish: Callable[..., None]) -> Iterator[None]:
         f = self.factory
         cfg = f.config
         size = min(req.size_limit or cfg.size_limit, cfg.size_limit)
@@ -396,40 +521,40 @@ class LdapProtocol(Protocol, TimeoutMixin):
                 if search.abandoned or self._closing:
                     return
                 if f.timer() > deadline:
-                    self._done(search, ResultCode.TIME_LIMIT_EXCEEDED, count)
+                    finish(search, ResultCode.TIME_LIMIT_EXCEEDED, count)
                     return
                 if hit is None:
                     yield None
                     continue
                 if count >= size:
-                    self._done(search, ResultCode.SIZE_LIMIT_EXCEEDED, count)
+                    finish(search, ResultCode.SIZE_LIMIT_EXCEEDED, count)
                     return
                 if page is not None and count >= page and last is not None:
-                    self._done(search, ResultCode.SUCCESS, count,
-                               controls=_paged(_encode_cookie(last, fingerprint)))
+                    finish(search, ResultCode.SUCCESS, count,
+                           controls=_paged(_encode_cookie(last, fingerprint)))
                     return
                 attrs = render(hit.entry, selection, allow, req.types_only)
-                self._send(codec.encode_entry(search.message_id, hit.entry.dn, attrs))
+                emit(codec.encode_entry(search.message_id, hit.entry.dn, attrs))
                 count += 1
                 last = hit.position
                 yield None
         except LdapError as exc:
-            self._done(search, exc.code, count, exc.message, exc.matched)
+            finish(search, exc.code, count, exc.message, exc.matched)
             return
         except StoreError:
-            self._done(search, ResultCode.UNAVAILABLE, count, "store unavailable")
+            finish(search, ResultCode.UNAVAILABLE, count, "store unavailable")
             return
         except Exception:
             log.failure("conn={conn} op={op} internal error", conn=self.conn, op=search.op)
-            self._done(search, ResultCode.OTHER, count, "internal error")
+            finish(search, ResultCode.OTHER, count, "internal error")
             return
-        self._done(search, ResultCode.SUCCESS, count,
-                   controls=_paged(b"") if paged is not None else b"")
+        finish(search, ResultCode.SUCCESS, count,
+               controls=_paged(b"") if paged is not None else b"")
 
     def _done(self, search: _Search, code: ResultCode, count: int, message: str = "",
-              matched: str = "", controls: bytes = b"") -> None:
+              matched: str = "", controls: bytes = b"", emit: Emit | None = None) -> None:
         self._searches.pop(search.message_id, None)
-        self._send(codec.encode_result(search.message_id, 0x65, int(code), matched, message,
+        (emit or self._send)(codec.encode_result(search.message_id, 0x65, int(code), matched, message,
                                        b"", controls))
         if self._info:
             log.info('conn={conn} op={op} SEARCH RESULT tag=101 err={err} nentries={nentries} '

@@ -2,15 +2,15 @@
 
 Strategy: the factory owns what every connection shares — the configuration, the virtual
 directory over the store, the TLS context for StartTLS, the clock — and enforces the connection
-limits (in total and per client address) before a protocol is built. The change feed drops the
-directory's caches when the importer commits.
+limits (in total and per client address, ``server.limits``) before a protocol is built. The change feed drops the
+directory's caches when the importer commits. With a threaded ``StoreAccess`` the directory
+reads through the per-thread store proxy, and protocols send their store work to the pool.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +22,8 @@ from server.ldap.config import LdapConfig
 from server.ldap.directory import Directory, DirectoryStore
 from server.ldap.protocol import KNOWN_CONTROLS, STARTTLS, WHOAMI, LdapProtocol, info_enabled
 from server.ldap.schema import Allowlist
+from server.limits import ConnectionLimits, peer_host
+from server.storeaccess import StoreAccess
 
 log = Logger(namespace="certpub.ldap")
 VERSION = "0.1.0"
@@ -36,48 +38,60 @@ class LdapFactory(ServerFactory):
     def __init__(self, config: LdapConfig, directory: Directory, tls: Any | None,
                  clock: Callable[[], datetime], *, timer: Callable[[], float] = time.monotonic,
                  cooperator: Cooperator | None = None,
-                 call_later: Callable[..., Any] | None = None) -> None:
+                 call_later: Callable[..., Any] | None = None,
+                 access: StoreAccess | None = None) -> None:
         self.config = config
+        self.access = access  # None or inline: store calls run on the reactor thread
         self.directory = directory
         self.tls = tls
         self.clock = clock
         self.timer = timer
         self.cooperator = cooperator or Cooperator()
         self.call_later = call_later
-        self.connections = 0
-        self.per_address: Counter[str] = Counter()
+        self.limits = ConnectionLimits(config.max_connections,
+                                       config.max_connections_per_address, service="ldap",
+                                       log=log)
         self._next_conn = 1000
         self.log_info: bool | None = None  # per-operation info lines wanted (probed once)
 
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return self.limits.total
+
+    @property
+    def per_address(self) -> Mapping[str, int]:
+        """Connections open now, by client address (addresses with none are absent)."""
+        return self.limits.per_address
+
     def buildProtocol(self, addr: Any) -> LdapProtocol | None:  # type: ignore[override]
-        host = str(getattr(addr, "host", addr))
-        peer = f"{host}:{getattr(addr, 'port', '')}"
-        if self.connections >= self.config.max_connections:
-            log.warn("refusing connection from IP={peer}: {n} connections open", peer=peer,
-                     n=self.connections)
-            return None
-        if self.per_address[host] >= self.config.max_connections_per_address:
-            log.warn("refusing connection from IP={peer}: per-address limit", peer=peer)
-            return None
+        host = peer_host(addr)
+        if not self.limits.admit(host):
+            return None  # closed at once; ConnectionLimits warns once per burst
         if self.log_info is None:  # logging is set up before the first client connects
             self.log_info = info_enabled()
-        self.connections += 1
-        self.per_address[host] += 1
         self._next_conn += 1
-        return LdapProtocol(self, self._next_conn, peer)
+        return LdapProtocol(self, self._next_conn, f"{host}:{getattr(addr, 'port', '')}")
 
     def connection_closed(self, peer: str) -> None:
-        host = peer.rsplit(":", 1)[0]
-        self.connections -= 1
-        self.per_address[host] -= 1
-        if self.per_address[host] <= 0:
-            del self.per_address[host]
+        """The protocol of ``peer`` (``host:port``) lost its connection: free its slot."""
+        self.limits.release(peer.rsplit(":", 1)[0])
+
+    def reload(self, config: Any) -> None:
+        """SIGHUP: the new connection limits apply to connections accepted from now on (open
+        ones stay, even above a lowered limit); the other ``[ldap]`` keys need a restart."""
+        self.limits.set_limits(config.ldap.max_connections,
+                               config.ldap.max_connections_per_address)
 
 
 def make_ldap_factory(config: LdapConfig, store: DirectoryStore, feed: Any,
-                      tls: Any | None, now: Callable[[], datetime]) -> LdapFactory:
-    """The LDAP service over a store; ``feed`` (a ChangeFeed or None) invalidates its caches."""
+                      tls: Any | None, now: Callable[[], datetime],
+                      access: StoreAccess | None = None) -> LdapFactory:
+    """The LDAP service over a store; ``feed`` (a ChangeFeed or None) invalidates its caches;
+    ``access`` (threaded) makes the store calls run in its pool, through its store proxy."""
     extensions = [WHOAMI] + ([STARTTLS] if tls is not None else [])
+    if access is not None:
+        store = access.store
     directory = Directory(
         store, Allowlist.of(config.attributes), naming_contexts=config.naming_contexts,
         scan_limit=config.scan_limit, controls=KNOWN_CONTROLS, extensions=extensions,
@@ -86,4 +100,4 @@ def make_ldap_factory(config: LdapConfig, store: DirectoryStore, feed: Any,
     if feed is not None:  # the entry cache is only correct while the feed invalidates it
         directory.entry_cache = ENTRY_CACHE
         feed.subscribe(directory.invalidate)
-    return LdapFactory(config, directory, tls, now)
+    return LdapFactory(config, directory, tls, now, access=access)

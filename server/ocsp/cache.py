@@ -10,10 +10,18 @@ Side indexes by (CA, serial) and by CA let a change-feed batch void exactly the 
 touches. An entry is also dropped once it is half-way to its nextUpdate (RFC 5019 §6: the
 responder re-signs well before clients would see it expire), so a status is never re-signed
 per request and never served stale.
+
+Threads: with a threaded store, misses are answered (and inserted) in store threads while
+hits and the change feed stay on the reactor thread, so every operation holds one lock. The
+cache also counts invalidations (``epoch``): a response is computed from reads made after
+the epoch it started in was read, and ``put(..., epoch=)`` drops it when an invalidation
+came in between — it may hold a status the change just voided (``good`` for a certificate
+revoked meanwhile), so it must not outlive that change in the cache.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,33 +74,46 @@ class ResponseCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.epoch = 0  # invalidations so far (see the module docstring)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: bytes, now: datetime) -> CachedResponse | None:
         """The live entry under key, counting a hit or a miss."""
-        entry = self._entries.get(key)
-        if entry is not None and now >= entry.refresh_at:
-            self._drop(key)
-            entry = None
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and now >= entry.refresh_at:
+                self._drop(key)
+                entry = None
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
 
     def peek(self, key: bytes, now: datetime) -> CachedResponse | None:
         """Like get, without counting (for the second key of one request)."""
-        entry = self._entries.get(key)
-        if entry is None or now >= entry.refresh_at:
-            return None
-        self._entries.move_to_end(key)
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or now >= entry.refresh_at:
+                return None
+            self._entries.move_to_end(key)
+            return entry
 
-    def put(self, keys: Sequence[bytes], entry: CachedResponse) -> None:
-        """Store entry under every key (evicting the least recently used beyond the bound)."""
+    def put(self, keys: Sequence[bytes], entry: CachedResponse,
+            epoch: int | None = None) -> bool:
+        """Store entry under every key (evicting the least recently used beyond the bound);
+        with ``epoch`` (read before the store reads), only if no invalidation came since."""
+        with self._lock:
+            if epoch is not None and epoch != self.epoch:
+                return False
+            self._put(keys, entry)
+            return True
+
+    def _put(self, keys: Sequence[bytes], entry: CachedResponse) -> None:
         for key in keys:
             if key in self._entries:
                 self._drop(key)
@@ -122,6 +143,11 @@ class ResponseCache:
                     del self._by_serial[s]
 
     def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
+        self.epoch += 1
         self._entries.clear()
         self._by_serial.clear()
         self._by_ca.clear()
@@ -133,15 +159,18 @@ class ResponseCache:
         change many statuses at once). ``ca`` and ``all``: everything — a CA that appears or
         changes can turn other responses' ``unknown`` into a status, and CA changes are rare.
         """
-        before = len(self._entries)
-        for change in changes:
-            if change.kind == "cert" and change.serial is not None:
-                for key in list(self._by_serial.get((change.ca_id, int(change.serial)), ())):
-                    self._drop(key)
-            elif change.kind in ("crl", "cert"):
-                for key in list(self._by_ca.get(change.ca_id, ())):
-                    self._drop(key)
-            else:
-                self.clear()
-                break
-        return before - len(self._entries)
+        with self._lock:
+            self.epoch += 1  # even when nothing was cached: a miss may be in flight
+            before = len(self._entries)
+            for change in changes:
+                if change.kind == "cert" and change.serial is not None:
+                    for key in list(self._by_serial.get((change.ca_id, int(change.serial)),
+                                                        ())):
+                        self._drop(key)
+                elif change.kind in ("crl", "cert"):
+                    for key in list(self._by_ca.get(change.ca_id, ())):
+                        self._drop(key)
+                else:
+                    self._clear()
+                    break
+            return before - len(self._entries)

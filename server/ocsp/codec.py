@@ -70,7 +70,7 @@ class SigRequired(OcspError):
 
 
 class Unauthorized(OcspError):
-    """No CertID of the request names an issuer this responder serves."""
+    """No CertID names a served issuer, or a signed request's requestor is not accepted."""
 
     status = "unauthorized"
 
@@ -115,6 +115,7 @@ class RequestSignature:
     signature: bytes
     tbs_der: bytes  # the signed TBSRequest
     certs: tuple[bytes, ...]
+    algorithm_der: bytes = b""  # the AlgorithmIdentifier, parameters included (RSASSA-PSS)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def decode_request(der: bytes, *, max_certids: int = DEFAULT_MAX_CERTIDS) -> Ocs
         requestor_der = None
         if not isinstance(requestor, core.Void):
             _ = requestor.native  # forces the lazy parse inside this try
-            requestor_der = requestor.dump()
+            requestor_der = requestor.untag().dump()  # without the [1] of TBSRequest
         nonce: bytes | None = None
         extensions: list[Extension] = []
         seen: set[str] = set()
@@ -191,6 +192,7 @@ def decode_request(der: bytes, *, max_certids: int = DEFAULT_MAX_CERTIDS) -> Ocs
                 signature=bytes(sig["signature"].native),
                 tbs_der=tbs.dump(),
                 certs=tuple(c.dump() for c in certs) if certs.native is not None else (),
+                algorithm_der=sig["signature_algorithm"].dump(),
             )
             for c in certs if certs.native is not None else ():
                 _ = c.native

@@ -9,6 +9,12 @@ from server.configtools import ConfigError, Section
 
 MIN_VALIDITY = 8 * 3600.0  # CA/B Baseline Requirements 4.9.9
 MAX_VALIDITY = 10 * 86400.0
+# Connection limits of the HTTP listener, per process (each worker counts its own). Per
+# address as [ldap]'s (100): one address can be a NAT or proxy in front of many clients. In
+# total more than LDAP's 1000, as OCSP is the busy service; the process needs a descriptor
+# limit (LimitNOFILE) above both totals, or accept() fails (EMFILE) before a limit refuses.
+MAX_CONNECTIONS = 4096
+MAX_CONNECTIONS_PER_ADDRESS = 100
 
 
 @dataclass(frozen=True)
@@ -19,6 +25,11 @@ class HttpConfig:
     max_certids: int
     cache_entries: int = 100_000  # pre-signed responses kept (LRU)
     idle_timeout: float = 30.0  # seconds a keep-alive connection may stay silent
+    max_connections: int = MAX_CONNECTIONS  # open at once; more are closed at once
+    max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
+    # Signed OCSP requests (RFC 6960 §4.1.2): "ignore" | "verify" | "require"
+    # (see server.ocsp.requestor).
+    request_signatures: str = "ignore"
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,11 @@ def parse_http(sec: Section) -> HttpConfig:
         max_certids=sec.int("max_certids", 100, min=1, max=10_000),
         cache_entries=sec.int("cache_entries", 100_000, min=1, max=100_000_000),
         idle_timeout=sec.duration("idle_timeout", 30.0, min=1, max=3600),
+        max_connections=sec.int("max_connections", MAX_CONNECTIONS, min=1, max=1_000_000),
+        max_connections_per_address=sec.int("max_connections_per_address",
+                                            MAX_CONNECTIONS_PER_ADDRESS, min=1, max=1_000_000),
+        request_signatures=sec.str("request_signatures", "ignore",
+                                   choices=("ignore", "verify", "require")),
     )
     sec.done()
     return cfg

@@ -20,19 +20,28 @@ Pre-built bytes hang off the cache entry (``CachedResponse.extra``): when the ch
 the refresh time drops the entry, its bytes go with it, so a changed status is never served
 from here. The only state of the fast path itself is a bounded memo of GET path → request
 DER, a pure function of the path.
+
+With a threaded store a miss is answered in the store threads (``OcspService.miss`` returns a
+Deferred): its answer takes a slot in the connection's queue of pending answers, and answers
+computed meanwhile (hits of later pipelined requests) wait behind it, so replies leave in
+request order; a handover to twisted.web, or the close a ``Connection: close`` asked for,
+waits until that queue is empty; a lost connection drops the pending answers unwritten.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.server import version as SERVER_VERSION
 from zope.interface import implementer
@@ -85,6 +94,10 @@ class FastChannel(Protocol, TimeoutMixin):
     _abort: Any = None
     _deadline: Any = None  # a partial request must complete within idle_timeout (408)
     _client = "-"
+    _pending: Any = None  # deque of [ready, bytes]: answers in request order (store threads)
+    _handover_data: bytes | None = None  # for twisted.web once the pending answers are out
+    _lost = False
+    slot: Any = None  # the connection's place in site.limits (set by OcspSite.buildProtocol)
     transport: Any
 
     def __init__(self, site: OcspSite, addr: Any) -> None:
@@ -130,14 +143,19 @@ class FastChannel(Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._lost = True  # answers still in the store threads are dropped
         self.setTimeout(None)
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
-        if self._inner is not None:
-            self._inner.connectionLost(reason)
+        try:
+            if self._inner is not None:
+                self._inner.connectionLost(reason)
+        finally:  # the slot stays with this outer protocol after a handover: released once
+            if self.slot is not None:
+                self.slot.release()
 
     def _handover(self, data: bytes) -> None:
         """From now on twisted.web serves this connection, starting with data."""
@@ -160,6 +178,9 @@ class FastChannel(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._inner is not None:
             self._inner.dataReceived(data)
+            return
+        if self._handover_data is not None:  # twisted.web's, once the pending answers are out
+            self._handover_data += data
             return
         if self._closing:
             return
@@ -190,11 +211,18 @@ class FastChannel(Protocol, TimeoutMixin):
             if self._closing:
                 break
         if out:
-            self.transport.write(b"".join(out))
+            if self._pending:
+                self._write(b"".join(out))
+            else:
+                self.transport.write(b"".join(out))
         if handover >= 0:
-            self._handover(buf[handover:])
+            if self._pending:
+                self._handover_data = buf[handover:]
+            else:
+                self._handover(buf[handover:])
         elif self._closing:
-            self.transport.loseConnection()
+            if not self._pending:
+                self.transport.loseConnection()
         elif self._buf:
             if self._deadline is None and self.timeOut:
                 self._deadline = self.callLater(self.timeOut, self._too_slow)
@@ -317,23 +345,81 @@ class FastChannel(Protocol, TimeoutMixin):
             code, sent = 200, len(entry.der)
         else:
             try:
-                outcome = (service._from_entry(entry, "hit") if entry is not None
-                           else service.respond_miss(der, now))
-                fields = {"kind": "ocsp", **web.reply_fields(outcome)}
-                code, hdrs, body = web.ocsp_reply(outcome, now if get else None, inm, ims)
+                outcome: Any = (service._from_entry(entry, "hit") if entry is not None
+                                else service.miss(der, now))
             except Exception:  # noqa: BLE001 - a bug: logged with its traceback, answered 500
-                log.failure("HTTP request failed")
-                fields, code, hdrs, body = {"kind": "ocsp"}, 500, [], b""
-            parts = [_STATUS[version, code], conn, _SERVER_DATE, _date(), b"\r\n"]
-            for name, value in hdrs:
-                parts += (name, b": ", value, b"\r\n")
-            parts += (b"Content-Length: %d\r\n\r\n" % len(body), body)
-            out.append(b"".join(parts))
-            sent = len(body)
+                outcome = Failure()  # type: ignore[no-untyped-call]
+            if isinstance(outcome, Deferred):  # in the store threads: answered in its turn
+                if out:
+                    self._write(b"".join(out))
+                    out.clear()
+                if self._pending is None:
+                    self._pending = deque()
+                slot = [False, b""]
+                self._pending.append(slot)
+                outcome.addBoth(self._answered, slot, method, version, conn, get, now, inm,
+                                ims, started)
+                return
+            fields, code, data, sent = self._reply(outcome, version, conn, get, now, inm, ims)
+            out.append(data)
         seconds = time.perf_counter() - started
         log.info("http request", client=self._client, method=method.decode("latin-1"),
                  **fields, status=code, bytes=sent, duration=f"{seconds:.6f}")
         web._metrics(fields, seconds)
+
+    def _reply(self, outcome: Any, version: bytes, conn: bytes, get: bool, now: datetime,
+               inm: bytes | None, ims: bytes | None) -> tuple[dict[str, Any], int, bytes, int]:
+        """(log fields, status, HTTP bytes, body size) of an answer built per request."""
+        try:
+            if isinstance(outcome, Failure):
+                outcome.raiseException()
+            fields = {"kind": "ocsp", **web.reply_fields(outcome)}
+            code, hdrs, body = web.ocsp_reply(outcome, now if get else None, inm, ims)
+        except Exception:  # noqa: BLE001 - a bug: logged with its traceback, answered 500
+            log.failure("HTTP request failed")
+            fields, code, hdrs, body = {"kind": "ocsp"}, 500, [], b""
+        parts = [_STATUS[version, code], conn, _SERVER_DATE, _date(), b"\r\n"]
+        for name, value in hdrs:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"Content-Length: %d\r\n\r\n" % len(body), body)
+        return fields, code, b"".join(parts), len(body)
+
+    def _answered(self, outcome: Any, slot: list[Any], method: bytes, version: bytes,
+                  conn: bytes, get: bool, now: datetime, inm: bytes | None, ims: bytes | None,
+                  started: float) -> None:
+        """A miss came back from the store threads: log it, then send what is now in turn."""
+        fields, code, data, sent = self._reply(outcome, version, conn, get, now, inm, ims)
+        seconds = time.perf_counter() - started
+        log.info("http request", client=self._client, method=method.decode("latin-1"),
+                 **fields, status=code, bytes=sent, duration=f"{seconds:.6f}")
+        web._metrics(fields, seconds)
+        slot[0], slot[1] = True, data
+        self._drain()
+
+    def _write(self, data: bytes) -> None:
+        """Send data after the pending answers (at once when there are none)."""
+        pending = self._pending
+        if not pending:
+            self.transport.write(data)
+        elif pending[-1][0]:
+            pending[-1][1] += data
+        else:
+            pending.append([True, data])
+
+    def _drain(self) -> None:
+        """Write the answers ready at the head of the queue; then a deferred handover/close."""
+        pending = self._pending
+        while pending and pending[0][0]:
+            data = pending.popleft()[1]
+            if data and not self._lost:
+                self.transport.write(data)
+        if pending or self._lost:
+            return
+        if self._handover_data is not None:
+            data, self._handover_data = self._handover_data, None
+            self._handover(data)
+        elif self._closing:
+            self.transport.loseConnection()
 
     @staticmethod
     def _get_tail(entry: CachedResponse, now: datetime) -> bytes:

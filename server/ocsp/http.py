@@ -8,7 +8,9 @@ chunks. The channel adds what twisted.web lacks: HTTP/1.0 keep-alive (on request
 body limit answered with 413 as soon as the headers announce too much — or the chunked body
 passes the limit — without reading the rest. A POST is parsed whatever its Content-Type:
 RFC 6960 A.1 asks for ``application/ocsp-request``, but some clients send none, and the
-bytes either decode as an OCSPRequest or get ``malformedRequest`` anyway.
+bytes either decode as an OCSPRequest or get ``malformedRequest`` anyway. With a threaded
+store (``access``) a miss or a CRL read runs in the store threads: the resource answers
+``NOT_DONE_YET`` and writes the bytes (with their ``Content-Length``) when they are ready.
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from server.limits import ConnectionLimits, Slot, peer_host
 from server.ocsp import publish
 from server.ocsp.codec import MalformedRequest, encode_error
+from server.ocsp.config import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS
 from server.ocsp.service import OcspService, Outcome
 from store.sqlite import StoreError
 
@@ -72,6 +78,7 @@ class _Channel(HTTPChannel):
 
     site: OcspSite
     _refused = False
+    slot: Slot | None = None  # set by OcspSite.buildProtocol, unless the fast path owns it
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         if version == b"HTTP/1.0":
@@ -134,7 +141,11 @@ class _Channel(HTTPChannel):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        try:
+            super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        finally:
+            if self.slot is not None:
+                self.slot.release()
 
 
 class OcspResource(Resource):
@@ -143,22 +154,49 @@ class OcspResource(Resource):
     isLeaf = True
 
     def __init__(self, service: OcspService, store: Any, ocsp_paths: tuple[str, ...],
-                 now: Callable[[], datetime]) -> None:
+                 now: Callable[[], datetime], access: Any = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.service = service
-        self.store = store
+        # a threaded StoreAccess: store reads (OCSP misses, CRLs) run in its pool, and the
+        # answer is written when they are done (NOT_DONE_YET)
+        self.access = access if access is not None and not access.inline else None
+        self.store = access.store if self.access is not None else store
         self.now = now
         self.ocsp_paths = ocsp_paths
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Any) -> bytes | int:
         started = time.perf_counter()
         fields: dict[str, Any] = {"kind": "ocsp"}
         try:
             body = self._route(request, fields)
         except Exception:  # noqa: BLE001 - a bug: logged with its traceback, answered 500
-            log.failure("HTTP request failed")
-            request.setResponseCode(500)
-            body = b""
+            body = _failed(request, Failure())  # type: ignore[no-untyped-call]
+        if isinstance(body, Deferred):
+            return self._later(request, body, fields, started)
+        return self._done(request, body, fields, started)
+
+    def _later(self, request: Any, pending: Deferred[bytes], fields: dict[str, Any],
+               started: float) -> int:
+        """Finish request when its store work is done (unless the client left meanwhile)."""
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def finish(body: bytes | Failure) -> None:
+            if isinstance(body, Failure):
+                body = _failed(request, body)
+            body = self._done(request, body, fields, started)
+            if gone:
+                return
+            # twisted.web sets Content-Length only for bodies returned by render: never chunk
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            if request.method != b"HEAD":
+                request.write(body)
+            request.finish()
+
+        pending.addBoth(finish)
+        return NOT_DONE_YET
+
+    def _done(self, request: Any, body: bytes, fields: dict[str, Any], started: float) -> bytes:
         peer = request.getClientAddress()
         seconds = time.perf_counter() - started
         log.info("http request", client=getattr(peer, "host", "-"),
@@ -167,7 +205,7 @@ class OcspResource(Resource):
         _metrics(fields, seconds)
         return body
 
-    def _route(self, request: Any, fields: dict[str, Any]) -> bytes:
+    def _route(self, request: Any, fields: dict[str, Any]) -> bytes | Deferred[bytes]:
         method, path = request.method, request.path
         if path.startswith((b"/ca/", b"/crl/")):
             fields["kind"] = "ca" if path.startswith(b"/ca/") else "crl"
@@ -182,9 +220,8 @@ class OcspResource(Resource):
             return _not_allowed(request, b"GET, HEAD, POST")
         if path == b"/":
             fields["kind"] = "index"
-            records = self._records()
-            return _send(request, publish.index_page(list(self.service.published.values()),
-                                                     records, self.ocsp_paths))
+            return _then(self._records(), lambda records: _send(request, publish.index_page(
+                list(self.service.published.values()), records, self.ocsp_paths)))
         for prefix in sorted(self.ocsp_paths, key=len, reverse=True):  # "/ocsp/x" before "/x"
             p = prefix.rstrip("/").encode() + b"/"
             # Under "/" only what looks like base64 DER (a SEQUENCE encodes as "M...") is
@@ -198,13 +235,30 @@ class OcspResource(Resource):
                 return self._ocsp(request, der, fields, get=True)
         return _send(request, publish.not_found())
 
-    def _records(self) -> dict[str, Any]:
+    def _records(self) -> dict[str, Any] | Deferred[dict[str, Any]]:
+        if self.access is not None:
+            if self.access.busy():
+                return {}
+            records: Deferred[dict[str, Any]] = self.access.run(self._read_records)
+            return records
+        return self._read_records()
+
+    def _read_records(self) -> dict[str, Any]:
         try:
             return {name: self.store.ca_by_name(name) for name in self.service.published}
         except StoreError:
             return {}
 
-    def _publication(self, request: Any, path: bytes, fields: dict[str, Any]) -> bytes:
+    def _ca_record(self, name: str) -> Any:
+        """The CA's store record (or Deferred of it); StoreError when unreadable."""
+        if self.access is None:
+            return self.store.ca_by_name(name)
+        if self.access.busy():
+            raise StoreError("store threads busy")
+        return self.access.run(self.store.ca_by_name, name)
+
+    def _publication(self, request: Any, path: bytes,
+                     fields: dict[str, Any]) -> bytes | Deferred[bytes]:
         name, _, ext = path.rsplit(b"/", 1)[-1].decode("latin-1").rpartition(".")
         fields["ca"] = name or "-"
         ca = self.service.published.get(name)
@@ -213,16 +267,23 @@ class OcspResource(Resource):
         if fields["kind"] == "ca" and ext in ("crt", "pem"):
             return _send(request, publish.ca_certificate(ca, pem=ext == "pem"))
         if fields["kind"] == "crl" and ext == "crl":
-            try:
-                record = self.store.ca_by_name(name)
-            except StoreError:
+            def unavailable(failure: Failure) -> bytes:
+                failure.trap(StoreError)  # type: ignore[no-untyped-call]
                 return _send(request, (503, [(b"Retry-After", b"10")], b"store unavailable\n"))
+
+            try:
+                record = self._ca_record(name)
+            except StoreError:
+                return unavailable(Failure())  # type: ignore[no-untyped-call]
+            if isinstance(record, Deferred):
+                return record.addCallbacks(lambda r: _send(request, publish.crl(r)), unavailable)
             return _send(request, publish.crl(record))
         return _send(request, publish.not_found())
 
     def _ocsp(self, request: Any, der: bytes, fields: dict[str, Any], *,
-              get: bool = False) -> bytes:
-        return self._reply(request, self.service.respond(der), fields, get=get)
+              get: bool = False) -> bytes | Deferred[bytes]:
+        return _then(self.service.respond_later(der),
+                     lambda out: self._reply(request, out, fields, get=get))
 
     def _reply(self, request: Any, out: Outcome, fields: dict[str, Any], *,
                get: bool = False) -> bytes:
@@ -235,6 +296,21 @@ class OcspResource(Resource):
         for name, value in headers:
             request.setHeader(name, value)
         return body
+
+
+def _then(value: Any, then: Callable[[Any], bytes]) -> bytes | Deferred[bytes]:
+    """then(value), or then chained on value when it is a Deferred (store threads)."""
+    if isinstance(value, Deferred):
+        chained: Deferred[bytes] = value.addCallback(then)
+        return chained
+    return then(value)
+
+
+def _failed(request: Any, failure: Failure) -> bytes:
+    """A bug: logged with its traceback, answered 500 with an empty body."""
+    log.failure("HTTP request failed", failure)
+    request.setResponseCode(500)
+    return b""
 
 
 def reply_fields(out: Outcome) -> dict[str, Any]:
@@ -344,7 +420,8 @@ class OcspSite(Site):
     """The HTTP site; ``service`` is what the composition root reloads."""
 
     def __init__(self, resource: OcspResource, service: OcspService, max_request_bytes: int,
-                 idle_timeout: float, reactor: IReactorTime | None = None) -> None:
+                 idle_timeout: float, reactor: IReactorTime | None = None,
+                 limits: ConnectionLimits | None = None) -> None:
         super().__init__(  # type: ignore[no-untyped-call]
             resource, timeout=idle_timeout, reactor=reactor)
         self.service = service
@@ -357,17 +434,27 @@ class OcspSite(Site):
         self._expiry_check: LoopingCall | None = None
         self.fast_path = True  # False: every connection goes to twisted.web
         self.get_memo: dict[bytes, tuple[tuple[str, ...], bytes]] = {}  # see server.ocsp.fast
+        self.limits = limits or ConnectionLimits(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS,
+                                                 service="http", log=log)
 
     def protocol(self) -> _Channel:  # type: ignore[override]
         return _Channel()  # type: ignore[no-untyped-call]
 
     def buildProtocol(self, addr: Any) -> Any:
-        """The fast path (server.ocsp.fast), which hands odd requests to twisted.web."""
+        """The fast path (server.ocsp.fast), which hands odd requests to twisted.web; None
+        (the connection is closed at once) over the connection limits."""
+        slot = self.limits.slot(peer_host(addr))
+        if slot is None:
+            return None
+        channel: Any
         if not self.fast_path:
-            return self.slow_channel(addr)
-        from server.ocsp.fast import FastChannel
+            channel = self.slow_channel(addr)
+        else:
+            from server.ocsp.fast import FastChannel
 
-        return FastChannel(self, addr)
+            channel = FastChannel(self, addr)
+        channel.slot = slot  # released once, by whichever protocol owns the connection
+        return channel
 
     def slow_channel(self, addr: Any) -> _Channel:
         """The twisted.web channel of this site."""
@@ -395,16 +482,21 @@ class OcspSite(Site):
         self.service.reload(config)
         self.max_request_bytes = config.http.max_request_bytes
         self.ocsp_resource.ocsp_paths = config.http.ocsp_paths
+        self.limits.set_limits(config.http.max_connections,
+                               config.http.max_connections_per_address)
 
 
 def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[], datetime],
-                      reactor: Any) -> OcspSite:
-    """The HTTP listener's factory; raises SignerError when a signer is unusable."""
-    service = OcspService(config, store, clock_now)
+                      reactor: Any, access: Any = None) -> OcspSite:
+    """The HTTP listener's factory; raises SignerError when a signer is unusable. ``access``
+    (a threaded StoreAccess) runs its store reads in the store threads."""
+    service = OcspService(config, store, clock_now, access=access)
     service.warn_expiring()
     if feed is not None:
         feed.subscribe(service.on_changes)
-    resource = OcspResource(service, store, config.http.ocsp_paths, clock_now)
+    resource = OcspResource(service, store, config.http.ocsp_paths, clock_now, access)
+    limits = ConnectionLimits(config.http.max_connections, config.http.max_connections_per_address,
+                              service="http", log=log)
     site = OcspSite(resource, service, config.http.max_request_bytes,
-                    getattr(config.http, "idle_timeout", 30.0), reactor)
+                    getattr(config.http, "idle_timeout", 30.0), reactor, limits)
     return site

@@ -6,6 +6,11 @@ the per-CA policy and the cache of pre-signed responses, which the change feed v
 request without a nonce is first looked up by its raw bytes (no ASN.1 parsing at all), then
 by its CertIDs; only a miss reaches the store and the signer. Errors become unsigned
 responses; a bug becomes ``internalError`` with its traceback in the log.
+
+With a threaded ``StoreAccess`` (``access``), ``miss`` answers a miss in a store thread (store
+reads and signing) and returns a Deferred; hits never leave the reactor thread. A miss is
+inserted into the cache only if no change-feed invalidation came since its first store read
+(``ResponseCache.put(epoch=)``), and a full pool answers ``tryLater`` at once.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from server.ocsp.cache import CachedResponse, ResponseCache, certids_key, raw_key
 from server.ocsp.codec import (
@@ -29,6 +36,7 @@ from server.ocsp.codec import (
     encode_response,
     encode_response_data,
 )
+from server.ocsp.requestor import RequestorCheck
 from server.ocsp.responder import CaPolicy, OcspAnswer, Policy, StatusStore, answer
 from server.ocsp.signer import Signer, expiry_warning, load_signers
 from store.model import Change
@@ -102,8 +110,9 @@ class OcspService:
     """Signers, policy and response cache of one server process."""
 
     def __init__(self, config: Any, store: StatusStore, now: Callable[[], datetime], *,
-                 signers: dict[str, Signer] | None = None) -> None:
-        self.store = store
+                 signers: dict[str, Signer] | None = None, access: Any = None) -> None:
+        self.access = access if access is not None and not access.inline else None
+        self.store = access.store if self.access is not None else store
         self.now = now
         self.max_certids = config.http.max_certids
         self.cache = ResponseCache(config.http.cache_entries)
@@ -115,6 +124,8 @@ class OcspService:
         self.policy = build_policy(config, signers)
         self.published = _published(config)
         self.max_certids = config.http.max_certids
+        self.requestors = RequestorCheck(config.http.request_signatures,
+                                         {n: ca.der for n, ca in self.published.items()})
 
     # --- composition root ----------------------------------------------------------------
 
@@ -155,9 +166,33 @@ class OcspService:
 
     def lookup(self, der: bytes, now: datetime) -> CachedResponse | None:
         """The live pre-signed response to exactly these request bytes (counted hit or miss)."""
-        if len(der) > CACHEABLE_REQUEST_BYTES:
-            return None
+        if len(der) > CACHEABLE_REQUEST_BYTES or self.requestors.mode == "require":
+            return None  # "require": every request is signed, none is under its raw bytes
         return self.cache.get(raw_key(der), now)
+
+    def respond_later(self, der: bytes) -> Outcome | defer.Deferred[Outcome]:
+        """``respond``, with a miss answered by ``miss`` (a Deferred when threaded)."""
+        now = self.now()
+        entry = self.lookup(der, now)
+        if entry is not None:
+            return self._from_entry(entry, "hit")
+        return self.miss(der, now)
+
+    def miss(self, der: bytes, now: datetime) -> Outcome | defer.Deferred[Outcome]:
+        """``respond_miss`` inline, or in a store thread (a Deferred that never fails)."""
+        if self.access is None:
+            return self.respond_miss(der, now)
+        if self.access.busy():
+            return Outcome(encode_error("try_later"), "try_later", "-",
+                           reason="store threads busy")
+        d: defer.Deferred[Outcome] = self.access.run(self.respond_miss, der, now)
+        return d.addErrback(self._failed)
+
+    @staticmethod
+    def _failed(failure: Failure) -> Outcome:
+        log.failure("OCSP request failed", failure)
+        return Outcome(encode_error("internal_error"), "internal_error", "-",
+                       reason="internal error")
 
     def respond_miss(self, der: bytes, now: datetime) -> Outcome:
         """The response to a request ``lookup`` did not find; never raises."""
@@ -172,13 +207,21 @@ class OcspService:
                            reason="internal error")
 
     def _respond(self, der: bytes, request: OcspRequest, now: datetime) -> Outcome:
+        # Before any cache: a response cached for the same CertIDs goes to authorized
+        # requestors only. A checked signed request is never cached under its raw bytes (its
+        # requestor certificate may expire or be revoked meanwhile), so a raw hit is always
+        # an unsigned request, which needs no check.
+        epoch = self.cache.epoch  # before any store read: see ResponseCache.put
+        self.requestors.check(request, now, self.store)
         cacheable = (request.nonce is None and len(request.cert_ids) <= CACHEABLE_CERTIDS
                      and len(der) <= CACHEABLE_REQUEST_BYTES)
+        keys = [] if request.signed and self.requestors.active else [raw_key(der)]
         ckey = certids_key(c.der for c in request.cert_ids)
         if cacheable:
             entry = self.cache.peek(ckey, now)
             if entry is not None:
-                self.cache.put([raw_key(der)], entry)
+                if keys:
+                    self.cache.put(keys, entry, epoch)
                 return self._from_entry(entry, "hit")
         result = answer(request, self.store, now, self.policy)
         signed = self.sign(result)
@@ -192,7 +235,7 @@ class OcspService:
             summary=tuple((s.cert_id.serial, s.status) for s in result.singles),
         )
         if cacheable:
-            self.cache.put([raw_key(der), ckey], entry)
+            self.cache.put([*keys, ckey], entry, epoch)
             return self._from_entry(entry, "miss")
         return self._from_entry(entry, "nonce" if request.nonce is not None else "miss",
                                 nonce=request.nonce is not None)

@@ -213,8 +213,9 @@ def idle_connections(live: Live) -> None:
         for i in range(300):  # LDAP: 100 per address (the default per-address limit)
             socks.append(socket.create_connection(
                 live.ldap, timeout=3, source_address=(f"127.0.0.{10 + i // 100}", 0)))
-        for _ in range(300):
-            socks.append(socket.create_connection(live.http, timeout=3))
+        for i in range(300):  # HTTP: 100 per address too (the default per-address limit)
+            socks.append(socket.create_connection(
+                live.http, timeout=3, source_address=(f"127.0.0.{20 + i // 100}", 0)))
         time.sleep(0.3)  # let the reactor accept them all
         fresh_check(live)
         # they really were accepted and are still served: one LDAP and one HTTP of them
@@ -326,15 +327,15 @@ async def test_ldap_connection_limits_hold(limited_live: Live) -> None:
     await in_thread(ldap_flood, limited_live)
 
 
-def http_flood(live: Live) -> int:
+def http_flood(live: Live) -> None:
+    """600 connections from 127.0.0.2 (500 of them over its per-address limit)."""
     socks = []
     try:
         for _ in range(600):
-            socks.append(socket.create_connection(live.http, timeout=3))
+            socks.append(socket.create_connection(live.http, timeout=3,
+                                                  source_address=("127.0.0.2", 0)))
         time.sleep(0.3)
-        fresh_check(live)
-        socks[-1].sendall(b"GET /ca/rsa-ca.crt HTTP/1.1\r\nHost: x\r\n\r\n")
-        return len(socks) if socks[-1].recv(100).startswith(b"HTTP/1.1 200") else 0
+        fresh_check(live)  # from 127.0.0.1
     finally:
         for s in socks:
             s.close()
@@ -342,13 +343,11 @@ def http_flood(live: Live) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_http_flood_from_one_address_keeps_answering(live: Live) -> None:
-    """600 connections from one address: a new client is still answered within 1 s.
-
-    The HTTP listener has no connection limit (docs/hostile.md: open): all 600 are served.
-    """
+    """600 connections from one address: a new client is still answered within 1 s (what
+    is admitted and what refused: test_http_limits.py)."""
     hb = await heartbeat(live)
     try:
-        assert await in_thread(http_flood, live) == 600
+        await in_thread(http_flood, live)
     finally:
         await in_thread(hb.finish)
 

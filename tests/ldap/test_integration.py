@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import reactor, threads
 
 from server.ldap.server import make_ldap_factory
+from server.storeaccess import StoreAccess
 from store.sqlite import Store
 from tests.conftest import require_tool
 from tests.ldap.conftest import ldap_config
@@ -59,12 +60,17 @@ def der(cert: Any) -> bytes:
     return cert.load().public_bytes(Encoding.DER)  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-def port(store: Store, demo_now: datetime) -> Iterator[int]:
-    factory = make_ldap_factory(ldap_config(size_limit=500), store, None, None, lambda: demo_now)
+@pytest.fixture(params=[0, 2], ids=["inline", "threads2"])
+def port(request: pytest.FixtureRequest, store: Store, demo_now: datetime) -> Iterator[int]:
+    """A listener whose store calls run inline, or in two store threads ([store] threads)."""
+    access = StoreAccess(str(store.path), request.param, store=store)
+    access.start()
+    factory = make_ldap_factory(ldap_config(size_limit=500), store, None, None, lambda: demo_now,
+                                access=access)
     listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
     yield listening.getHost().port
     pytest_twisted.blockon(listening.stopListening())
+    access.stop()
 
 
 def search_cmd(port: int, *args: str) -> list[str]:

@@ -28,6 +28,7 @@ from twisted.internet.protocol import Factory
 from server.config import load_config
 from server.feed import ChangeFeed
 from server.ocsp.http import make_http_factory
+from server.storeaccess import StoreAccess
 from store.sqlite import Store
 from tests.conftest import require_tool
 
@@ -43,8 +44,10 @@ class _Later(Factory):
         return self.real.buildProtocol(addr)
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module", params=[0, 2], ids=["inline", "threads2"])
+def live(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The demo PKI served with store calls inline, or in two store threads (and feed)."""
     from server.demo.pki import build_demo_pki
     from store.importer import import_openssl, import_paths
 
@@ -58,8 +61,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     import_paths(config, [ca.crl_path for ca in pki.cas.values() if ca.crl_path is not None],
                  now=lambda: datetime.now(UTC), progress=None)
     store = Store.open(config.store.path)
-    feed = ChangeFeed(store, interval=0.2)
-    site = make_http_factory(config, store, feed, lambda: datetime.now(UTC), reactor)
+    access = StoreAccess(str(config.store.path), request.param, store=store)
+    access.start()
+    feed = ChangeFeed(access.store, interval=0.2, access=access)
+    site = make_http_factory(config, store, feed, lambda: datetime.now(UTC), reactor,
+                             access=access)
     site.doStart()
     proxy.real = site
     feed.start()
@@ -67,6 +73,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     feed.stop()
     site.doStop()
     pytest_twisted.blockon(port.stopListening())
+    access.stop()
     store.close()
 
 

@@ -19,6 +19,7 @@ from twisted.logger import capturedLogs
 
 from server.ocsp.codec import MalformedRequest
 from server.ocsp.http import decode_get_path, make_http_factory
+from server.storeaccess import StoreAccess
 from store.certparse import crl_input
 from store.sqlite import Store
 from tests.ocsp.helpers import config_for, fill_store, make_ca, request_der
@@ -43,8 +44,9 @@ def crl_der(ca: Any, number: int) -> bytes:
     return b.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
+@pytest.fixture(params=[0, 2], ids=["inline", "threads2"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The site with its store calls inline, or in two store threads ([store] threads)."""
     clock = Clock()
     ca = make_ca(tmp_path / "pki", "web", at=clock.now)
     for serial in (1, 2):
@@ -53,10 +55,13 @@ def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
     ca_id = fill_store(store, ca, clock.now - timedelta(seconds=30))
     with store.batch(clock.now) as b:
         b.apply_crl(crl_input(crl_der(ca, 7), ca_id), "test")
-    site = make_http_factory(config_for(ca), store, None, clock, reactor)
+    access = StoreAccess(str(store.path), request.param, store=store)
+    access.start()
+    site = make_http_factory(config_for(ca), store, None, clock, reactor, access=access)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
     yield {"ca": ca, "port": port.getHost().port, "site": site, "clock": clock, "store": store}
     pytest_twisted.blockon(port.stopListening())
+    access.stop()
     store.close()
 
 

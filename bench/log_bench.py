@@ -1,0 +1,136 @@
+"""The cost of one info log line (issues 3, 4, 7): CPU µs per line, from ``log.info`` to the file.
+
+Usage: python bench/log_bench.py [-n 50000] [--rounds 5] [--format logfmt|json]
+                                 [--target file|devnull|pipe] [--no-reactor] [--module FILE]
+                                 [--profile OUT]
+
+Two events as the servers emit them: the OCSP ``http request`` line (a constant message and
+twelve keyword fields, as ``server.ocsp.fast`` logs a cache hit) and the LDAP ``SEARCH
+RESULT`` line (a slapd-style format string whose fields are all in the message, as
+``server.ldap.protocol`` logs it). Each goes through the whole path a server uses:
+``twisted.logger.Logger.info`` → the global publisher → the level filter → ``LineObserver``
+→ a real file (``--target file``, in a temporary directory), ``/dev/null``, or a pipe read by
+``cat`` (``--target pipe``, as stdout to journald). The rounds run
+inside a running reactor, as in a server, so the observer may buffer; each round ends by
+flushing what is pending, and that is counted (``--no-reactor``: without a reactor, every line
+written at once). ``--module FILE`` measures another ``server/logs.py`` (e.g. a copy of the
+previous one) for before/after figures. Prints the median over the rounds; never asserts on
+time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from twisted.logger import Logger
+
+from server import logs as current_logs
+
+logs: Any = current_logs
+OCSP = Logger(namespace="server.ocsp.http")
+LDAP = Logger(namespace="server.ldap.protocol")
+
+
+def ocsp_line(i: int) -> None:
+    OCSP.info("http request", client="127.0.0.1", method="POST", kind="ocsp", ca="rsa-ca",
+              serials="1a2b3c4d", statuses="good", nonce="no", cache="hit",
+              ocsp="successful", status=200, bytes=1523, duration="0.000041")
+
+
+def ldap_line(i: int) -> None:
+    LDAP.info('conn={conn} op={op} SEARCH RESULT tag=101 err={err} nentries={nentries} '
+              'etime={etime:.4f} text="{text}"', conn=1001, op=i, err=0, nentries=1,
+              etime=0.000842, text="")
+
+
+def measure(emit: Any, n: int) -> float:
+    flush = getattr(logs, "flush_buffered", None)
+    started = time.process_time()
+    for i in range(n):
+        emit(i)
+    if flush is not None:
+        flush()
+    return (time.process_time() - started) / n * 1e6
+
+
+def load_module(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location("bench_logs", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=50_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--format", default="logfmt", choices=("logfmt", "json"))
+    ap.add_argument("--target", default="file", choices=("file", "devnull", "pipe"))
+    ap.add_argument("--no-reactor", action="store_true", help="run without a reactor")
+    ap.add_argument("--module", type=Path, help="the logs module to measure (a .py file)")
+    ap.add_argument("--profile", type=Path, help="write a cProfile of one OCSP round here")
+    args = ap.parse_args()
+    global logs
+    if args.module is not None:
+        logs = load_module(args.module)
+    if args.no_reactor:
+        run(args)
+        return
+    from twisted.internet import reactor as installed
+
+    reactor: Any = installed
+
+    def inside() -> None:
+        try:
+            run(args)
+        finally:
+            reactor.stop()
+
+    reactor.callWhenRunning(inside)
+    reactor.run()
+
+
+def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(os.devnull) if args.target == "devnull" else Path(tmp) / "bench.log"
+        if args.target == "pipe":
+            r, w = os.pipe()
+            reader = subprocess.Popen(["cat"], stdin=r, stdout=subprocess.DEVNULL)
+            os.close(r)
+            logs.start_logging(args.format, "info", stream=os.fdopen(w, "w", encoding="utf-8"))
+        else:
+            logs.start_logging(args.format, "info", path=path)
+        for name, emit in (("ocsp http request", ocsp_line), ("ldap SEARCH RESULT", ldap_line)):
+            measure(emit, min(args.n, 2000))  # warm-up
+            figures = [measure(emit, args.n) for _ in range(args.rounds)]
+            print(f"{name:20s} {statistics.median(figures):7.2f} µs/line "
+                  f"(min {min(figures):.2f}, max {max(figures):.2f}; {args.format}, "
+                  f"{args.target}, {'no reactor' if args.no_reactor else 'reactor'}, "
+                  f"n={args.n}, rounds={args.rounds})")
+        if args.profile is not None:
+            cProfile.runctx("measure(ocsp_line, n)", globals(),
+                            {"measure": measure, "ocsp_line": ocsp_line, "n": args.n},
+                            str(args.profile))
+        if args.target == "pipe":
+            reader.kill()
+            reader.wait()
+        if args.target == "file":
+            with open(path, "rb") as f:
+                print("last line:", f.read().splitlines()[-1].decode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Connection limits shared by the listeners: in total and per client address.
+
+Strategy: a factory asks ``admit(host)`` in ``buildProtocol`` and returns ``None`` when it is
+refused (Twisted then closes the socket at once, before reading anything); an admitted
+connection gets a ``Slot`` that its protocol releases when the connection is lost. A slot
+releases once however often it is asked to, so a connection whose ownership moves between
+protocol objects (the HTTP fast path handing over to twisted.web) can neither leak nor free
+its slot twice. Refusals come in floods: one warning per burst (at most one per
+``warn_interval`` seconds, saying how many were refused since the last one), never one per
+connection; ``refused`` counts them all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from twisted.logger import Logger
+
+WARN_INTERVAL = 10.0  # seconds between two refusal warnings of one listener
+
+
+class ConnectionLimits:
+    """Counts open connections in total and per address; refuses those over the limits."""
+
+    def __init__(self, max_total: int, max_per_address: int, *, service: str,
+                 log: Logger | None = None, timer: Callable[[], float] = time.monotonic,
+                 warn_interval: float = WARN_INTERVAL) -> None:
+        if max_total < 1 or max_per_address < 1:
+            raise ValueError("connection limits must be at least 1")
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.service = service
+        self.log = log or Logger(namespace=f"certpub.{service}")
+        self.timer = timer
+        self.warn_interval = warn_interval
+        self.total = 0
+        self.per_address: Counter[str] = Counter()
+        self.refused = 0  # since start, for metrics
+        self._unlogged = 0  # refusals since the last warning
+        self._last_warn: float | None = None
+
+    def set_limits(self, max_total: int, max_per_address: int) -> None:
+        """New limits (a reload): they apply to the connections admitted from now on."""
+        if max_total < 1 or max_per_address < 1:
+            raise ValueError("connection limits must be at least 1")
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+
+    def admit(self, host: str) -> bool:
+        """Count a new connection from host; False (counted as refused) when over a limit."""
+        if self.total >= self.max_total:
+            self._refuse(host, "total limit")
+            return False
+        if self.per_address[host] >= self.max_per_address:
+            self._refuse(host, "per-address limit")
+            return False
+        self.total += 1
+        self.per_address[host] += 1
+        return True
+
+    def slot(self, host: str) -> Slot | None:
+        """A Slot for an admitted connection from host, or None when refused."""
+        return Slot(self, host) if self.admit(host) else None
+
+    def release(self, host: str) -> None:
+        """A connection from host, admitted earlier, has closed."""
+        if self.per_address[host] <= 0:  # a bug: never let it go negative or hide it
+            self.log.error("connection slot of IP={host} released but not held", host=host)
+            return
+        self.total -= 1
+        self.per_address[host] -= 1
+        if self.per_address[host] <= 0:
+            del self.per_address[host]
+
+    def _refuse(self, host: str, reason: str) -> None:
+        self.refused += 1
+        now = self.timer()
+        if self._last_warn is not None and now - self._last_warn < self.warn_interval:
+            self._unlogged += 1
+            return
+        self.log.warn(  # noqa: G010 - twisted.logger.Logger has no .warning
+            "refusing {service} connections: {reason} (IP={host}, {total} open, "
+            "{per_address} from that address; {earlier} more refused since the last warning)",
+            service=self.service, reason=reason, host=host, total=self.total,
+            per_address=self.per_address[host], earlier=self._unlogged)
+        self._unlogged = 0
+        self._last_warn = now
+
+
+class Slot:
+    """One admitted connection's place in its ConnectionLimits; released at most once."""
+
+    __slots__ = ("host", "limits")
+
+    def __init__(self, limits: ConnectionLimits, host: str) -> None:
+        self.limits: ConnectionLimits | None = limits
+        self.host = host
+
+    def release(self) -> None:
+        limits, self.limits = self.limits, None
+        if limits is not None:
+            limits.release(self.host)
+
+
+def peer_host(addr: object) -> str:
+    """The client address a limit counts (the host of an IPv4/IPv6 address, else str)."""
+    return str(getattr(addr, "host", addr))
