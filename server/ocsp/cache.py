@@ -50,6 +50,9 @@ class CachedResponse:
     # What the HTTP fast path derives once per entry (its log fields, its HTTP bytes): it
     # lives and dies with the entry, so the change feed voids it with the entry.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The request that produced it (empty: not re-signable ahead of time), so that the
+    # service re-signs it when its certificate changes or before its refresh time.
+    request: bytes = field(default=b"", compare=False, repr=False)
 
 
 def certids_key(cert_id_ders: Iterable[bytes]) -> bytes:
@@ -152,8 +155,24 @@ class ResponseCache:
         self._by_serial.clear()
         self._by_ca.clear()
 
-    def invalidate(self, changes: Sequence[Change]) -> int:
+    def due(self, until: datetime, limit: int) -> list[CachedResponse]:
+        """Up to limit distinct live entries whose refresh time comes before until (the
+        service re-signs them ahead of time, so hot responses never fall out)."""
+        with self._lock:
+            seen: dict[int, CachedResponse] = {}
+            for entry in self._entries.values():
+                if entry.refresh_at <= until and id(entry) not in seen:
+                    seen[id(entry)] = entry
+                    if len(seen) >= limit:
+                        break
+            return list(seen.values())
+
+    def invalidate(self, changes: Sequence[Change],
+                   voided: list[CachedResponse] | None = None) -> int:
         """Void what a change-feed batch touched; returns how many keys were dropped.
+        ``voided`` collects the entries dropped for ``cert`` changes (one certificate's
+        status moved: worth re-signing at once; a CRL or CA change drops many and they are
+        re-signed when next asked for).
 
         ``cert``: that certificate's entries. ``crl``: every entry of that CA (a CRL may
         change many statuses at once). ``ca`` and ``all``: everything — a CA that appears or
@@ -166,6 +185,8 @@ class ResponseCache:
                 if change.kind == "cert" and change.serial is not None:
                     for key in list(self._by_serial.get((change.ca_id, int(change.serial)),
                                                         ())):
+                        if voided is not None and key in self._entries:
+                            voided.append(self._entries[key])
                         self._drop(key)
                 elif change.kind in ("crl", "cert"):
                     for key in list(self._by_ca.get(change.ca_id, ())):

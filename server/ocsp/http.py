@@ -432,6 +432,7 @@ class OcspSite(Site):
         self.noisy = False
         self._clock = reactor
         self._expiry_check: LoopingCall | None = None
+        self._refresh: LoopingCall | None = None
         self.fast_path = True  # False: every connection goes to twisted.web
         self.get_memo: dict[bytes, tuple[tuple[str, ...], bytes]] = {}  # see server.ocsp.fast
         self.limits = limits or ConnectionLimits(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS,
@@ -470,11 +471,21 @@ class OcspSite(Site):
             self._expiry_check = LoopingCall(self.service.warn_expiring)
             self._expiry_check.clock = self._clock
             self._expiry_check.start(86400, now=False)
+        if self._refresh is None and self._clock is not None:
+            # Cached responses near their refresh time are re-signed before they drop out.
+            from server.ocsp.service import REFRESH_EVERY
+
+            self._refresh = LoopingCall(self.service.refresh_due)
+            self._refresh.clock = self._clock
+            self._refresh.start(REFRESH_EVERY, now=False)
 
     def stopFactory(self) -> None:
         if self._expiry_check is not None and self._expiry_check.running:
             self._expiry_check.stop()
         self._expiry_check = None
+        if self._refresh is not None and self._refresh.running:
+            self._refresh.stop()
+        self._refresh = None
         super().stopFactory()
 
     def reload(self, config: Any) -> None:

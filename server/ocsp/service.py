@@ -40,11 +40,15 @@ from server.ocsp.requestor import RequestorCheck
 from server.ocsp.responder import CaPolicy, OcspAnswer, Policy, StatusStore, answer
 from server.ocsp.signer import Signer, expiry_warning, load_signers
 from store.model import Change
+from store.sqlbase import StoreError
 
 log = Logger()
 
 # Requests larger than this are answered but not cached: the cache is bounded in entries,
 # so its memory must be bounded per entry too (common clients ask for one certificate).
+REFRESH_EVERY = 30.0  # seconds between looks for cached responses due for re-signing
+REFRESH_AHEAD = timedelta(seconds=2 * REFRESH_EVERY)
+REFRESH_BATCH = 5000  # responses re-signed per look at most
 CACHEABLE_CERTIDS = 8
 CACHEABLE_REQUEST_BYTES = 2048
 
@@ -116,6 +120,7 @@ class OcspService:
         self.now = now
         self.max_certids = config.http.max_certids
         self.cache = ResponseCache(config.http.cache_entries)
+        self.presigned = 0  # responses signed ahead of any request for them
         self._install(config, signers if signers is not None else load_signers(config, now()))
 
     def _install(self, config: Any, signers: dict[str, Signer]) -> None:
@@ -137,10 +142,53 @@ class OcspService:
         self.warn_expiring()
 
     def on_changes(self, changes: Sequence[Change]) -> None:
-        """Change-feed subscriber: void the cached responses a batch touched."""
-        dropped = self.cache.invalidate(changes)
+        """Change-feed subscriber: void the cached responses a batch touched, and re-sign
+        at once those of certificates whose status changed (not waiting for a request)."""
+        voided: list[CachedResponse] = []
+        dropped = self.cache.invalidate(changes, voided)
         if dropped:
             log.debug("ocsp cache: {dropped} responses voided", dropped=dropped)
+        if voided:
+            self.presign(voided)
+
+    def refresh_due(self) -> Any:
+        """Re-sign, ahead of time, cached responses whose refresh time comes within
+        ``REFRESH_AHEAD`` (run every ``REFRESH_EVERY`` by the HTTP factory): a response in
+        use is replaced before it is dropped, so it is never re-signed on a request."""
+        due = self.cache.due(self.now() + REFRESH_AHEAD, REFRESH_BATCH)
+        return self.presign(due) if due else None
+
+    def presign(self, entries: Sequence[CachedResponse]) -> Any:
+        """Sign anew the responses to the requests behind entries, and cache them: in the
+        store threads when threaded, else cooperatively on the reactor (a slice at a time,
+        so that requests keep being answered). Returns a Deferred fired when done."""
+        requests = list(dict.fromkeys(e.request for e in entries if e.request))
+        if not requests:
+            return None
+        if self.access is not None:
+            d = self.access.run(self._presign_all, requests)
+            return d.addErrback(lambda f: log.failure("OCSP pre-signing failed", f))
+        from twisted.internet import task
+
+        return task.cooperate(self._presign_each(requests)).whenDone()
+
+    def _presign_all(self, requests: Sequence[bytes]) -> int:
+        return sum(1 for _ in self._presign_each(requests))
+
+    def _presign_each(self, requests: Sequence[bytes]) -> Any:
+        for der in requests:
+            try:
+                request = decode_request(der, max_certids=self.max_certids)
+                self._respond(der, request, self.now(), fresh=True)
+                self.presigned += 1
+            except OcspError:
+                pass  # e.g. a CA that stopped being served: answered again when asked
+            except StoreError as exc:
+                log.info("OCSP pre-signing postponed: {error}", error=str(exc))
+                return
+            except Exception:  # noqa: BLE001 - a bug: logged, the entry is re-signed on demand
+                log.failure("OCSP pre-signing failed")
+            yield None
 
     def signer_expiries(self) -> dict[str, datetime]:
         """Signer notAfter by CA (for /healthz and /metrics)."""
@@ -206,7 +254,8 @@ class OcspService:
             return Outcome(encode_error("internal_error"), "internal_error", "-",
                            reason="internal error")
 
-    def _respond(self, der: bytes, request: OcspRequest, now: datetime) -> Outcome:
+    def _respond(self, der: bytes, request: OcspRequest, now: datetime, *,
+                 fresh: bool = False) -> Outcome:
         # Before any cache: a response cached for the same CertIDs goes to authorized
         # requestors only. A checked signed request is never cached under its raw bytes (its
         # requestor certificate may expire or be revoked meanwhile), so a raw hit is always
@@ -217,7 +266,7 @@ class OcspService:
                      and len(der) <= CACHEABLE_REQUEST_BYTES)
         keys = [] if request.signed and self.requestors.active else [raw_key(der)]
         ckey = certids_key(c.der for c in request.cert_ids)
-        if cacheable:
+        if cacheable and not fresh:
             entry = self.cache.peek(ckey, now)
             if entry is not None:
                 if keys:
@@ -233,6 +282,7 @@ class OcspService:
             refresh_at=min(result.produced_at + validity / 2, result.next_update),
             serials=result.serials,
             summary=tuple((s.cert_id.serial, s.status) for s in result.singles),
+            request=der if keys else b"",
         )
         if cacheable:
             self.cache.put([*keys, ckey], entry, epoch)

@@ -204,3 +204,43 @@ def test_signer_expiring_within_30_days_is_logged(tmp_path: Path) -> None:
         assert "soon" in events[0]["warning"] and "20.0 days" in events[0]["warning"]
     finally:
         store.close()
+
+
+def test_revocation_is_re_signed_before_anyone_asks(env: dict[str, Any]) -> None:
+    """A certificate's status change replaces its cached response at once (pre-signed)."""
+    service, store, der = env["service"], env["store"], request_der(env["ca"], [2])
+    feed = ChangeFeed(store)
+    feed.prime()
+    feed.subscribe(service.on_changes)
+    assert service.respond(der).cache == "miss"
+    with store.batch(T0) as b:
+        b.revoke(CaId(env["ca_id"]), Serial(2), T0, RevocationReason.KEY_COMPROMISE, "t", "t")
+    feed.poll()  # inline: the re-signing runs on the cooperator; drive it to the end
+    _drain()
+    assert service.presigned == 1
+    out = service.respond(der)
+    assert out.cache == "hit" and status_of(out.der) == [c_ocsp.OCSPCertStatus.REVOKED]
+
+
+def test_responses_near_refresh_are_re_signed_ahead_of_time(env: dict[str, Any]) -> None:
+    service, der = env["service"], request_der(env["ca"], [1])
+    first = service.respond(der)
+    assert service.refresh_due() is None  # nothing due yet
+    env["clock"].now += timedelta(hours=11, minutes=59)  # refresh at 12 h (half of 24 h)
+    service.refresh_due()
+    _drain()
+    assert service.presigned == 1
+    env["clock"].now += timedelta(minutes=2)  # past the first response's refresh time
+    again = service.respond(der)
+    assert again.cache == "hit" and again.der != first.der  # signed ahead, not on request
+    resp = c_ocsp.load_der_ocsp_response(again.der)
+    assert resp.produced_at_utc == T0 + timedelta(minutes=5, hours=11, seconds=59 * 60)
+
+
+def _drain() -> None:
+    """Run the global cooperator's pending work now (no reactor in these tests)."""
+    from twisted.internet import task
+
+    coop = task._theCooperator  # noqa: SLF001 - the one task.cooperate uses
+    while coop._tasks:  # noqa: SLF001
+        coop._tick()  # noqa: SLF001
