@@ -35,6 +35,8 @@ _ENTRY = ("SELECT e.dn, e.parent_key, e.kind, c.der, c.emails, c.not_after, c.st
 _CERTS = ("SELECT c.der, c.emails, c.not_after, c.status FROM certs c"
           " WHERE c.directory_key = ? AND c.der IS NOT NULL ORDER BY c.id LIMIT ?")
 CERTS_PER_ENTRY = 1000  # as Store.certs_by_directory_key
+# Stores whose _query takes this SQL (``?`` placeholders, both engines' common subset).
+LEAN_ENGINES = ("store.sqlite", "store.postgres")
 
 
 class LeanCert:
@@ -70,7 +72,7 @@ class LeanReader:
         kind = getattr(store, "store_type", None) or type(store)
         probe = getattr(store, "sample", store) if kind is not type(store) else store
         query = getattr(store, "_query", None)
-        if query is None or probe is None or kind.__module__ != "store.sqlite":
+        if query is None or probe is None or kind.__module__ not in LEAN_ENGINES:
             return None
         try:
             probe._query(_PROBE)
