@@ -170,6 +170,7 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
         if config.ldap.listen:
             ldap_factory = make_ldap_factory(config.ldap, store, feed, tls, now, access=access)
             running.services["ldap"] = ldap_factory
+            metrics.limits["ldap"] = ldap_factory.limits
             running.ports["ldap"] = []
             for desc in config.ldap.listen:
                 port = yield _listen(reactor, desc, ldap_factory, tls, inherited)
@@ -177,7 +178,10 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
                 log.info("LDAP listening on {listener}", listener=desc)
         if config.http.listen:
             http_factory = make_http_factory(config, store, feed, now, reactor, access=access)
-            expiries["service"] = getattr(http_factory, "service", None)
+            expiries["service"] = service = getattr(http_factory, "service", None)
+            metrics.limits["http"] = http_factory.limits
+            if service is not None:
+                metrics.presigned = lambda: service.presigned
             health = HealthCheck(access.store, feed, now, lambda: _signer_expiries(expiries),
                                  poll_lag=metrics.poll_lag, access=access)
             _mount(http_factory, lambda root: mount_ops(root, health, metrics, access))

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -97,12 +96,6 @@ class Metrics:
                                  ["protocol", "operation"], buckets=LATENCY_BUCKETS, registry=r)
         self.ocsp_cache = Counter("certpub_ocsp_cache", "OCSP response cache lookups.",
                                   ["result"], registry=r)
-        self.presign = Gauge("certpub_ocsp_presign_backlog",
-                             "OCSP responses waiting to be pre-signed.", registry=r)
-        self.connections = Gauge("certpub_open_connections", "Open client connections.",
-                                 ["protocol"], registry=r)
-        for protocol in PROTOCOLS:
-            self.connections.labels(protocol)
         for result in ("hit", "miss"):
             self.ocsp_cache.labels(result)
         if process:
@@ -114,6 +107,10 @@ class Metrics:
         self._signers: dict[str, datetime] = {}
         self._last_poll: datetime | None = None
         self._snapshot: _StoreSnapshot | None = None
+        # Read at scrape time: each listener's ConnectionLimits (server/limits.py), by
+        # service ("ldap", "http"), and the OCSP service's count of pre-signed responses.
+        self.limits: dict[str, Any] = {}
+        self.presigned: Callable[[], int] | None = None
         r.register(_StateCollector(self))
 
     # --- called by the protocol code (never raise) ---------------------------------------
@@ -127,15 +124,6 @@ class Metrics:
         """Count one OCSP response cache lookup."""
         self.ocsp_cache.labels("hit" if hit else "miss").inc()
 
-    def connection_opened(self, protocol: str) -> None:
-        self.connections.labels(protocol).inc()
-
-    def connection_closed(self, protocol: str) -> None:
-        self.connections.labels(protocol).dec()
-
-    def presign_backlog(self, size: int) -> None:
-        """Set the number of OCSP responses waiting to be pre-signed."""
-        self.presign.set(size)
 
     def signer_expiry(self, ca: str, not_after: datetime, now: datetime | None = None) -> None:
         """Record a CA's signer notAfter; seconds left are computed at each scrape (now unused)."""
@@ -215,6 +203,23 @@ class _StateCollector(Collector):
         yield from self._store()
         yield from self._feed()
         yield from self._signers()
+        yield from self._connections()
+
+    def _connections(self) -> Iterator[Metric]:
+        open_ = GaugeMetricFamily("certpub_open_connections", "Open client connections.",
+                                  labels=["service"])
+        refused = CounterMetricFamily("certpub_connections_refused",
+                                      "Connections refused by the connection limits.",
+                                      labels=["service"])
+        for service, limits in sorted(self.m.limits.items()):
+            open_.add_metric([service], limits.total)
+            refused.add_metric([service], limits.refused)
+        yield from (open_, refused)
+        if self.m.presigned is not None:
+            pre = CounterMetricFamily("certpub_ocsp_presigned",
+                                      "OCSP responses signed ahead of any request for them.")
+            pre.add_metric([], self.m.presigned())
+            yield pre
 
     def _store(self) -> Iterator[Metric]:
         store = self.m.store

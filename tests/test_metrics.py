@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 
 from server import metrics as metrics_module
 from server.feed import ChangeFeed
+from server.limits import ConnectionLimits
 from server.metrics import STATS_TTL, Metrics, get_metrics, set_metrics
 from store.model import Generation
 from store.sqlite import Store, StoreError
@@ -91,10 +92,12 @@ def test_request_cache_connection_and_backlog_families() -> None:
     m.cache(True)
     m.cache(False)
     m.cache(False)
-    m.connection_opened("ldap")
-    m.connection_opened("ldap")
-    m.connection_closed("ldap")
-    m.presign_backlog(42)
+    ldap_limits = ConnectionLimits(10, 2, service="ldap")
+    http_limits = ConnectionLimits(10, 1, service="http")
+    assert ldap_limits.admit("192.0.2.1") and ldap_limits.admit("192.0.2.2")
+    assert http_limits.admit("192.0.2.1") and not http_limits.admit("192.0.2.1")
+    m.limits.update(ldap=ldap_limits, http=http_limits)
+    m.presigned = lambda: 42
     f = families(m)
     assert value(f, "certpub_requests", "certpub_requests_total", protocol="ldap",
                  operation="search", result="success") == 2
@@ -107,9 +110,12 @@ def test_request_cache_connection_and_backlog_families() -> None:
     assert value(f, h, h + "_count", protocol="ocsp", operation="status") == 1
     assert value(f, "certpub_ocsp_cache", "certpub_ocsp_cache_total", result="hit") == 1
     assert value(f, "certpub_ocsp_cache", "certpub_ocsp_cache_total", result="miss") == 2
-    assert value(f, "certpub_open_connections", protocol="ldap") == 1
-    assert value(f, "certpub_open_connections", protocol="ocsp") == 0
-    assert value(f, "certpub_ocsp_presign_backlog") == 42
+    assert value(f, "certpub_open_connections", service="ldap") == 2
+    assert value(f, "certpub_open_connections", service="http") == 1
+    refused = "certpub_connections_refused"
+    assert value(f, refused, refused + "_total", service="http") == 1
+    assert value(f, refused, refused + "_total", service="ldap") == 0
+    assert value(f, "certpub_ocsp_presigned", "certpub_ocsp_presigned_total") == 42
     assert "process_cpu_seconds" in f or "process_start_time_seconds" in f
 
 
