@@ -33,8 +33,8 @@ from server.ocsp.codec import (
     OcspRequest,
     decode_request,
     encode_error,
-    encode_response,
-    encode_response_data,
+    encode_response_data_der,
+    encode_response_der,
 )
 from server.ocsp.requestor import RequestorCheck
 from server.ocsp.responder import CaPolicy, OcspAnswer, Policy, StatusStore, answer
@@ -293,9 +293,10 @@ class OcspService:
     def sign(self, result: OcspAnswer) -> bytes:
         """Encode and sign an answer with its CA's signer."""
         signer = result.policy.signer
-        data = encode_response_data(signer.responder_id, result.produced_at, result.singles,
-                                    nonce=result.nonce, extended_revoke=result.extended_revoke)
-        return encode_response(data, signer.sign, signer.algorithm_der, signer.certs)
+        data = encode_response_data_der(signer.responder_id, result.produced_at,
+                                        result.singles, nonce=result.nonce,
+                                        extended_revoke=result.extended_revoke)
+        return encode_response_der(data, signer.sign, signer.algorithm_der, signer.certs)
 
     @staticmethod
     def _from_entry(entry: CachedResponse, cache: str, *, nonce: bool = False) -> Outcome:

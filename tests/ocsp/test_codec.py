@@ -213,3 +213,48 @@ def test_spliced_envelope_matches_asn1crypto(tmp_path: Path, certs: int, nonce: 
     chosen = (signer.certificate_der, signer.ca_certificate_der)[:certs]
     assert (encode_response(data, signer.sign, signer.algorithm_der, chosen)
             == encode_response_asn1(data, signer.sign, signer.algorithm_der, chosen))
+
+
+@pytest.mark.parametrize("nonce", [None, b"", b"n" * 32, bytes(range(200))])
+@pytest.mark.parametrize("extended_revoke", [False, True])
+@pytest.mark.parametrize("by_name", [False, True])
+def test_response_data_der_is_what_asn1crypto_builds(
+        tmp_path: Path, nonce: bytes | None, extended_revoke: bool, by_name: bool) -> None:
+    """The hand-built tbsResponseData (the signing hot path) equals the asn1crypto one."""
+    from datetime import UTC, datetime, timedelta
+
+    from asn1crypto import crl as asn1_crl
+
+    from server.ocsp.codec import (
+        CertId,
+        ResponderId,
+        SingleAnswer,
+        encode_response_data,
+        encode_response_data_der,
+    )
+    from tests.ocsp.helpers import request_der
+
+    ca = make_ca(tmp_path, "der")
+    cid = decode_request(request_der(ca, [5])).cert_ids[0]
+    now = datetime(2030, 1, 1, 12, 30, 15, 987654, tzinfo=UTC)
+
+    def cert_id(serial: int) -> CertId:
+        return CertId(cid.hash_algorithm, cid.issuer_name_hash, cid.issuer_key_hash, serial,
+                      cid.der)
+
+    day = timedelta(days=1)
+    singles = [SingleAnswer(cid, "good", now, now + day),
+               SingleAnswer(cert_id(6), "unknown", now, now + 7 * day),
+               SingleAnswer(cert_id(7), "revoked", now, now + day, revoked_at=now - day),
+               SingleAnswer(cert_id(8), "good", now, now + day, archive_cutoff=now - 900 * day)]
+    singles += [SingleAnswer(cert_id(10 + code), "revoked", now, now + day,
+                             revoked_at=now - code * day, reason=name,
+                             archive_cutoff=now - 300 * day if code % 2 else None)
+                for code, name in asn1_crl.CRLReason._map.items()]  # noqa: SLF001
+    rid = (ResponderId(by_name=ca.cert.subject.public_bytes()) if by_name
+           else ResponderId(by_key=b"k" * 20))
+    for chosen in (singles, singles[:1], singles[2:3]):
+        reference = encode_response_data(rid, now, chosen, nonce=nonce,
+                                         extended_revoke=extended_revoke).dump()
+        assert encode_response_data_der(rid, now, chosen, nonce=nonce,
+                                        extended_revoke=extended_revoke) == reference
