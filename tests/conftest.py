@@ -38,19 +38,23 @@ def demo_pki(tmp_path_factory: pytest.TempPathFactory, demo_now: datetime):  # t
     return build_demo_pki(tmp_path_factory.mktemp("pki"), now=demo_now)
 
 
-def import_demo_store(demo_pki, path: Path, now: datetime) -> Path:  # type: ignore[no-untyped-def]
-    """Import the demo PKI (index files, certificates, CRLs) into a private store at path."""
+def import_demo_store(demo_pki, location, now: datetime):  # type: ignore[no-untyped-def]
+    """Import the demo PKI (index files, certificates, CRLs) into a private store at location
+    (an SQLite path or a PostgreSQL URL); returns location."""
     import dataclasses
 
     from server.config import load_config
+    from store import is_postgres_url
     from store.importer import import_openssl, import_paths
 
     config = load_config(demo_pki.config_path)
-    config = dataclasses.replace(config, store=dataclasses.replace(config.store, path=path))
+    where = ({"url": str(location)} if is_postgres_url(location)
+             else {"path": Path(location)})
+    config = dataclasses.replace(config, store=dataclasses.replace(config.store, **where))
     import_openssl(config, now=lambda: now, progress=None)
     crls = [ca.crl_path for ca in demo_pki.cas.values() if ca.crl_path is not None]
     import_paths(config, crls, now=lambda: now, progress=None)
-    return path
+    return location
 
 
 @pytest.fixture

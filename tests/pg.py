@@ -107,9 +107,19 @@ class PgCluster:
 
     def restart(self) -> None:
         """Stop the server (dropping every connection) and start it again on the same port."""
+        self.stop_server()
+        self.start_server()
+
+    def stop_server(self) -> None:
+        """Stop the server (``-m fast``: every connection dropped), keeping the cluster."""
         if self.folder is None:
-            raise RuntimeError("cannot restart an external PostgreSQL server")
+            raise RuntimeError("cannot stop an external PostgreSQL server")
         self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
+
+    def start_server(self) -> None:
+        """Start the server again on the same port (after ``stop_server``)."""
+        if self.folder is None:
+            raise RuntimeError("cannot start an external PostgreSQL server")
         self._pg_ctl_start()
 
     def stop(self) -> None:

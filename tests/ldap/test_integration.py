@@ -60,17 +60,38 @@ def der(cert: Any) -> bytes:
     return cert.load().public_bytes(Encoding.DER)  # type: ignore[no-any-return]
 
 
-@pytest.fixture(params=[0, 2], ids=["inline", "threads2"])
+@pytest.fixture(scope="session")
+def ldap_pg_url(pg_cluster: Any, demo_pki: Any, demo_now: datetime) -> Iterator[str]:
+    """The demo PKI imported once into a PostgreSQL database (read-only, like ldap_store_path)."""
+    from tests.conftest import import_demo_store
+
+    url = import_demo_store(demo_pki, pg_cluster.create_database(), demo_now)
+    yield url
+    pg_cluster.drop_database(url)
+
+
+@pytest.fixture(params=[0, 2, "postgresql"], ids=["inline", "threads2", "postgresql"])
 def port(request: pytest.FixtureRequest, store: Store, demo_now: datetime) -> Iterator[int]:
-    """A listener whose store calls run inline, or in two store threads ([store] threads)."""
-    access = StoreAccess(str(store.path), request.param, store=store)
+    """A listener whose store calls run inline, or in two store threads ([store] threads) on
+    SQLite, or in two store threads on PostgreSQL (the demo PKI imported there)."""
+    from store import open_store
+
+    serving: Any = store
+    if request.param == "postgresql":
+        location = request.getfixturevalue("ldap_pg_url")
+        serving = open_store(location, create=False, migrate=False)
+        access = StoreAccess(location, 2, store=serving)
+    else:
+        access = StoreAccess(str(store.path), request.param, store=store)
     access.start()
-    factory = make_ldap_factory(ldap_config(size_limit=500), store, None, None, lambda: demo_now,
-                                access=access)
+    factory = make_ldap_factory(ldap_config(size_limit=500), serving, None, None,
+                                lambda: demo_now, access=access)
     listening = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
     yield listening.getHost().port
     pytest_twisted.blockon(listening.stopListening())
     access.stop()
+    if serving is not store:
+        serving.close()
 
 
 def search_cmd(port: int, *args: str) -> list[str]:
@@ -218,9 +239,8 @@ def _tls_files(folder: Path) -> tuple[Path, Path]:
 
 @pytest_twisted.ensureDeferred
 async def test_starttls_and_ldaps(store: Store, demo_now: datetime, tmp_path: Path) -> None:
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
     from twisted.internet import ssl
+    from twisted.protocols.tls import TLSMemoryBIOFactory
 
     cert_path, key_path = _tls_files(tmp_path)
     # as server/app.py builds it: TLS 1.2 and newer only

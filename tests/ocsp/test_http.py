@@ -21,7 +21,6 @@ from server.ocsp.codec import MalformedRequest
 from server.ocsp.http import decode_get_path, make_http_factory
 from server.storeaccess import StoreAccess
 from store.certparse import crl_input
-from store.sqlite import Store
 from tests.ocsp.helpers import config_for, fill_store, make_ca, request_der
 
 
@@ -44,22 +43,30 @@ def crl_der(ca: Any, number: int) -> bytes:
     return b.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
-@pytest.fixture(params=[0, 2], ids=["inline", "threads2"])
+@pytest.fixture(params=[0, 2, "postgresql"], ids=["inline", "threads2", "postgresql"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """The site with its store calls inline, or in two store threads ([store] threads)."""
+    """The site with its store calls inline, or in two store threads ([store] threads), on
+    SQLite; or in two store threads on a PostgreSQL database."""
+    from store import open_store
+
     clock = Clock()
     ca = make_ca(tmp_path / "pki", "web", at=clock.now)
     for serial in (1, 2):
         ca.subscriber(serial)
-    store = Store.open(tmp_path / "store.sqlite3")
+    if request.param == "postgresql":
+        location, threads = request.getfixturevalue("pg_url"), 2
+    else:
+        location, threads = str(tmp_path / "store.sqlite3"), request.param
+    store = open_store(location)
     ca_id = fill_store(store, ca, clock.now - timedelta(seconds=30))
     with store.batch(clock.now) as b:
         b.apply_crl(crl_input(crl_der(ca, 7), ca_id), "test")
-    access = StoreAccess(str(store.path), request.param, store=store)
+    access = StoreAccess(location, threads, store=store)
     access.start()
     site = make_http_factory(config_for(ca), store, None, clock, reactor, access=access)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
-    yield {"ca": ca, "port": port.getHost().port, "site": site, "clock": clock, "store": store}
+    yield {"ca": ca, "port": port.getHost().port, "site": site, "clock": clock, "store": store,
+           "tmp": tmp_path}
     pytest_twisted.blockon(port.stopListening())
     access.stop()
     store.close()
@@ -142,7 +149,7 @@ async def test_errors_and_limits(server: dict[str, Any]) -> None:
     assert headers["cache-control"] == "no-store"
     code, _, body = await call(port, "POST", "/ocsp", b"\x30\x00")
     assert body == b"\x30\x03\x0a\x01\x01"
-    stranger = make_ca(Path(server["store"].path).parent / "x", "x", at=server["clock"].now)
+    stranger = make_ca(server["tmp"] / "x", "x", at=server["clock"].now)
     code, _, body = await call(port, "POST", "/ocsp", request_der(stranger, [1]))
     assert body == b"\x30\x03\x0a\x01\x06"  # unauthorized
     code, headers, _ = await call(port, "PUT", "/ocsp", b"x")
