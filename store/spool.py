@@ -11,14 +11,15 @@ A file inotify reports as renamed into a spool folder (and not created or writte
 name since) is complete, and is taken at once. As a safety net for writers that ignore the
 protocol (a file written in place, or copied from another file system), any other file is
 taken only once its size, mtime, ctime and inode stayed the same for ``SETTLE`` seconds (over
-two looks or more; a file whose size or mtime changed since the last look is still growing). Sub-folders are scanned
-too, except ``done/`` and ``rejected/`` at the top of each spool folder.
+two looks or more; a file whose size or mtime changed since the last look is still growing).
+Sub-folders are scanned too (polled and settled only: inotify watches the top of each spool
+folder), except ``done/`` and ``rejected/`` at the top of each spool folder.
 
 Detection: inotify (Linux, a small ctypes binding) wakes the daemon as soon as a file is
 renamed into, created in or closed in a spool folder or an index folder, so a renamed file is
-taken at once and a file written in place within about ``SETTLE`` seconds; the folders are also polled with ``os.scandir`` every
-``import.poll_interval`` seconds (the only mechanism where inotify is unavailable; then a
-file is taken within poll_interval + SETTLE seconds).
+taken at once and a file written in place within about ``SETTLE`` seconds; the folders are
+also polled with ``os.scandir`` every ``import.poll_interval`` seconds (the only mechanism
+where inotify is unavailable; then a file is taken within poll_interval + SETTLE seconds).
 
 Crash safety: files move (``os.replace`` into ``done/``, or unlink when ``import.processed =
 "delete"``) only after their batch committed, and each accepted file's SHA-256 is committed
@@ -44,7 +45,8 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,7 +115,7 @@ class SpoolScanner:
             sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
             out[path] = (SpoolFile(root, path, str(path.relative_to(root))), sig)
 
-    def scan(self, renamed: Set[Path] = frozenset()) -> tuple[list[SpoolFile], bool]:
+    def scan(self, renamed: AbstractSet[Path] = frozenset()) -> tuple[list[SpoolFile], bool]:
         """(files ready to import, whether some file is still settling).
 
         renamed: paths known to have arrived complete, by a rename (drop protocol, step 2).

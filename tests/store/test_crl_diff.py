@@ -1,4 +1,4 @@
-"""apply_crl skips entries settled by the CA's previous full CRL, with the same results (both engines)."""
+"""apply_crl skips entries settled by the previous full CRL: same results, both engines."""
 
 from __future__ import annotations
 
