@@ -28,6 +28,12 @@ load. "machine" is the CPU use of everything on the machine during the window (/
 so a round disturbed by other work shows. Memory: VmRSS/VmHWM of the server's process tree
 (certpub's supervisor and workers, slapd's one process) when idle, after a warm-up (1 s of
 each search at 16 connections) and at the end.
+
+More certpub servers in the same rounds: ``--certpub-config NAME=CONFIG`` (repeatable) starts one
+from CONFIG instead of DATA/certpub.toml, e.g. the PostgreSQL variant written by
+``bench/pg_env.py``; ``--db-pid NAME=PID`` counts PID's process tree (that PostgreSQL server) as
+part of NAME's server CPU and µs/op, also shown alone ("db"). ``--servers certpub`` leaves slapd
+out; a name matching neither server (``--servers none``) runs only the ``--certpub-config`` ones.
 """
 
 from __future__ import annotations
@@ -214,7 +220,16 @@ def tree_pids(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
+# server pid -> pid of a database server it uses (its process tree's CPU counts as the server's)
+DB_PIDS: dict[int, int] = {}
+
+
+def db_cpu_seconds(pid: int) -> float:
+    return cpu_seconds(DB_PIDS[pid], own=True) if pid in DB_PIDS else 0.0
+
+
+def cpu_seconds(pid: int, own: bool = False) -> float:
+    """CPU seconds of pid's process tree, plus its database server's (DB_PIDS) unless own."""
     total = 0
     for p in tree_pids(pid):
         try:
@@ -222,7 +237,7 @@ def cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])
-    return total / TICK
+    return total / TICK + (0.0 if own else db_cpu_seconds(pid))
 
 
 def machine_busy() -> tuple[float, float]:
@@ -323,10 +338,10 @@ def run_round(port: int, pid: int, conns: int, kind: str, users: int, window: in
     for w in workers:
         w.start()
     time.sleep(max(0.0, t_meas - time.monotonic()))
-    s0 = cpu_seconds(pid)
+    s0, d0 = cpu_seconds(pid), db_cpu_seconds(pid)
     m0 = machine_busy()
     time.sleep(max(0.0, t_end - time.monotonic()))
-    s1 = cpu_seconds(pid)
+    s1, d1 = cpu_seconds(pid), db_cpu_seconds(pid)
     m1 = machine_busy()
     results = [q.get(timeout=30) for _ in workers]
     for w in workers:
@@ -344,6 +359,9 @@ def run_round(port: int, pid: int, conns: int, kind: str, users: int, window: in
             "client_cpu_pct": 100 * sum(r["cpu"] for r in results) / seconds,
             "server_cpu_pct": 100 * (s1 - s0) / seconds,
             "server_us_per_search": 1e6 * (s1 - s0) / max(done, 1),
+            # the database server's part of the two above (0 without --db-pid)
+            "db_cpu_pct": 100 * (d1 - d0) / seconds,
+            "db_us_per_search": 1e6 * (d1 - d0) / max(done, 1),
             # all processes on the machine, in % of one core (200 = both cores of 2 busy)
             "machine_cpu_pct": 100 * (os.cpu_count() or 1) * (m1[0] - m0[0]) / max(1, m1[1] - m0[1])}
 
@@ -366,6 +384,12 @@ def main() -> None:
     ap.add_argument("--certpub-arg", action="append", default=[],
                     help="extra argument for certpub serve (repeatable)")
     ap.add_argument("--certpub-pythonpath", help="run certpub from this source tree instead")
+    ap.add_argument("--certpub-config", action="append", default=[], metavar="NAME=CONFIG",
+                    help="one more certpub server, called NAME, from CONFIG instead of "
+                    "DATA/certpub.toml (repeatable; e.g. a PostgreSQL store from bench/pg_env.py)")
+    ap.add_argument("--db-pid", action="append", default=[], metavar="NAME=PID",
+                    help="count PID's process tree (e.g. the PostgreSQL postmaster of "
+                    "bench/pg_env.py) as server NAME's CPU; also reported alone (db%%, db µs)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     assert args.seconds <= 5, "each round is bounded at 5 s"
@@ -380,7 +404,7 @@ def main() -> None:
              if ln.startswith("model name")), "?")},
         "certificates": users, "window": args.window, "clients": args.clients,
         "seconds": args.seconds, "rounds": args.rounds, "certpub_args": args.certpub_arg,
-        "log_level": args.log_level}
+        "log_level": args.log_level, "certpub_configs": args.certpub_config}
     try:
         names = args.servers.split(",")
         if "certpub" in names:
@@ -388,6 +412,11 @@ def main() -> None:
                          args.certpub_pythonpath)
             closers.append(cp.close)
             servers["certpub"] = (cp.port, cp.pid)
+        for spec in args.certpub_config:
+            name, _, config = spec.partition("=")
+            cp = Certpub(Path(config), args.log_level, args.certpub_arg, args.certpub_pythonpath)
+            closers.append(cp.close)
+            servers[name] = (cp.port, cp.pid)
         if "slapd" in names:
             sl = Slapd(data / "bench.ldif").__enter__()
             closers.append(lambda: sl.__exit__(None, None, None))
@@ -396,6 +425,10 @@ def main() -> None:
             a = sl.slapadd
             print(f"slapadd: {a['entries']:.0f} entries in {a['seconds']:.2f} s = "
                   f"{a['entries_per_s']:.0f} entries/s (peak RSS {a['peak_rss_mib']:.0f} MiB)")
+        for spec in args.db_pid:
+            name, _, db = spec.partition("=")
+            DB_PIDS[servers[name][1]] = int(db)
+        report["db_pids"] = args.db_pid
         mem: dict[str, dict[str, dict[str, Any]]] = {}
         for name, (port, pid) in servers.items():
             mem[name] = {"idle": memory_mib(pid)}
@@ -409,6 +442,8 @@ def main() -> None:
                 rounds: dict[str, list[dict[str, float]]] = {n: [] for n in servers}
                 for r in range(args.rounds):
                     order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+                    if len(servers) > 2:  # rotate, so each server goes first in turn
+                        order = list(servers)[r % len(servers):] + list(servers)[:r % len(servers)]
                     for name in order:
                         port, pid = servers[name]
                         res = run_round(port, pid, conns, kind, users, args.window, args.clients,
@@ -418,6 +453,7 @@ def main() -> None:
                               f"{res['rate']:8.0f}/s p99 {res['p99_ms']:7.2f} ms  "
                               f"client CPU {res['client_cpu_pct']:4.0f}%  "
                               f"server CPU {res['server_cpu_pct']:4.0f}%  "
+                              + (f"(db {res['db_cpu_pct']:3.0f}%)  " if pid in DB_PIDS else "") +
                               f"machine {res['machine_cpu_pct']:4.0f}%", flush=True)
                 results[f"{kind}/{conns}"] = {n: {"median": median_of(v), "rounds": v}
                                               for n, v in rounds.items()}
@@ -444,6 +480,8 @@ def main() -> None:
             m = per[name]["median"]
             line += (f" {m['rate']:12.0f} {m['p99_ms']:7.2f} {m['client_cpu_pct']:5.0f}"
                      f" {m['server_cpu_pct']:5.0f} {m['server_us_per_search']:6.0f} |")
+            if m["db_cpu_pct"]:
+                line = line[:-1] + f"(db {m['db_us_per_search']:.0f} µs) |"
         if "certpub" in per and "slapd" in per:
             line += f" {per['certpub']['median']['rate'] / per['slapd']['median']['rate']:.2f}"
         print(line)

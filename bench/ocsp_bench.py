@@ -26,6 +26,11 @@ signed per request by certpub and openssl; nginx cannot do it). Each measurement
 latency distribution. The load generator's CPU (wrk user+sys from wait4) and each server's
 CPU (/proc/PID/stat, its whole process tree) are reported per run: the machine's cores are
 shared by the servers and the load generator.
+
+``--certpub-config NAME=CONFIG`` (repeatable) adds a certpub target started from CONFIG instead
+of DATA/certpub.toml (e.g. ``bench/pg_env.py``'s PostgreSQL variant), in the same rotation;
+``--db-pid NAME=PID`` adds PID's process tree (that PostgreSQL server) to NAME's server CPU and
+CPU per request, also reported alone ("of it db").
 """
 
 from __future__ import annotations
@@ -101,6 +106,10 @@ def tree_pids(pid: int) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+# target name -> pid of a database server it uses (its process tree's CPU counts as the target's)
+DB_PIDS: dict[str, int] = {}
 
 
 def tree_cpu(pid: int) -> float:
@@ -218,9 +227,13 @@ class Target:
 class Certpub(Target):
     name = "certpub"
 
-    def __init__(self, data: Path, work: Path, workers: int) -> None:
+    def __init__(self, data: Path, work: Path, workers: int, *, name: str = "certpub",
+                 config: Path | None = None) -> None:
+        self.name = name
         self.port = free_port()
-        text = (data / "certpub.toml").read_text()
+        text = (config or data / "certpub.toml").read_text()
+        work = work / name
+        work.mkdir(parents=True, exist_ok=True)
         text = re.sub(r"(?ms)^\[ldap\]\nlisten = \[.*?\]\n", "[ldap]\nlisten = []\n", text)
         text = re.sub(r"(?ms)^\[http\]\nlisten = \[.*?\]\n",
                       f'[http]\nlisten = ["tcp:{self.port}:interface=127.0.0.1"]\n', text)
@@ -332,12 +345,15 @@ def run_wrk(target: Target, scenario: str, files: dict[str, Path], args: argpars
     if isinstance(target, OpensslOcsp):
         target.restart()
         cmd[-1] = f"http://127.0.0.1:{target.port}/"
+    db = DB_PIDS.get(target.name)
+    db0 = tree_cpu(db) if db else 0.0
     cpu0, t0 = tree_cpu(target.proc.pid), time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out_bytes = proc.stdout.read() if proc.stdout else b""
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - t0
     server_cpu = tree_cpu(target.proc.pid) - cpu0
+    db_cpu = (tree_cpu(db) - db0) if db else 0.0
     out = out_bytes.decode()
     if status != 0 or "Requests/sec" not in out:
         raise SystemExit(f"wrk failed against {target.name} {scenario}:\n{out}")
@@ -349,7 +365,9 @@ def run_wrk(target: Target, scenario: str, files: dict[str, Path], args: argpars
     return {"rps": rps, "p50": p50, "p99": p99, "non2xx": int(bad.group(1)) if bad else 0,
             "sock_errors": sum(int(x) for x in errs.groups()) if errs else 0,
             "wrk_cpu": (usage.ru_utime + usage.ru_stime) / wall,
-            "server_cpu": server_cpu / wall}
+            "server_cpu": (server_cpu + db_cpu) / wall,  # with its database server's
+            "db_cpu": db_cpu / wall,
+            "server_us_per_req": 1e6 * (server_cpu + db_cpu) / max(rps * wall, 1)}
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -375,6 +393,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--targets", default="certpub,nginx,openssl")
     parser.add_argument("--scenarios", default="get,post,nonce")
+    parser.add_argument("--certpub-config", action="append", default=[], metavar="NAME=CONFIG",
+                        help="one more certpub target, called NAME, from CONFIG instead of "
+                        "DATA/certpub.toml (repeatable; e.g. bench/pg_env.py's PostgreSQL store)")
+    parser.add_argument("--db-pid", action="append", default=[], metavar="NAME=PID",
+                        help="count PID's process tree (e.g. bench/pg_env.py's PostgreSQL "
+                        "postmaster) as target NAME's server CPU; also reported alone (db cpu)")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
     args = parser.parse_args()
     args.duration = min(args.duration, 5)
@@ -395,10 +419,17 @@ def main() -> None:
     files["get_path"] = Path(get_path)  # carried as text
 
     wanted = args.targets.split(",")
+    for spec in args.db_pid:
+        name, _, db = spec.partition("=")
+        DB_PIDS[name] = int(db)
     targets: list[Target] = []
     try:
         certpub = Certpub(data, work, args.workers)
         targets.append(certpub)
+        for spec in args.certpub_config:
+            name, _, config = spec.partition("=")
+            targets.append(Certpub(data, work, args.workers, name=name, config=Path(config)))
+            wanted.append(name)
         post = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
                 b"Content-Length: %d\r\n\r\n" % len(reqs["plain"]) + reqs["plain"])
         code, presigned = http_exchange(certpub.port, post)
@@ -433,6 +464,8 @@ def main() -> None:
                     print(f"round {r} {t.name:8} {sc:6} {res['rps']:9.0f} req/s"
                           f"  p99 {res['p99'] * 1000:7.2f} ms  wrk cpu {res['wrk_cpu']:.2f}"
                           f"  server cpu {res['server_cpu']:.2f}"
+                          f" ({res['server_us_per_req']:.0f} µs/req"
+                          + (f", db {res['db_cpu']:.2f}" if t.name in DB_PIDS else "") + ")"
                           f"  non2xx {res['non2xx']} errors {res['sock_errors']}", flush=True)
     finally:
         for t in targets:
@@ -444,18 +477,19 @@ def main() -> None:
 
     print(f"\nmachine: {machine()}; wrk -t1 -c{args.connections} -d{args.duration}s,"
           f" {args.rounds} rounds, certpub workers={args.workers}\n")
-    print("| scenario | target | req/s (median) | p99 ms | wrk CPU | server CPU |"
-          " × openssl | × nginx |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scenario | target | req/s (median) | p99 ms | wrk CPU | server CPU | of it db |"
+          " µs CPU/req | × openssl | × nginx |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for sc in scenarios:
-        for t in [x.name for x in targets]:
-            rps = med(t, sc, "rps")
+        for tn in [x.name for x in targets]:
+            rps = med(tn, sc, "rps")
             if rps is None:
                 continue
             o = med("openssl", sc, "rps")
             n = med("nginx", "get" if sc == "nonce" else sc, "rps")
-            print(f"| {sc} | {t} | {rps:,.0f} | {med(t, sc, 'p99') * 1000:.2f} |"  # type: ignore[operator]
-                  f" {med(t, sc, 'wrk_cpu'):.2f} | {med(t, sc, 'server_cpu'):.2f} |"
+            print(f"| {sc} | {tn} | {rps:,.0f} | {med(tn, sc, 'p99') * 1000:.2f} |"  # type: ignore[operator]
+                  f" {med(tn, sc, 'wrk_cpu'):.2f} | {med(tn, sc, 'server_cpu'):.2f} |"
+                  f" {med(tn, sc, 'db_cpu'):.2f} | {med(tn, sc, 'server_us_per_req'):.0f} |"
                   f" {rps / o if o else float('nan'):.2f} | {rps / n if n else float('nan'):.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "args": vars(args) | {
