@@ -13,6 +13,7 @@ import pytest
 from server.ldap.config import DEFAULT_ATTRIBUTES, LdapConfig
 from server.ldap.directory import Directory
 from server.ldap.schema import Allowlist
+from store import open_store
 from store.sqlite import Store
 from tests.conftest import import_demo_store
 
@@ -25,9 +26,20 @@ def ldap_store_path(demo_pki: Any, demo_now: datetime,
                              demo_now)
 
 
-@pytest.fixture
-def store(ldap_store_path: Path) -> Iterator[Store]:
-    s = Store.open(ldap_store_path)
+@pytest.fixture(scope="session")
+def ldap_pg_url(demo_pki: Any, demo_now: datetime, pg_cluster: Any) -> Iterator[str]:
+    """The same import into a PostgreSQL database of its own (once per session)."""
+    url = str(import_demo_store(demo_pki, pg_cluster.create_database(), demo_now))
+    yield url
+    pg_cluster.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, ldap_store_path: Path) -> Iterator[Any]:
+    """The demo store, once per engine: directory tests run on SQLite and on PostgreSQL."""
+    location = (str(ldap_store_path) if request.param == "sqlite"
+                else request.getfixturevalue("ldap_pg_url"))
+    s = open_store(location)
     yield s
     s.close()
 

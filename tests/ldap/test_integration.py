@@ -60,29 +60,19 @@ def der(cert: Any) -> bytes:
     return cert.load().public_bytes(Encoding.DER)  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="session")
-def ldap_pg_url(pg_cluster: Any, demo_pki: Any, demo_now: datetime) -> Iterator[str]:
-    """The demo PKI imported once into a PostgreSQL database (read-only, like ldap_store_path)."""
-    from tests.conftest import import_demo_store
-
-    url = import_demo_store(demo_pki, pg_cluster.create_database(), demo_now)
-    yield url
-    pg_cluster.drop_database(url)
-
-
 @pytest.fixture(params=[0, 2, "postgresql"], ids=["inline", "threads2", "postgresql"])
-def port(request: pytest.FixtureRequest, store: Store, demo_now: datetime) -> Iterator[int]:
+def port(request: pytest.FixtureRequest, ldap_store_path: Path,
+         demo_now: datetime) -> Iterator[int]:
     """A listener whose store calls run inline, or in two store threads ([store] threads) on
     SQLite, or in two store threads on PostgreSQL (the demo PKI imported there)."""
     from store import open_store
 
-    serving: Any = store
     if request.param == "postgresql":
-        location = request.getfixturevalue("ldap_pg_url")
-        serving = open_store(location, create=False, migrate=False)
-        access = StoreAccess(location, 2, store=serving)
+        location, threads = request.getfixturevalue("ldap_pg_url"), 2
     else:
-        access = StoreAccess(str(store.path), request.param, store=store)
+        location, threads = str(ldap_store_path), request.param
+    serving = open_store(location, create=False, migrate=False)
+    access = StoreAccess(location, threads, store=serving)
     access.start()
     factory = make_ldap_factory(ldap_config(size_limit=500), serving, None, None,
                                 lambda: demo_now, access=access)
@@ -90,8 +80,7 @@ def port(request: pytest.FixtureRequest, store: Store, demo_now: datetime) -> It
     yield listening.getHost().port
     pytest_twisted.blockon(listening.stopListening())
     access.stop()
-    if serving is not store:
-        serving.close()
+    serving.close()
 
 
 def search_cmd(port: int, *args: str) -> list[str]:

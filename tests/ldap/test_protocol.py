@@ -16,7 +16,6 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
 from server.ldap import codec
-from server.ldap.directory import Directory
 from server.ldap.server import LdapFactory, make_ldap_factory
 from store.sqlite import Store
 from tests.ldap.conftest import ldap_config

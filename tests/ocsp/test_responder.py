@@ -12,8 +12,9 @@ import pytest
 from server.ocsp.codec import TryLater, Unauthorized, decode_request
 from server.ocsp.responder import CLOCK_MARGIN, CaPolicy, Policy, answer, status_times
 from server.ocsp.signer import load_signer
+from store import open_store
 from store.model import RevocationReason
-from store.sqlite import Store, StoreError
+from store.sqlite import StoreError
 from tests.ocsp.helpers import (
     DAY,
     T0,
@@ -29,7 +30,7 @@ NOW = T0 + timedelta(hours=1)
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def pki(tmp_path: Path, store_location: str) -> Iterator[dict[str, Any]]:
     ca = make_ca(tmp_path / "one", "one")
     other = make_ca(tmp_path / "two", "two")
     for serial in (1, 2, 3, 4):
@@ -37,7 +38,7 @@ def pki(tmp_path: Path) -> Iterator[dict[str, Any]]:
     ca.subscriber(5, not_before=T0 - 900 * DAY, not_after=T0 - 100 * DAY)  # expired
     ca.subscriber(6, not_before=T0 - 900 * DAY, not_after=T0 - 100 * DAY)  # expired, revoked
     other.subscriber(1)
-    store = Store.open(tmp_path / "store.sqlite3")
+    store = open_store(store_location)  # each test once per engine (SQLite, PostgreSQL)
     fill_store(store, ca, T0, revoked={
         2: (T0 - 2 * DAY, RevocationReason.KEY_COMPROMISE),
         3: (T0 - 3 * DAY, RevocationReason.CERTIFICATE_HOLD),
@@ -110,7 +111,7 @@ def test_archive_cutoff_can_be_off(pki: dict[str, Any]) -> None:
 def test_unserved_issuer_is_unauthorized(pki: dict[str, Any]) -> None:
     with pytest.raises(Unauthorized):
         ask(pki, pki["other"], [1])  # in the store, but without a signer
-    stranger = make_ca(Path(pki["store"].path).parent / "x", "x")
+    stranger = make_ca(Path(pki["ca"].folder).parent / "x", "x")
     with pytest.raises(Unauthorized):
         ask(pki, stranger, [1])  # not in the store at all
 
@@ -131,7 +132,7 @@ def test_mixed_issuers_answer_the_first_served_and_unknown_for_the_rest(pki: dic
 
 
 def test_policy_for_a_replaced_ca_certificate_does_not_sign(pki: dict[str, Any]) -> None:
-    imposter = make_ca(Path(pki["store"].path).parent / "imp", "one")  # same name, other cert
+    imposter = make_ca(Path(pki["ca"].folder).parent / "imp", "one")  # same name, other cert
     with pytest.raises(Unauthorized):
         ask(pki, pki["ca"], [1], policy_for(imposter))
 

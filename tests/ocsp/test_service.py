@@ -16,6 +16,7 @@ from cryptography.x509 import ocsp as c_ocsp
 from server.feed import ChangeFeed
 from server.ocsp.cache import CachedResponse, ResponseCache
 from server.ocsp.service import OcspService
+from store import open_store
 from store.model import CaId, Change, Generation, RevocationReason, Serial
 from store.sqlite import Store
 from tests.ocsp.helpers import DAY, T0, config_for, fill_store, make_ca, request_der
@@ -30,11 +31,11 @@ class Clock:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def env(tmp_path: Path, store_location: str) -> Iterator[dict[str, Any]]:
     ca = make_ca(tmp_path / "svc", "svc")
     for serial in (1, 2, 3):
         ca.subscriber(serial)
-    store = Store.open(tmp_path / "store.sqlite3")
+    store = open_store(store_location)  # each test once per engine (SQLite, PostgreSQL)
     ca_id = fill_store(store, ca, T0)
     clock = Clock(T0 + timedelta(minutes=5))
     service = OcspService(config_for(ca), store, clock)
@@ -119,7 +120,7 @@ def test_responses_are_resigned_at_half_validity(env: dict[str, Any]) -> None:
 def test_errors(env: dict[str, Any]) -> None:
     service = env["service"]
     assert service.respond(b"\x30\x03\x02\x01\x00").status == "malformed_request"
-    stranger = make_ca(Path(env["store"].path).parent / "x", "x")
+    stranger = make_ca(Path(env["ca"].folder).parent / "x", "x")
     out = service.respond(request_der(stranger, [1]))
     assert out.status == "unauthorized" and out.etag is None and len(out.der) == 5
     env["clock"].now = T0 + 2 * DAY  # the import daemon stopped confirming a day ago
@@ -241,6 +242,6 @@ def _drain() -> None:
     """Run the global cooperator's pending work now (no reactor in these tests)."""
     from twisted.internet import task
 
-    coop = task._theCooperator  # noqa: SLF001 - the one task.cooperate uses
-    while coop._tasks:  # noqa: SLF001
-        coop._tick()  # noqa: SLF001
+    coop = task._theCooperator
+    while coop._tasks:
+        coop._tick()
