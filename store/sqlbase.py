@@ -10,6 +10,7 @@ declared ``COLLATE "C"``), which the index range scans below depend on.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -93,7 +94,7 @@ CERT_COLUMNS = (
 )
 
 
-class SqlStore:
+class SqlStore(abc.ABC):
     """The read API and the batch frame over one connection; engines subclass it."""
 
     engine = "sql"
@@ -103,34 +104,37 @@ class SqlStore:
 
     # --- what an engine provides ------------------------------------------------------------
 
+    @abc.abstractmethod
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Rows of one read (``?`` placeholders); any failure raises StoreError."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """One statement inside the open write transaction: a cursor (``fetchone``,
         ``fetchall``); any failure raises StoreError."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _begin_write(self) -> None:
         """Start the write transaction, holding the single-writer lock."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _commit(self) -> None:
-        raise NotImplementedError
+        """Commit the write transaction; a failure raises StoreError (rolled back)."""
 
+    @abc.abstractmethod
     def _rollback(self) -> None:
         """Roll back the write transaction; never raises."""
-        raise NotImplementedError
 
     def _announce(self, generation: Generation) -> None:
         """Inside the write transaction of a changing batch, before COMMIT: tell listeners."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close the connection(s)."""
 
+    @abc.abstractmethod
     def schema_version(self) -> int:
-        raise NotImplementedError
+        """The schema version recorded in the store (0: an empty database)."""
 
     # --- reads ------------------------------------------------------------------------------
 
