@@ -326,3 +326,19 @@ def test_ca_file_without_a_certificate(pki: MiniPki, tmp_path: Path) -> None:
     (pki.folder / "ca-b.pem").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match=r"^ca\[2\]\.certificate: .*ca-b.pem is not a usable"):
         import_paths(config, [], now=clock(), progress=None)
+
+
+def test_collect_files_orders_as_paths_sort(tmp_path: Path) -> None:
+    """Kept as strings (memory at a million files) but in Path order, folders interleaved."""
+    import os
+
+    from store.importer import collect_files
+
+    for name in ("a.pem", "z.pem", "m/x.pem", "m/a-b.pem", "m.pem", "m-1/q.pem", "a b.pem",
+                 "A.pem", "m/sub/c.pem", ".hidden/x.pem"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    expected = sorted(Path(root) / f for root, dirs, files in os.walk(tmp_path)
+                      if ".hidden" not in root for f in files)
+    single = tmp_path / "a.pem"
+    assert collect_files([tmp_path, single]) == [str(p) for p in expected] + [str(single)]
