@@ -39,6 +39,7 @@ import argparse
 import base64
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -259,7 +260,10 @@ class Nginx(Target):
             (work / "nginx-tmp" / d).mkdir(parents=True, exist_ok=True)
         conf = work / "nginx.conf"
         t = work / "nginx-tmp"
+        # As root, nginx's worker would run as nobody and could not read the 0700 work folder.
+        user = pwd.getpwuid(os.getuid()).pw_name
         conf.write_text(f"""
+user {user};
 worker_processes 1;
 daemon off;
 master_process on;
