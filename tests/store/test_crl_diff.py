@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from store import open_store, writer
+from store import writer
 from store.certparse import crl_input
 from store.model import CaId, CertStatus, CrlInput, IndexLine, RevocationReason, Serial
 from tests.store.test_importer_helpers import NOW, MiniPki, der
@@ -19,15 +19,8 @@ HOLD = RevocationReason.CERTIFICATE_HOLD
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> MiniPki:
-    return MiniPki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def store(store_location: str) -> Any:
-    s = open_store(store_location)
-    yield s
-    s.close()
+def pki(mini_pki: MiniPki) -> MiniPki:
+    return mini_pki
 
 
 def ca(store: Any, pki: MiniPki, name: str) -> CaId:

@@ -33,15 +33,14 @@ KEY = RevocationReason.KEY_COMPROMISE
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> MiniPki:
-    return MiniPki(tmp_path_factory.mktemp("pki"))
+def pki(mini_pki: MiniPki) -> MiniPki:
+    return mini_pki
 
 
 @pytest.fixture
-def store(pg_url: str) -> Any:
-    s = open_store(pg_url)
-    yield s
-    s.close()
+def store_location(pg_url: str) -> str:
+    """PostgreSQL only here: the shared ``store`` fixture then opens this database."""
+    return pg_url
 
 
 def add_ca(store: Any, pki: MiniPki, name: str = "ca-a") -> CaId:

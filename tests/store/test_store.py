@@ -31,15 +31,8 @@ KEY = RevocationReason.KEY_COMPROMISE
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> MiniPki:
-    return MiniPki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def store(store_location: str) -> Any:
-    s = open_store(store_location)
-    yield s
-    s.close()
+def pki(mini_pki: MiniPki) -> MiniPki:
+    return mini_pki
 
 
 def ca(store: Any, pki: MiniPki, name: str = "ca-a") -> CaId:
