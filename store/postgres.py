@@ -27,7 +27,13 @@ from psycopg.conninfo import conninfo_to_dict
 from store import redact_location
 from store.model import Generation
 from store.schema import SCHEMA_VERSION, migration
-from store.sqlbase import SqlStore, StoreError, StoreSchemaError
+from store.sqlbase import (
+    SqlStore,
+    StoreError,
+    StoreSchemaError,
+    refuse_newer_schema,
+    require_current_schema,
+)
 
 CHANNEL = "certpub_changes"
 CONNECT_TIMEOUT = 5  # seconds
@@ -214,11 +220,7 @@ class PostgresStore(SqlStore):
         return int(rows[0][0]) if rows else (1 if has_cas else 0)
 
     def _check_current(self, current: int) -> None:
-        if current != SCHEMA_VERSION:
-            raise StoreSchemaError(
-                f"store {self.location} has schema version {current}, this certpub needs "
-                f"{SCHEMA_VERSION}: run `certpub migrate` (or set [store] migrate = \"auto\")"
-            )
+        require_current_schema(self.location, current)
 
     def migrate(self, target: int = SCHEMA_VERSION) -> tuple[int, int]:
         """Apply pending migrations in one transaction; (from, to) versions.
@@ -227,11 +229,7 @@ class PostgresStore(SqlStore):
         wait, then find the schema current and change nothing.
         """
         current = self.schema_version()
-        if current > SCHEMA_VERSION:
-            raise StoreSchemaError(
-                f"store {self.location} has schema version {current}; this certpub knows up "
-                f"to {SCHEMA_VERSION}: upgrade certpub"
-            )
+        refuse_newer_schema(self.location, current)
         if current >= target:
             return current, current
         conn = self._connection()

@@ -40,6 +40,28 @@ class StoreSchemaError(StoreError):
     """The store was written by a newer certpub, is behind (migrate), or is not a certpub store."""
 
 
+def refuse_newer_schema(where: str, current: int) -> None:
+    """A store written by a newer certpub is never migrated or read."""
+    from store.schema import SCHEMA_VERSION
+
+    if current > SCHEMA_VERSION:
+        raise StoreSchemaError(
+            f"store {where} has schema version {current}; this certpub knows up to "
+            f"{SCHEMA_VERSION}: upgrade certpub"
+        )
+
+
+def require_current_schema(where: str, current: int) -> None:
+    """For ``migrate=False`` opens: the schema must be exactly this certpub's."""
+    from store.schema import SCHEMA_VERSION
+
+    if current != SCHEMA_VERSION:
+        raise StoreSchemaError(
+            f"store {where} has schema version {current}, this certpub needs "
+            f"{SCHEMA_VERSION}: run `certpub migrate` (or set [store] migrate = \"auto\")"
+        )
+
+
 # Above every character a key or value can hold: an exclusive upper bound of a prefix range.
 # Byte-wise comparison of UTF-8 orders by code point, so this holds on both engines.
 TOP = "\U0010ffff"

@@ -27,6 +27,8 @@ from store.sqlbase import (
     StoreError,
     StoreSchemaError,
     like_pattern,
+    refuse_newer_schema,
+    require_current_schema,
     reversed_key,
     serial_int,
     serial_text,
@@ -124,21 +126,13 @@ class Store(SqlStore):
             current = self.schema_version()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read store {self.path}: {exc}") from exc
-        if current != SCHEMA_VERSION:
-            raise StoreSchemaError(
-                f"store {self.path} has schema version {current}, this certpub needs "
-                f"{SCHEMA_VERSION}: run `certpub migrate` (or set [store] migrate = \"auto\")"
-            )
+        require_current_schema(str(self.path), current)
 
     def migrate(self, target: int = SCHEMA_VERSION) -> tuple[int, int]:
         """Apply the migrations up to target in one transaction; (from, to) versions."""
         try:
             current = self.schema_version()
-            if current > SCHEMA_VERSION:
-                raise StoreSchemaError(
-                    f"store {self.path} has schema version {current}; this certpub knows up to "
-                    f"{SCHEMA_VERSION}: upgrade certpub"
-                )
+            refuse_newer_schema(str(self.path), current)
             if current >= target:
                 return current, current
             self._conn.execute("BEGIN IMMEDIATE")
