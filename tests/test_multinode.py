@@ -12,7 +12,6 @@ certificate is never answered ``good``, and both nodes heal when the database is
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 
 from tests.conftest import REQUIRE_CLIENTS, import_demo_store
+from tests.ocsp.helpers import ocsp_fetch
 from tests.test_workers import Server, free_port
 
 pytestmark = pytest.mark.realclient
@@ -52,15 +52,7 @@ def ocsp_request(cert: Any, issuer: x509.Certificate, *, nonce: bool = False) ->
     return b.build().public_bytes(Encoding.DER)
 
 
-def fetch(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body,
-                     headers={"Content-Type": "application/ocsp-request"} if body else {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+fetch = ocsp_fetch
 
 
 def ocsp_status(port: int, der: bytes) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -213,3 +214,17 @@ def request_der(ca: MiniCa, serials: list[int], *, algorithm: str = "sha1",
 
 def parse_response(der: bytes) -> asn1_ocsp.OCSPResponse:
     return asn1_ocsp.OCSPResponse.load(der, strict=True)
+
+
+def ocsp_fetch(port: int, method: str, path: str, body: bytes | None = None, *,
+               timeout: float = 10) -> tuple[int, bytes]:
+    """One HTTP exchange with a listener on 127.0.0.1 (an OCSP request body when given):
+    status and body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body,
+                     headers={"Content-Type": "application/ocsp-request"} if body else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

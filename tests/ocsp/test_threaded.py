@@ -8,7 +8,6 @@ fast path must keep pipelined answers in request order. Waits are on events, nev
 from __future__ import annotations
 
 import base64
-import http.client
 import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,7 +24,7 @@ from server.ocsp.http import make_http_factory
 from server.storeaccess import StoreAccess
 from store.sqlite import Store
 from tests.ldap.conftest import ldap_config
-from tests.ocsp.helpers import config_for, fill_store, make_ca, request_der
+from tests.ocsp.helpers import config_for, fill_store, make_ca, ocsp_fetch, request_der
 from tests.test_storeaccess import WAIT, BrokenStore, Gate, GatedStore, wait_event
 
 
@@ -71,14 +70,7 @@ async def shut(running: dict[str, Any]) -> None:
 
 
 def fetch(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
-    try:
-        conn.request(method, path, body=body,
-                     headers={"Content-Type": "application/ocsp-request"} if body else {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    return ocsp_fetch(port, method, path, body, timeout=WAIT)
 
 
 def status_of(der: bytes) -> list[Any]:
