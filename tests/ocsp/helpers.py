@@ -228,3 +228,13 @@ def ocsp_fetch(port: int, method: str, path: str, body: bytes | None = None, *,
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+class WallClock:
+    """Now (whole seconds) when made; tests move ``now`` by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,17 +28,9 @@ from server.ocsp.fast import FastChannel
 from server.ocsp.http import make_http_factory
 from store.model import CaId, RevocationReason, Serial
 from store.sqlite import Store
-from tests.ocsp.helpers import config_for, fill_store, make_ca, request_der
+from tests.ocsp.helpers import WallClock, config_for, fill_store, make_ca, request_der
 
 ADDR = IPv4Address("TCP", "127.0.0.1", 40000)
-
-
-class WallClock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture

@@ -21,15 +21,7 @@ from server.ocsp.codec import MalformedRequest
 from server.ocsp.http import decode_get_path, make_http_factory
 from server.storeaccess import StoreAccess
 from store.certparse import crl_input
-from tests.ocsp.helpers import config_for, fill_store, make_ca, request_der
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0)
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.ocsp.helpers import WallClock, config_for, fill_store, make_ca, request_der
 
 
 def crl_der(ca: Any, number: int) -> bytes:
@@ -49,7 +41,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str,
     SQLite; or in two store threads on a PostgreSQL database."""
     from store import open_store
 
-    clock = Clock()
+    clock = WallClock()
     ca = make_ca(tmp_path / "pki", "web", at=clock.now)
     for serial in (1, 2):
         ca.subscriber(serial)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import socket
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +24,13 @@ from server.ocsp.http import make_http_factory
 from server.storeaccess import StoreAccess
 from store.sqlite import Store
 from tests.ldap.conftest import ldap_config
-from tests.ocsp.helpers import config_for, fill_store, make_ca, ocsp_fetch, request_der
+from tests.ocsp.helpers import WallClock, config_for, fill_store, make_ca, ocsp_fetch, request_der
 from tests.test_storeaccess import WAIT, BrokenStore, Gate, GatedStore, wait_event
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    clock = Clock()
+    clock = WallClock()
     ca = make_ca(tmp_path / "pki", "web", at=clock.now)
     for serial in (1, 2, 3):
         ca.subscriber(serial)
