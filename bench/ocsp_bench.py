@@ -42,7 +42,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -55,6 +54,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
+from slapd_env import free_port, stop_process  # the bench scripts' shared helpers
 
 HERE = Path(__file__).resolve().parent
 CLK = os.sysconf("SC_CLK_TCK")
@@ -62,12 +62,6 @@ PAGE_CTYPE = "application/ocsp-request"
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:
@@ -216,13 +210,7 @@ class Target:
     close_each = False  # one request per connection
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class Certpub(Target):
