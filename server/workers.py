@@ -14,11 +14,15 @@ per worker (a restart serves in a fraction of a second) and no fd passing. The p
 worker (backoff doubling while it dies young), passes SIGHUP/SIGUSR1 on, and on SIGTERM/SIGINT
 forwards SIGTERM, waits ``STOP_TIMEOUT``, then SIGKILLs. A worker writes ``ready`` (or why it
 cannot start) to a pipe; ``MAX_START_FAILURES`` failed starts in a row stop everything (exit 1).
+A worker never outlives its supervisor: on Linux it asks the kernel for SIGKILL when the parent
+dies (``PR_SET_PDEATHSIG``), then checks that the parent it was forked from is still its parent,
+which closes the race of a parent killed between ``fork()`` and the ``prctl()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import os
 import select
@@ -45,6 +49,8 @@ MAX_BACKOFF = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long starts its backoff over
 DEFAULT_BACKLOG = 50  # Twisted's default for tcp: endpoints
 _SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+ORPHANED = 75  # EX_TEMPFAIL: the exit code of a worker whose supervisor died before it was set up
 
 
 class SupervisorError(Exception):
@@ -175,6 +181,22 @@ class Worker:
     restart_at: float = 0.0
 
 
+def die_with_parent(parent: int) -> None:
+    """Make this (forked) process end when the process parent dies; end it now if it already has.
+
+    SIGKILL, not SIGTERM: with the supervisor gone nobody would escalate a graceful stop that
+    hangs (say a store thread blocked on an unreachable database), and a worker writes nothing
+    that a kill could leave half done. Elsewhere than Linux only the immediate check is made.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+    if os.getppid() != parent:  # the parent died between fork() and prctl()
+        os._exit(ORPHANED)
+
+
 def run_worker(index: int, config: Config, config_path: Path,
                listeners: dict[str, socket.socket], status_fd: int) -> int:
     """The body of worker index (in the forked child): serve on the inherited sockets."""
@@ -265,10 +287,11 @@ class Supervisor:
     def _spawn(self, worker: Worker) -> None:
         status_r, status_w = os.pipe()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        parent = os.getpid()
         try:
             pid = os.fork()
             if pid == 0:
-                self._child(worker, status_r, status_w, mask)
+                self._child(worker, status_r, status_w, mask, parent)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(status_w)
@@ -277,9 +300,11 @@ class Supervisor:
         worker.ready, worker.error, worker.started = False, "", time.monotonic()
         self.log.info("worker {worker} started", worker=worker.index, pid=pid)
 
-    def _child(self, worker: Worker, status_r: int, status_w: int, mask: set[int]) -> NoReturn:
+    def _child(self, worker: Worker, status_r: int, status_w: int, mask: set[int],
+               parent: int) -> NoReturn:
         code = 70  # EX_SOFTWARE: a bug before serve() returned
         try:
+            die_with_parent(parent)
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)

@@ -151,7 +151,9 @@ class Change:
 
 @dataclass(frozen=True)
 class CaStats:
-    """Counts per status for ``certpub status``."""
+    """Counts per status for ``certpub status``: each certificate in exactly one of good
+    (unexpired), revoked (for good: any reason but certificateHold), on_hold, expired (never
+    revoked, past notAfter); a revoked certificate stays revoked after it expires."""
 
     ca: CaRecord
     good: int
@@ -159,6 +161,10 @@ class CaStats:
     expired: int
     on_hold: int
     last_import: datetime | None
+
+    @property
+    def total(self) -> int:
+        return self.good + self.revoked + self.on_hold + self.expired
 
 
 # --- what the importer writes ------------------------------------------------------------

@@ -328,7 +328,8 @@ class SqlStore(abc.ABC):
         return [DirectoryEntry(*r) for r in rows]
 
     def stats(self, now: datetime) -> list[CaStats]:
-        """Counts per CA and status for operators (not a request path)."""
+        """Counts per CA and status for operators (not a request path); the counts partition
+        the CA's certificates: revoked excludes those on hold, expired only the unrevoked."""
         out = []
         n = ts(now)
         for ca in self.cas():
@@ -336,7 +337,9 @@ class SqlStore(abc.ABC):
                 "SELECT"
                 " SUM(CASE WHEN status = 'good' AND (not_after IS NULL OR not_after >= ?)"
                 "     THEN 1 ELSE 0 END),"
-                " SUM(CASE WHEN status = 'revoked' THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN status = 'revoked'"
+                "     AND (reason IS NULL OR reason <> 'certificate_hold')"
+                "     THEN 1 ELSE 0 END),"
                 " SUM(CASE WHEN status = 'revoked' AND reason = 'certificate_hold'"
                 "     THEN 1 ELSE 0 END),"
                 " SUM(CASE WHEN status = 'good' AND not_after < ? THEN 1 ELSE 0 END),"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,6 +14,58 @@ import pytest
 
 # CI sets this so that a real-client test can never pass by skipping.
 REQUIRE_CLIENTS = os.environ.get("CERTPUB_REQUIRE_CLIENTS") == "1"
+
+# Every process this test run starts inherits this variable, orphans included (a worker whose
+# supervisor died has parent 1, not a test): that is how the end-of-session check finds them.
+SESSION_MARK = "CERTPUB_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
+
+
+def leftover_processes(mark: str | None = None) -> dict[int, str]:
+    """certpub processes (serve, its workers, importd...) started under this test session
+    and still running: {pid: command line}. Zombies are not counted (they hold nothing)."""
+    wanted = f"{SESSION_MARK}={mark or os.environ[SESSION_MARK]}".encode()
+    found: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if wanted not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                state = f.read().rsplit(b") ", 1)[1].split()[0]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        words = [a.decode("utf-8", "replace") for a in argv if a]
+        ours = any(w == "server.cli" or os.path.basename(w) == "certpub" for w in words[:3])
+        if state != b"Z" and ours:
+            found[int(entry.name)] = " ".join(words)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Fail the run when a test left a certpub process running (then kill it)."""
+    yield
+    if not os.path.isdir("/proc"):
+        return
+    import time
+
+    end = time.monotonic() + 3.0  # a process being stopped right now gets a moment
+    while (left := leftover_processes()) and time.monotonic() < end:
+        time.sleep(0.1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if left:
+        pytest.fail("processes left behind by the tests (now killed):\n"
+                    + "\n".join(f"  {pid} {line}" for pid, line in sorted(left.items())),
+                    pytrace=False)
 
 
 def require_tool(name: str) -> str:

@@ -69,3 +69,36 @@ def test_manual_migration_then_import_and_status(store_location: str, tmp_path: 
     assert "generation 2" in status.stdout
     assert [line.split()[:2] for line in status.stdout.splitlines() if line.startswith("ca-a")] \
         == [["ca-a", "1"]]
+
+
+def test_status_columns_partition_the_certificates(demo_pki, demo_now, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """good + revoked + on hold + expired = total = the CA's certificates: a certificate on
+    hold is counted once (under "on hold"), an expired revoked one once (under "revoked")."""
+    from tests.conftest import import_demo_store
+
+    store = import_demo_store(demo_pki, tmp_path / "store.sqlite3", demo_now)
+    text = demo_pki.config_path.read_text()
+    old = str(demo_pki.root / "store" / "store.sqlite3")
+    assert old in text
+    conf = tmp_path / "certpub.toml"
+    conf.write_text(text.replace(old, str(store)))
+    result = certpub("status", "--config", str(conf))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:7] == ["CA", "good", "revoked", "on", "hold", "expired", "total"]
+    kind = {"good": 0, "revoked": 1, "revoked-expired": 1, "hold": 2, "expired": 3}
+    seen = set()
+    for line in lines[2:]:
+        ca, *counts = line.split()[:6]
+        good, revoked, hold, expired, total = map(int, counts)
+        expected = [0, 0, 0, 0]
+        for c in demo_pki.certs:
+            if c.ca == ca:
+                expected[kind[c.state]] += 1
+        assert good + revoked + hold + expired == total, line
+        if ca == "root":  # it issued the two issuing CAs, not subscribers
+            continue
+        assert [good, revoked, hold, expired] == expected, line
+        assert total == sum(expected) and hold >= 1  # hold: the case once counted twice
+        seen.add(ca)
+    assert seen == {c.ca for c in demo_pki.certs}

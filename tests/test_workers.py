@@ -89,10 +89,11 @@ class Server:
     """``certpub serve`` as a subprocess; a thread collects its log lines."""
 
     def __init__(self, config: Path, workers: int = 2) -> None:
+        # A session of its own: the teardown can kill the supervisor and its workers as a group.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--workers", str(workers),
              "--config", str(config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
         self.done = False
         self._cond = threading.Condition()
@@ -129,6 +130,19 @@ class Server:
     def ready_pid(self, worker: int, since: int = 0) -> int:
         f = self.wait_for(lambda f: f.get("msg") == f"worker {worker} ready", since)
         return int(f["pid"])
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL after 20 s) to the supervisor, then SIGKILL to whatever of its
+        process group is left: no worker survives a test, whatever the test did."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +190,10 @@ def parent_of(pid: int) -> int:
 def server(pki: Any, tmp_path: Path) -> Iterator[tuple[Server, int, int]]:
     config, ldap_port, http_port = with_ports(pki, tmp_path)
     srv = Server(config)
-    yield srv, ldap_port, http_port
-    if srv.proc.poll() is None:
-        srv.proc.kill()
-        srv.proc.wait(10)
+    try:
+        yield srv, ldap_port, http_port
+    finally:
+        srv.stop()
 
 
 @pytest.mark.realclient
@@ -231,6 +245,44 @@ def test_workers_serve_restart_reload_stop(server: tuple[Server, int, int], pki:
     assert srv.proc.wait(20) == 0, "\n".join(srv.lines)
     assert not any(alive(p) for p in pids.values())
     assert any("all workers stopped" in line for line in srv.lines)
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (a bind succeeds; SO_REUSEADDR skips TIME_WAIT)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_workers_die_with_a_killed_supervisor(server: tuple[Server, int, int]) -> None:
+    """kill -9 of the supervisor: every worker is gone and both ports are free within 2 s."""
+    srv, ldap_port, http_port = server
+    srv.wait_for(lambda f: f.get("msg") == "all 2 workers ready")
+    pids = [srv.ready_pid(n) for n in (1, 2)]
+    assert not port_free(ldap_port) and not port_free(http_port)
+    srv.proc.kill()
+    srv.proc.wait(5)
+    killed = time.monotonic()
+    while time.monotonic() - killed < 2.0:
+        if not any(alive(p) for p in pids) and port_free(ldap_port) and port_free(http_port):
+            break
+        time.sleep(0.02)
+    assert [p for p in pids if alive(p)] == [], "workers outlived their supervisor"
+    assert port_free(ldap_port) and port_free(http_port)
+
+
+def test_worker_forked_from_a_dead_parent_exits() -> None:
+    """The race at fork: a worker whose parent is not the supervisor any more exits at once."""
+    code = ("from server.workers import die_with_parent\n"
+            "die_with_parent(1)\n"  # pretend the supervisor was pid 1: it is not our parent
+            "print('still running')\n")
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 75 and "still running" not in r.stdout, r.stdout + r.stderr
 
 
 def test_worker_that_cannot_start_stops_the_parent(pki: Any, tmp_path: Path) -> None:
