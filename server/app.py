@@ -25,9 +25,14 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from server.config import Config, TlsConfig
 from server.feed import ChangeFeed
@@ -42,19 +47,22 @@ def wall_clock() -> datetime:
 
 
 def tls_options(tls: TlsConfig) -> Any:
-    """Server TLS context: the configured certificate, TLS 1.2 as the lowest version."""
+    """Server TLS context: the configured certificate, TLS 1.2 as the lowest version.
+
+    The certificate and key are handed over as ``cryptography`` objects: pyOpenSSL deprecates
+    its own X509/PKey types there."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
     from twisted.internet import ssl
 
-    cert = ssl.PrivateCertificate.loadPEM(
-        tls.certificate.read_text() + "\n" + tls.key.read_text()
-    )
     return ssl.CertificateOptions(
-        privateKey=cert.privateKey.original,
-        certificate=cert.original,
+        privateKey=load_pem_private_key(tls.key.read_bytes(), password=None),
+        certificate=x509.load_pem_x509_certificate(tls.certificate.read_bytes()),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
 
 
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
 class ReloadableTls:
     """The server TLS context, swapped on SIGHUP: every new handshake asks for the current one,
     established connections keep theirs."""
@@ -64,6 +72,9 @@ class ReloadableTls:
 
     def getContext(self) -> Any:  # noqa: N802 - Twisted's context factory interface
         return self.options.getContext()
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:  # noqa: N802 - Twisted's interface
+        return self.options.serverConnectionForTLS(protocol)
 
     def reload(self, config: Config) -> None:
         if config.tls is None:

@@ -7,6 +7,7 @@ silently ignored. Each package parses its own section into its own frozen datacl
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,15 +40,18 @@ class Section:
         self.data: dict[str, Any] = data
         self.path = path
         self._seen: set[str] = set()
+        self._known: set[str] = set()  # every key a getter or has() asked for: the suggestions
 
     def key(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
     def has(self, key: str) -> bool:
+        self._known.add(key)
         return key in self.data
 
     def _get(self, key: str, default: Any) -> Any:
         self._seen.add(key)
+        self._known.add(key)
         if key in self.data:
             return self.data[key]
         if default is _MISSING:
@@ -151,5 +155,13 @@ class Section:
         """Reject every key that no getter asked for."""
         unknown = sorted(set(self.data) - self._seen)
         if unknown:
-            raise ConfigError(self.key(unknown[0]), "unknown key" + (
+            raise ConfigError(self.key(unknown[0]), "unknown key" + self.suggest(unknown[0]) + (
                 f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""))
+
+    def suggest(self, key: str) -> str:
+        """`` (did you mean KEY?)`` naming the known key closest to a misspelt one, or ""."""
+        candidates = sorted(self._known - set(self.data))
+        match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        if not match:  # a case slip (Poll_Interval) is not "close" to difflib
+            match = [k for k in candidates if k.lower() == key.lower()][:1]
+        return f" (did you mean {match[0]}?)" if match else ""

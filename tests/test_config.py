@@ -84,3 +84,32 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("[store\npath = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("section", "typo", "message"),
+    [
+        ("import", "poll_intervall", "import.poll_intervall: unknown key (did you mean poll_interval?)"),
+        ("ldap", "size_limt", "ldap.size_limt: unknown key (did you mean size_limit?)"),
+        ("store", "Path", "store.Path: unknown key (did you mean path?)"),
+        (None, "tsl", "tsl: unknown key (did you mean tls?)"),  # an absent section is known too
+        ("http", "zzzz", "http.zzzz: unknown key"),  # nothing close: no guess
+    ],
+)
+def test_unknown_key_suggests_the_closest_known_key(section: str | None, typo: str,
+                                                    message: str) -> None:
+    data = example()
+    table = data if section is None else data[section]
+    table.pop(message.partition("did you mean ")[2].rstrip("?)"), None)  # misspelt, not added
+    table[typo] = 1
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, check_files=False)
+    assert str(info.value) == message
+
+
+def test_unknown_key_suggestion_skips_keys_already_given() -> None:
+    data = example()
+    data["import"]["poll_intervall"] = 1  # poll_interval is in the example already
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, check_files=False)
+    assert str(info.value) == "import.poll_intervall: unknown key"

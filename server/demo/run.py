@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import socket
 import sys
 import threading
 from datetime import UTC, datetime
@@ -90,9 +92,56 @@ def commands(m: dict[str, Any], ldap_port: int, http_port: int) -> str:
         "# the CA certificate and CRL over HTTP",
         f"curl -s http://127.0.0.1:{http_port}/crl/{m['good']['ca']}.crl | openssl crl -inform DER -noout -text | head",
         "",
-        f"# store status:  certpub status --config {q(m['config'])}",
+        "# the store: certificates per CA and status, CRLs, last import",
+        f"{certpub_command()} status --config {q(m['config'])}",
     ]
     return "\n".join(lines)
+
+
+def certpub_command() -> str:
+    """How to run ``certpub`` from any shell: the full path of the script beside this Python
+    (``.venv/bin/certpub``, which is not on PATH unless the venv is activated)."""
+    script = Path(sys.executable).parent / "certpub"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m server.cli"
+
+
+def busy_ports(ports: dict[str, int], host: str = "127.0.0.1") -> dict[str, str]:
+    """{option: why} for each port something already listens on."""
+    busy = {}
+    for option, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted binds
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                busy[option] = exc.strerror or str(exc)
+    return busy
+
+
+def check_ports(folder: Path, ldap_port: int, http_port: int) -> None:
+    """Stop before building anything when a demo port is taken, suggesting free ones."""
+    ports = {"--ldap-port": ldap_port, "--http-port": http_port}
+    busy = busy_ports(ports)
+    if not busy:
+        return
+    taken = set(ports.values())
+    advice = []
+    for option, port in ports.items():
+        if option not in busy:
+            continue
+        alternative = next((p for p in range(port + 1000, 65536, 1000)
+                            if p not in taken and not busy_ports({option: p})), None)
+        if alternative is not None:
+            taken.add(alternative)
+            advice.append(f"{option} {alternative}")
+    problems = "; ".join(f"port {ports[o]} ({o[2:-5].upper()}) on 127.0.0.1: {why}"
+                         for o, why in busy.items())
+    fresh = "--fresh " if (folder / MANIFEST).exists() else ""
+    hint = (f"; try again with {fresh}{' '.join(advice)}" if advice
+            else "; choose free ports with --ldap-port and --http-port")
+    raise SystemExit(f"certpub: {problems}{hint}")
 
 
 def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool) -> dict[str, Any]:
@@ -110,20 +159,40 @@ def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool) -> dict[s
             raise SystemExit(
                 f"certpub: {folder} was built for ports {m.get('ports')}; use --fresh to rebuild"
             )
-        print(f"Using the demo PKI in {folder} (--fresh rebuilds it)", file=sys.stderr)
-        return m
-    print(f"Building a demo PKI in {folder} ...", file=sys.stderr)
-    pki = build_demo_pki(folder, ldap_port=ldap_port, http_port=http_port)
-    m = _pick(pki)
-    m["ports"] = [ldap_port, http_port]
-    config = load_config(pki.config_path)
+        if "crls" not in m:
+            raise SystemExit(f"certpub: {folder} was built by an older certpub; use --fresh")
+        # The walk-through starts from the first CRLs: forget what an earlier run imported
+        # (the newer CRL it printed how to drop) so that its "# good" is true again.
+        print(f"Using the demo PKI in {folder} (--fresh rebuilds it); resetting its store and "
+              "spool to the first CRLs", file=sys.stderr)
+        config = load_config(Path(m["config"]))
+        reset_store(config)
+    else:
+        print(f"Building a demo PKI in {folder} ...", file=sys.stderr)
+        pki = build_demo_pki(folder, ldap_port=ldap_port, http_port=http_port)
+        m = _pick(pki)
+        m["ports"] = [ldap_port, http_port]
+        m["crls"] = [str(ca.crl_path) for ca in pki.cas.values() if ca.crl_path is not None]
+        config = load_config(pki.config_path)
     summary = import_openssl(config, now=_now, progress=sys.stderr)
     print(summary.line(), file=sys.stderr)
-    crls = [ca.crl_path for ca in pki.cas.values() if ca.crl_path is not None]
-    summary = import_paths(config, crls, now=_now, progress=sys.stderr)
+    summary = import_paths(config, [Path(p) for p in m["crls"]], now=_now, progress=sys.stderr)
     print(summary.line(), file=sys.stderr)
     manifest_path.write_text(json.dumps(m, indent=2, ensure_ascii=False))
     return m
+
+
+def reset_store(config: Any) -> None:
+    """Delete the demo's store and empty its spool (pending, done and rejected files)."""
+    for stale in config.store.path.parent.glob(config.store.path.name + "*"):
+        stale.unlink()
+    for spool in config.import_.spool:
+        if spool.is_dir():
+            for entry in spool.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
 
 def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh: bool) -> int:
@@ -131,6 +200,8 @@ def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh
     from server.config import load_config
 
     folder = folder.resolve()
+    if serve:
+        check_ports(folder, ldap_port, http_port)
     m = prepare(folder, ldap_port, http_port, fresh)
     config = load_config(Path(m["config"]))
     from server.cli import cmd_status

@@ -228,14 +228,13 @@ def _tls_files(folder: Path) -> tuple[Path, Path]:
 
 @pytest_twisted.ensureDeferred
 async def test_starttls_and_ldaps(store: Store, demo_now: datetime, tmp_path: Path) -> None:
-    from twisted.internet import ssl
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
+    from server.app import ReloadableTls
+    from server.config import TlsConfig
+
     cert_path, key_path = _tls_files(tmp_path)
-    # as server/app.py builds it: TLS 1.2 and newer only
-    pem = ssl.PrivateCertificate.loadPEM(cert_path.read_text() + key_path.read_text())
-    tls = ssl.CertificateOptions(privateKey=pem.privateKey.original, certificate=pem.original,
-                                 raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    tls = ReloadableTls(TlsConfig(cert_path, key_path))  # as server/app.py builds it
     factory = make_ldap_factory(ldap_config(), store, None, tls, lambda: demo_now)
     plain = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
     wrapped = reactor.listenTCP(0, TLSMemoryBIOFactory(tls, False, factory),  # type: ignore[attr-defined]
