@@ -193,6 +193,8 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
             metrics.limits["http"] = http_factory.limits
             if service is not None:
                 metrics.presigned = lambda: service.presigned
+                metrics.presign_backlog = lambda: service.presign_backlog
+            metrics.spools = config.import_.spool
             health = HealthCheck(access.store, feed, now, lambda: _signer_expiries(expiries),
                                  poll_lag=metrics.poll_lag, access=access)
             _mount(http_factory, lambda root: mount_ops(root, health, metrics, access))

@@ -13,9 +13,12 @@ The registry is not prometheus_client's global one, so tests and processes stay 
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import (
@@ -112,6 +115,10 @@ class Metrics:
         self.limits: dict[str, Any] = {}
         self.presigned: Callable[[], int] | None = None
         r.register(_StateCollector(self))
+        # Backlogs (see _BacklogCollector): the OCSP pre-signing queue and the import spools.
+        self.presign_backlog: Callable[[], int] | None = None
+        self.spools: tuple[Path, ...] = ()
+        r.register(_BacklogCollector(self))
 
     # --- called by the protocol code (never raise) ---------------------------------------
 
@@ -289,6 +296,71 @@ class _StateCollector(Collector):
         for ca, not_after in sorted(signers.items()):
             family.add_metric([ca], (not_after - now).total_seconds())
         yield family
+
+
+# --- backlogs: OCSP pre-signing, files waiting in the import spools ------------------------
+
+SPOOL_SCAN_LIMIT = 100_000  # entries looked at per spool and scrape (a spool is near empty)
+
+
+def _spool_waiting(name: str) -> bool:
+    """A name the import daemon will read: not one being written (the drop protocol)."""
+    return not (name.startswith(".") or name.endswith((".tmp", ".part")))
+
+
+def spool_backlog(spool: Path, now: float) -> tuple[int, float] | None:
+    """(files waiting, age in seconds of the oldest by mtime) in one spool folder, or None
+    when it cannot be read (a node without the spool). done/ and rejected/ are folders."""
+    count, oldest = 0, now
+    try:
+        with os.scandir(spool) as entries:
+            for i, entry in enumerate(entries):
+                if i >= SPOOL_SCAN_LIMIT:
+                    break
+                if not _spool_waiting(entry.name):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:  # imported (moved away) meanwhile
+                    continue
+                count += 1
+                oldest = min(oldest, mtime)
+    except OSError:
+        return None
+    return count, max(now - oldest, 0.0)
+
+
+class _BacklogCollector(Collector):
+    """Work queued and not done yet, read at scrape time: the import lag an operator sees
+    before the generation moves, and the OCSP responses still to be re-signed."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        if self.m.presign_backlog is not None:
+            backlog = GaugeMetricFamily(
+                "certpub_ocsp_presign_backlog",
+                "OCSP responses queued for pre-signing (status changed or due for refresh)"
+                " and not signed yet.")
+            backlog.add_metric([], self.m.presign_backlog())
+            yield backlog
+        if not self.m.spools:
+            return
+        files = GaugeMetricFamily("certpub_import_spool_files",
+                                  "Files waiting in an import spool folder.", labels=["spool"])
+        age = GaugeMetricFamily("certpub_import_spool_oldest_seconds",
+                                "Age of the oldest file waiting in an import spool folder"
+                                " (0 when none).", labels=["spool"])
+        now = time.time()
+        for spool in self.m.spools:
+            found = spool_backlog(spool, now)
+            if found is not None:
+                files.add_metric([str(spool)], found[0])
+                age.add_metric([str(spool)], found[1])
+        yield from (files, age)
 
 
 _current: Metrics | None = None

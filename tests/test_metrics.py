@@ -243,3 +243,33 @@ def test_watch_before_start_measures_the_real_poll_loop(store: Store) -> None:
         assert m.poll_lag() == 0
     finally:
         feed.stop()
+
+
+def test_presign_and_spool_backlogs(tmp_path: Path) -> None:
+    """Files waiting in a spool (not those being written, not done/ or rejected/), the age of
+    the oldest; an unreadable spool is left out; the pre-signing backlog as the service says."""
+    import os
+    import time
+
+    spool, missing = tmp_path / "spool", tmp_path / "absent"
+    (spool / "done").mkdir(parents=True)
+    (spool / "done" / "old.pem").write_text("x")
+    for name in ("a.pem", "b.crl", ".c.pem.tmp", "d.pem.part", ".e"):
+        (spool / name).write_text("x")
+    old = time.time() - 300
+    os.utime(spool / "a.pem", (old, old))
+    os.utime(spool / "d.pem.part", (old - 600, old - 600))  # being written: not waiting
+    m = Metrics(FakeClock(), process=False)
+    m.spools = (spool, missing)
+    m.presign_backlog = lambda: 7
+    f = families(m)
+    assert value(f, "certpub_import_spool_files", spool=str(spool)) == 2
+    assert 299 <= value(f, "certpub_import_spool_oldest_seconds", spool=str(spool)) < 330
+    assert ("certpub_import_spool_files", (("spool", str(missing)),)) \
+        not in f["certpub_import_spool_files"]
+    assert value(f, "certpub_ocsp_presign_backlog") == 7
+    for name in ("a.pem", "b.crl"):
+        (spool / name).rename(spool / "done" / name)
+    f = families(m)
+    assert value(f, "certpub_import_spool_files", spool=str(spool)) == 0
+    assert value(f, "certpub_import_spool_oldest_seconds", spool=str(spool)) == 0

@@ -16,6 +16,7 @@ inserted into the cache only if no change-feed invalidation came since its first
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -121,6 +122,8 @@ class OcspService:
         self.max_certids = config.http.max_certids
         self.cache = ResponseCache(config.http.cache_entries)
         self.presigned = 0  # responses signed ahead of any request for them
+        self.presign_backlog = 0  # requests queued for pre-signing, not signed yet (metrics)
+        self._backlog_lock = threading.Lock()  # pre-signing runs in the store threads too
         self._install(config, signers if signers is not None else load_signers(config, now()))
 
     def _install(self, config: Any, signers: dict[str, Signer]) -> None:
@@ -165,6 +168,7 @@ class OcspService:
         requests = list(dict.fromkeys(e.request for e in entries if e.request))
         if not requests:
             return None
+        self._queued(len(requests))
         if self.access is not None:
             d = self.access.run(self._presign_all, requests)
             return d.addErrback(lambda f: log.failure("OCSP pre-signing failed", f))
@@ -175,20 +179,32 @@ class OcspService:
     def _presign_all(self, requests: Sequence[bytes]) -> int:
         return sum(1 for _ in self._presign_each(requests))
 
+    def _queued(self, delta: int) -> None:
+        with self._backlog_lock:
+            self.presign_backlog += delta
+
     def _presign_each(self, requests: Sequence[bytes]) -> Any:
-        for der in requests:
-            try:
-                request = decode_request(der, max_certids=self.max_certids)
-                self._respond(der, request, self.now(), fresh=True)
-                self.presigned += 1
-            except OcspError:
-                pass  # e.g. a CA that stopped being served: answered again when asked
-            except StoreError as exc:
-                log.info("OCSP pre-signing postponed: {error}", error=str(exc))
-                return
-            except Exception:  # noqa: BLE001 - a bug: logged, the entry is re-signed on demand
-                log.failure("OCSP pre-signing failed")
-            yield None
+        left = len(requests)  # leaves the backlog however this ends (done, postponed, stopped)
+        try:
+            for der in requests:
+                try:
+                    request = decode_request(der, max_certids=self.max_certids)
+                    self._respond(der, request, self.now(), fresh=True)
+                    self.presigned += 1
+                except OcspError:
+                    pass  # e.g. a CA that stopped being served: answered again when asked
+                except StoreError as exc:
+                    log.info("OCSP pre-signing postponed: {error}", error=str(exc))
+                    return
+                except Exception:  # noqa: BLE001 - a bug: logged, re-signed on demand
+                    log.failure("OCSP pre-signing failed")
+                finally:
+                    left -= 1
+                    self._queued(-1)
+                yield None
+        finally:
+            if left:
+                self._queued(-left)
 
     def signer_expiries(self) -> dict[str, datetime]:
         """Signer notAfter by CA (for /healthz and /metrics)."""

@@ -245,3 +245,22 @@ def _drain() -> None:
     coop = task._theCooperator
     while coop._tasks:
         coop._tick()
+
+
+def test_presign_backlog_counts_queued_responses_until_signed(env: dict[str, Any]) -> None:
+    """/metrics' pre-signing backlog: up when responses are queued, back to 0 once signed."""
+    service, store = env["service"], env["store"]
+    feed = ChangeFeed(store)
+    feed.prime()
+    feed.subscribe(service.on_changes)
+    for serial in (1, 2):
+        assert service.respond(request_der(env["ca"], [serial])).cache == "miss"
+    assert service.presign_backlog == 0
+    with store.batch(T0) as b:
+        for serial in (1, 2):
+            b.revoke(CaId(env["ca_id"]), Serial(serial), T0, RevocationReason.KEY_COMPROMISE,
+                     "t", "t")
+    feed.poll()
+    assert service.presign_backlog == 2  # queued on the cooperator, not signed yet
+    _drain()
+    assert service.presign_backlog == 0 and service.presigned == 2
