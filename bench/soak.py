@@ -841,7 +841,8 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         started = now_mono()
         duration = args.seconds if args.seconds else args.minutes * 60
         next_worker = started + args.worker_kill_every
-        next_importer = started + args.importer_kill_every
+        # Offset by half a worker period: each fault gets a window of its own.
+        next_importer = started + args.importer_kill_every + args.worker_kill_every / 2
         # Half-way, between two worker kills, so that the windows do not overlap.
         db_at = (started + min(duration / 2 + args.worker_kill_every / 2,
                                duration - args.db_down - 2 * WINDOW)
