@@ -312,17 +312,20 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[Soak, Truth]:
         if bindir is None:
             raise SystemExit("soak: PostgreSQL is not installed (apt-get install postgresql)")
         cluster = PgCluster.start(bindir)
-        location = cluster.create_database()
-    else:
-        location = str(folder / "store.sqlite3")
-    ldap_port, http_port = free_port(), free_port()
-    config = write_config(folder, location, ldap_port, http_port, args.threads)
-    soak = Soak(args, folder, ca, config, location, ldap_port, http_port, cluster)
-    r = subprocess.run(certpub("import", str(bundle), str(crl), "--config", str(config)),
-                       env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       check=False)
-    if r.returncode != 0:
-        raise SystemExit(f"soak: the initial import failed: {r.stderr.strip()}")
+    try:
+        location = cluster.create_database() if cluster else str(folder / "store.sqlite3")
+        ldap_port, http_port = free_port(), free_port()
+        config = write_config(folder, location, ldap_port, http_port, args.threads)
+        soak = Soak(args, folder, ca, config, location, ldap_port, http_port, cluster)
+        r = subprocess.run(certpub("import", str(bundle), str(crl), "--config", str(config)),
+                           env=child_env(), cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, check=False)
+        if r.returncode != 0:
+            raise SystemExit(f"soak: the initial import failed: {r.stderr.strip()}")
+    except BaseException:
+        if cluster is not None:
+            cluster.stop()
+        raise
     for cert in initial:
         truth.certs[cert.serial] = cert
     return soak, truth
