@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from server import logs as current_logs
 
 logs: Any = current_logs
-OCSP = Logger(namespace="server.ocsp.http")
+OCSP = Logger(namespace="server.http")
 LDAP = Logger(namespace="server.ldap.protocol")
 
 

@@ -209,7 +209,7 @@ class OcspService:
         now = self.now()
         entry = self.lookup(der, now)
         if entry is not None:
-            return self._from_entry(entry, "hit")
+            return self.outcome(entry, "hit")
         return self.respond_miss(der, now)
 
     def lookup(self, der: bytes, now: datetime) -> CachedResponse | None:
@@ -223,11 +223,13 @@ class OcspService:
         now = self.now()
         entry = self.lookup(der, now)
         if entry is not None:
-            return self._from_entry(entry, "hit")
-        return self.miss(der, now)
+            return self.outcome(entry, "hit")
+        return self.respond_to(der, now)
 
-    def miss(self, der: bytes, now: datetime) -> Outcome | defer.Deferred[Outcome]:
-        """``respond_miss`` inline, or in a store thread (a Deferred that never fails)."""
+    def respond_to(self, der: bytes, now: datetime) -> Outcome | defer.Deferred[Outcome]:
+        """The answer to a request ``lookup`` did not find: ``respond_miss`` inline, or in a
+        store thread (a Deferred that never fails). The one call on the request path that
+        may read the store and sign: where a bounded signing queue goes."""
         if self.access is None:
             return self.respond_miss(der, now)
         if self.access.busy():
@@ -271,7 +273,7 @@ class OcspService:
             if entry is not None:
                 if keys:
                     self.cache.put(keys, entry, epoch)
-                return self._from_entry(entry, "hit")
+                return self.outcome(entry, "hit")
         result = answer(request, self.store, now, self.policy)
         signed = self.sign(result)
         validity = result.policy.validity
@@ -286,8 +288,8 @@ class OcspService:
         )
         if cacheable:
             self.cache.put([*keys, ckey], entry, epoch)
-            return self._from_entry(entry, "miss")
-        return self._from_entry(entry, "nonce" if request.nonce is not None else "miss",
+            return self.outcome(entry, "miss")
+        return self.outcome(entry, "nonce" if request.nonce is not None else "miss",
                                 nonce=request.nonce is not None)
 
     def sign(self, result: OcspAnswer) -> bytes:
@@ -299,7 +301,8 @@ class OcspService:
         return encode_response_der(data, signer.sign, signer.algorithm_der, signer.certs)
 
     @staticmethod
-    def _from_entry(entry: CachedResponse, cache: str, *, nonce: bool = False) -> Outcome:
+    def outcome(entry: CachedResponse, cache: str, *, nonce: bool = False) -> Outcome:
+        """The exchange a cached response answers (``cache``: hit, miss or nonce)."""
         return Outcome(
             der=entry.der, status="successful", cache=cache, ca=entry.ca_name,
             serials=tuple(s for s, _ in entry.summary),

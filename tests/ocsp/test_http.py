@@ -18,7 +18,8 @@ from twisted.internet import reactor, threads
 from twisted.logger import capturedLogs
 
 from server.ocsp.codec import MalformedRequest
-from server.ocsp.http import decode_get_path, make_http_factory
+from server.http.ocsp import decode_get_path
+from server.http.site import make_http_factory
 from server.storeaccess import StoreAccess
 from store.certparse import crl_input
 from tests.ocsp.helpers import WallClock, config_for, fill_store, make_ca, request_der
@@ -234,12 +235,12 @@ async def test_413_for_a_chunked_body_over_the_limit(server: dict[str, Any]) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_reload_and_ops_mount(server: dict[str, Any]) -> None:
-    from server.health import HealthCheck, mount_ops
+    from server.health import HealthCheck, OpsRoute
     from server.metrics import Metrics
 
     site, store = server["site"], server["store"]
     health = HealthCheck(store, None, server["clock"], site.service.signer_expiries)
-    site.resource = mount_ops(site.resource, health, Metrics(process=False))
+    site.http_site.ops = OpsRoute(health, Metrics(process=False))
     assert (await call(server["port"], "GET", "/healthz"))[0] == 200
     assert (await call(server["port"], "GET", "/ca/web.crt"))[0] == 200
     site.reload(config_for(server["ca"]))

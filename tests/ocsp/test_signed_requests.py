@@ -27,7 +27,7 @@ from twisted.logger import capturedLogs
 
 from server.configtools import ConfigError, Section
 from server.ocsp.config import parse_http
-from server.ocsp.http import make_http_factory
+from server.http.site import make_http_factory
 from server.ocsp.service import OcspService
 from store.model import CaId, RevocationReason, Serial
 from store.sqlite import Store

@@ -20,7 +20,7 @@ from cryptography.x509 import ocsp as c_ocsp
 from twisted.internet import reactor, threads
 
 from server.ldap.server import make_ldap_factory
-from server.ocsp.http import make_http_factory
+from server.http.site import make_http_factory
 from server.storeaccess import StoreAccess
 from store.sqlite import Store
 from tests.ldap.conftest import ldap_config
