@@ -3,16 +3,20 @@
 Strategy: the listener records each finished request as one tuple (client, method, the
 route's log fields, status, body bytes, seconds) — a list append, the only cost on the request
 path. The first record of a batch schedules one ``flush`` for the reactor's next turn, which
-turns every record into the ``http request`` log event (the same fields as always:
-client, method, kind, ca, serials, statuses, nonce, cache, ocsp, status, bytes, duration, and
-reason when there is one) and updates the request metrics. A loaded server thus writes one
-batch per reactor turn; an idle one writes each line within the same turn. Without a reactor
-(tests driving a protocol by hand) each record is flushed at once. Log fields never hold the
-request body: routes put only what they decided into them.
+publishes the batch as one ``http request`` log event whose ``log_batch`` holds the fields of
+each request (``server.logs`` writes one line per request from it: client, method, kind, ca,
+serials, statuses, nonce, cache, ocsp, status, bytes, duration, and reason when there is
+one; a route's fields are one mapping shared by every answer from the same cache entry, so
+they are encoded once per batch) and updates the request metrics by kind. A loaded server
+thus renders and writes a batch per reactor turn; an idle one each line within the same turn.
+Without a reactor (tests driving a protocol by hand) each record is flushed at once. Log
+fields never hold the request body: routes put only what they decided into them.
+``lines(events)`` gives the per-request field dicts of captured events (for tests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.logger import Logger
@@ -21,6 +25,7 @@ log = Logger(namespace="server.http")
 
 Record = tuple[str, bytes, dict[str, Any], int, int, float]
 MAX_BATCH = 512  # records; a fuller batch is flushed at once
+_METHODS = {m: m.decode() for m in (b"GET", b"POST", b"HEAD", b"-")}
 
 
 class AccessLog:
@@ -37,7 +42,7 @@ class AccessLog:
         records = self._records
         records.append((client, method, fields, status, sent, seconds))
         if self._scheduled is None:
-            if self.reactor is None or len(records) >= MAX_BATCH:
+            if self.reactor is None:
                 self.flush()
             else:
                 self._scheduled = self.reactor.callLater(0, self.flush)
@@ -52,26 +57,54 @@ class AccessLog:
         records, self._records = self._records, []
         if not records:
             return
-        emit = log.info
+        methods = _METHODS
+        batch = []
         for client, method, fields, status, sent, seconds in records:
-            emit("http request", client=client, method=method.decode("latin-1"), **fields,
-                 status=status, bytes=sent, duration=f"{seconds:.6f}")
+            name = methods.get(method) or method.decode("latin-1")
+            batch.append(({"client": client, "method": name}, fields,
+                          {"status": status, "bytes": sent, "duration": "%.6f" % seconds}))
+        log.info("http request", log_batch=batch)
         _metrics(records)
+
+
+def lines(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fields of every access log line in captured events, in order."""
+    out = []
+    for event in events:
+        if event.get("log_format") == "http request" and "log_batch" in event:
+            for item in event["log_batch"]:
+                fields: dict[str, Any] = {}
+                for mapping in item:
+                    fields.update(mapping)
+                out.append(fields)
+    return out
 
 
 def _metrics(records: list[Record]) -> None:
     try:
         from server.metrics import get_metrics
 
-        m = get_metrics()
-        for _, _, fields, status, _, seconds in records:
+        by_kind: dict[tuple[str, str, str], list[float]] = {}
+        hits = misses = 0
+        for _, _, fields, _, _, seconds in records:
             kind = fields.get("kind")
             if kind == "ocsp" and "ocsp" in fields:
-                m.request("ocsp", "status", fields["ocsp"], seconds)
+                key = ("ocsp", "status", fields["ocsp"])
                 cache = fields.get("cache")
-                if cache == "hit" or cache == "miss":
-                    m.cache(cache == "hit")
+                if cache == "hit":
+                    hits += 1
+                elif cache == "miss":
+                    misses += 1
             else:
-                m.request("http", str(kind), "done", seconds)
+                key = ("http", str(kind), "done")
+            found = by_kind.get(key)
+            if found is None:
+                by_kind[key] = [seconds]
+            else:
+                found.append(seconds)
+        m = get_metrics()
+        for (protocol, operation, result), seconds_list in by_kind.items():
+            m.requests_done(protocol, operation, result, seconds_list)
+        m.cache_lookups(hits, misses)
     except Exception:  # noqa: BLE001 - metrics never break a request
         log.failure("metrics update failed")

@@ -30,6 +30,11 @@ MAX_HEADERS: Final = 100  # header lines (431 above)
 MAX_CHUNK_LINE: Final = 1024  # a chunk-size line (with extensions) longer than this: 400
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# A well-formed head in one match (RFC 9112 §3, §5): anything else takes the slow path,
+# which says what is wrong. Field values: no NUL, CR or LF (bare ones are refused).
+_HEAD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+) (HTTP/1\.[01])"
+                   rb"((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n\x00]*)*)")
+_FIELD = re.compile(rb"\r\n([^:]+):([^\r]*)")
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
 _METHODS_WITH_BODY = frozenset((b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"))
 REASONS: Final = {
@@ -164,25 +169,17 @@ class Connection:
         if end - pos > self.max_head:
             raise _Refuse(431, "request head over %d bytes" % self.max_head)
         head = buf[pos:end]
-        crlf = head.count(b"\r\n")
-        if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
-            raise _Refuse(400, "bare CR or LF in the request head")
-        lines = head.split(b"\r\n")
-        request_line = lines[0]
-        parts = request_line.split(b" ")
-        if len(parts) != 3:
-            if len(parts) == 2:
-                raise _Refuse(400, "HTTP/0.9 request")
-            raise _Refuse(400, "malformed request line")
-        method, target, version = parts
-        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-            if version.startswith(b"HTTP/") and len(version) == 8 and version[5:6].isdigit():
-                raise _Refuse(505, "HTTP version not supported")
-            raise _Refuse(400, "malformed request line")
-        if not method or _TOKEN.match(method) is None:
-            raise _Refuse(400, "malformed method")
-        if not target or _TARGET_BAD.search(target) is not None:
-            raise _Refuse(400, "malformed request target")
+        m = _HEAD.fullmatch(head)
+        if m is None:
+            method, target, version, headers = _slow_head(head)
+        else:
+            method, target, version, fields = m.groups()
+            pairs = _FIELD.findall(fields) if fields else []
+            if len(pairs) > MAX_HEADERS:
+                raise _Refuse(431, "more than %d header lines" % MAX_HEADERS)
+            headers = {n.lower(): v.strip(b" \t") for n, v in pairs}
+            if len(headers) != len(pairs):
+                headers = _merge(pairs)
         if target[0] != 47:  # "/"
             target = _origin_form(target)
         q = target.find(b"?")
@@ -190,25 +187,6 @@ class Connection:
             path, query = target[:q], target[q + 1:]
         else:
             path, query = target, None
-        if len(lines) > MAX_HEADERS + 1:
-            raise _Refuse(431, "more than %d header lines" % MAX_HEADERS)
-        headers: dict[bytes, bytes] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or _TOKEN.match(name) is None:
-                if line[:1] in (b" ", b"\t"):
-                    raise _Refuse(400, "obsolete header line folding")
-                raise _Refuse(400, "malformed header line")
-            name = name.lower()
-            value = value.strip(b" \t")
-            if name in headers:
-                if name == b"content-length" or name == b"host":
-                    if headers[name] != value or name == b"host":
-                        raise _Refuse(400, "repeated %s header" % name.decode())
-                    continue
-                headers[name] = headers[name] + b", " + value
-            else:
-                headers[name] = value
         return self._body(buf, pos, end + 4, method, path, query, version, headers, out)
 
     def _body(self, buf: bytes, begin: int, start: int, method: bytes, path: bytes,
@@ -301,6 +279,61 @@ class Connection:
             parts.append(buf[eol + 2:eol + 2 + size])
             received += size
             pos = eol + 4 + size
+
+
+def _merge(pairs: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Header fields with repeated names: joined with ", " (RFC 9110 §5.3), except the ones
+    that must not repeat."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in pairs:
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name in headers:
+            if name == b"content-length" or name == b"host":
+                if headers[name] != value or name == b"host":
+                    raise _Refuse(400, "repeated %s header" % name.decode())
+                continue
+            headers[name] = headers[name] + b", " + value
+        else:
+            headers[name] = value
+    return headers
+
+
+def _slow_head(head: bytes) -> tuple[bytes, bytes, bytes, dict[bytes, bytes]]:
+    """A head the one-match parse refused: what is wrong with it, as a refusal."""
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf:
+        raise _Refuse(400, "bare LF line ending")
+    if head.count(b"\r") != crlf:
+        raise _Refuse(400, "bare CR in the request head")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        if len(parts) == 2:
+            raise _Refuse(400, "HTTP/0.9 request")
+        raise _Refuse(400, "malformed request line")
+    method, target, version = parts
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        if version.startswith(b"HTTP/") and len(version) == 8 and version[5:6].isdigit():
+            raise _Refuse(505, "HTTP version not supported")
+        raise _Refuse(400, "malformed request line")
+    if not method or _TOKEN.match(method) is None:
+        raise _Refuse(400, "malformed method")
+    if not target or _TARGET_BAD.search(target) is not None:
+        raise _Refuse(400, "malformed request target")
+    if len(lines) > MAX_HEADERS + 1:
+        raise _Refuse(431, "more than %d header lines" % MAX_HEADERS)
+    pairs = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or _TOKEN.match(name) is None:
+            if line[:1] in (b" ", b"\t"):
+                raise _Refuse(400, "obsolete header line folding")
+            raise _Refuse(400, "malformed header line")
+        if b"\x00" in value:
+            raise _Refuse(400, "NUL in a header value")
+        pairs.append((name, value))
+    return method, target, version, _merge(pairs)
 
 
 def _tokens(value: bytes) -> list[bytes]:

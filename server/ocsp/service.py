@@ -36,6 +36,7 @@ from server.ocsp.codec import (
     encode_response_data_der,
     encode_response_der,
 )
+from server.ocsp.der import parse_request
 from server.ocsp.requestor import RequestorCheck
 from server.ocsp.responder import CaPolicy, OcspAnswer, Policy, StatusStore, answer
 from server.ocsp.signer import Signer, expiry_warning, load_signers
@@ -178,7 +179,7 @@ class OcspService:
     def _presign_each(self, requests: Sequence[bytes]) -> Any:
         for der in requests:
             try:
-                request = decode_request(der, max_certids=self.max_certids)
+                request = parse_request(der, self.max_certids)
                 self._respond(der, request, self.now(), fresh=True)
                 self.presigned += 1
             except OcspError:
@@ -247,7 +248,7 @@ class OcspService:
     def respond_miss(self, der: bytes, now: datetime) -> Outcome:
         """The response to a request ``lookup`` did not find; never raises."""
         try:
-            request = decode_request(der, max_certids=self.max_certids)
+            request = parse_request(der, self.max_certids)
             return self._respond(der, request, now)
         except OcspError as exc:
             return Outcome(encode_error(exc.status), exc.status, "-", reason=str(exc))

@@ -19,6 +19,7 @@ from twisted.logger import capturedLogs
 
 from server.ocsp.codec import MalformedRequest
 from server.http.ocsp import decode_get_path
+from server.http.accesslog import lines as access_lines
 from server.http.site import make_http_factory
 from server.storeaccess import StoreAccess
 from store.certparse import crl_input
@@ -211,7 +212,7 @@ async def test_one_log_line_per_request_without_the_body(server: dict[str, Any])
     der = request_der(server["ca"], [2], nonce=b"q" * 32)
     with capturedLogs() as events:
         await call(server["port"], "POST", "/ocsp", der)
-    lines = [e for e in events if e.get("log_format") == "http request"]
+    lines = access_lines(events)
     assert len(lines) == 1
     e = lines[0]
     assert (e["kind"], e["ca"], e["serials"], e["statuses"], e["nonce"], e["cache"], e["status"],
