@@ -25,7 +25,7 @@ log = Logger(namespace="server.http")
 
 Record = tuple[str, bytes, dict[str, Any], int, int, float]
 MAX_BATCH = 512  # records; a fuller batch is flushed at once
-_METHODS = {m: m.decode() for m in (b"GET", b"POST", b"HEAD", b"-")}
+MEMO_ENTRIES = 4096  # (client, method) and (status, bytes) mappings kept between batches
 
 
 class AccessLog:
@@ -35,6 +35,8 @@ class AccessLog:
         self.reactor = reactor
         self._records: list[Record] = []
         self._scheduled: Any = None
+        self._heads: dict[tuple[str, bytes], dict[str, Any]] = {}
+        self._tails: dict[tuple[int, int], dict[str, Any]] = {}
 
     def record(self, client: str, method: bytes, fields: dict[str, Any], status: int,
                sent: int, seconds: float) -> None:
@@ -57,12 +59,21 @@ class AccessLog:
         records, self._records = self._records, []
         if not records:
             return
-        methods = _METHODS
+        heads, tails = self._heads, self._tails
+        if len(heads) > MEMO_ENTRIES or len(tails) > MEMO_ENTRIES:
+            heads.clear()
+            tails.clear()
         batch = []
         for client, method, fields, status, sent, seconds in records:
-            name = methods.get(method) or method.decode("latin-1")
-            batch.append(({"client": client, "method": name}, fields,
-                          {"status": status, "bytes": sent, "duration": "%.6f" % seconds}))
+            # mappings shared by many lines are encoded once per batch (server.logs)
+            head = heads.get((client, method))
+            if head is None:
+                head = heads[client, method] = {"client": client,
+                                                "method": method.decode("latin-1")}
+            tail = tails.get((status, sent))
+            if tail is None:
+                tail = tails[status, sent] = {"status": status, "bytes": sent}
+            batch.append((head, fields, tail, {"duration": "%.6f" % seconds}))
         log.info("http request", log_batch=batch)
         _metrics(records)
 

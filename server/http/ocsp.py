@@ -123,7 +123,7 @@ class _Hot:
         self.get = get
         self.fields = reply_fields(OcspService.outcome(entry, "hit"))
         self.etag = entry.etag.encode()
-        self.second = b""
+        self.second: Any = b""
         self.variants: dict[tuple[bytes, bool, bool], bytes] = {}
 
 
@@ -216,8 +216,11 @@ class OcspRoute:
         if now >= entry.refresh_at:
             return None
         service.cache.hits += 1
-        if hot.second != date:
-            hot.second = date
+        # Date and a GET's max-age move each second (max-age by the service's clock)
+        stamp: Any = date if not hot.get else (date, int((entry.next_update - now)
+                                                          .total_seconds()))
+        if hot.second != stamp:
+            hot.second = stamp
             hot.variants.clear()
         key = (request.version, request.keep_alive, request.method == b"HEAD" or not_mod)
         data = hot.variants.get(key)
