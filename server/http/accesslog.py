@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-log = Logger(namespace="server.http")
+log = Logger(namespace="server.ocsp.access")  # system=ocsp on the line, as always
 
 Record = tuple[str, bytes, dict[str, Any], int, int, float]
 MAX_BATCH = 512  # records; a fuller batch is flushed at once
