@@ -147,7 +147,10 @@ def run(args: argparse.Namespace) -> None:
         else:
             logs.start_logging(args.format, "info", path=path)
         global _ACCESS
+        from server.http import accesslog
         from server.http.accesslog import AccessLog
+
+        max_batch = accesslog.MAX_BATCH
         from server.metrics import Metrics, set_metrics
 
         set_metrics(Metrics(process=False))
@@ -158,6 +161,7 @@ def run(args: argparse.Namespace) -> None:
             # record only: flushed (not measured) after each round; whole line: a batch
             # rendered and written every BATCH records, metrics included
             _ACCESS = AccessLog(_Hold())
+            accesslog.MAX_BATCH = 10**9 if emit is access_record else max_batch
             measure(emit, min(args.n, 2000))  # warm-up
             _ACCESS.flush()
             figures = []

@@ -38,7 +38,8 @@ OCSP_RESPONSE = b"application/ocsp-response"
 RFC_STATUS = {"successful": "successful", "malformed_request": "malformedRequest",
               "internal_error": "internalError", "try_later": "tryLater",
               "sign_required": "sigRequired", "unauthorized": "unauthorized"}
-HOT_ENTRIES = 100_000  # requests remembered with their hot answer (cleared when full)
+# Requests remembered with their hot answer, per method: the response cache's bound
+# (``http.cache_entries``); a full table is cleared (its entries stay in the cache).
 GET_MEMO_ENTRIES = 10_000  # GET path -> request DER (a pure function of the path)
 Reply = tuple[bytes, int, int, dict[str, Any]]
 
@@ -247,7 +248,7 @@ class OcspRoute:
         if entry is not None:
             hot = _Hot(entry, service.cache.epoch, get)
             table = self._get_hot if get else self._post_hot
-            if len(table) >= HOT_ENTRIES:
+            if len(table) >= service.cache.max_entries:
                 table.clear()
             table[request.path if get else der] = hot
             reply = self._hot_reply(hot, request, date)
