@@ -4,8 +4,10 @@ Usage: python bench/log_bench.py [-n 50000] [--rounds 5] [--format logfmt|json]
                                  [--target file|devnull|pipe] [--no-reactor] [--module FILE]
                                  [--profile OUT]
 
-Two events as the servers emit them: the OCSP ``http request`` line (a constant message and
-twelve keyword fields, as ``server.ocsp.fast`` logs a cache hit) and the LDAP ``SEARCH
+Events as the servers emit them: the OCSP ``http request`` line as one ``log.info`` with twelve
+keyword fields (how the access line was written before issue 12), the HTTP listener's access log
+(``server.http.accesslog``: "record only" is its cost on the request path, "whole line" adds the
+line's share of rendering and writing its batch, one batch per 8 records, and the metrics) and the LDAP ``SEARCH
 RESULT`` line (a slapd-style format string whose fields are all in the message, as
 ``server.ldap.protocol`` logs it). Each goes through the whole path a server uses:
 ``twisted.logger.Logger.info`` → the global publisher → the level filter → ``LineObserver``
@@ -39,7 +41,7 @@ from twisted.logger import Logger
 from server import logs as current_logs
 
 logs: Any = current_logs
-OCSP = Logger(namespace="server.ocsp.http")
+OCSP = Logger(namespace="server.ocsp.access")
 LDAP = Logger(namespace="server.ldap.protocol")
 
 
@@ -47,6 +49,25 @@ def ocsp_line(i: int) -> None:
     OCSP.info("http request", client="127.0.0.1", method="POST", kind="ocsp", ca="rsa-ca",
               serials="1a2b3c4d", statuses="good", nonce="no", cache="hit",
               ocsp="successful", status=200, bytes=1523, duration="0.000041")
+
+
+_ACCESS: Any = None
+_FIELDS = {"kind": "ocsp", "ca": "rsa-ca", "serials": "1a2b3c4d", "statuses": "good",
+           "nonce": "no", "cache": "hit", "ocsp": "successful"}  # one cache entry's, shared
+BATCH = 8  # records per flush: what a reactor turn of bench/ocsp_bench.py's 16 connections sees
+
+
+def access_record(i: int) -> None:
+    """The HTTP listener's cost on the request path: one record (server.http.accesslog)."""
+    _ACCESS.record("127.0.0.1", b"POST", _FIELDS, 200, 1523, 0.000041)
+
+
+def access_line(i: int) -> None:
+    """The whole cost of an access line: the record, plus its share of the batch's
+    render and write (one batch event per reactor turn, as in the server)."""
+    _ACCESS.record("127.0.0.1", b"POST", _FIELDS, 200, 1523, 0.000041)
+    if i % BATCH == BATCH - 1:
+        _ACCESS.flush()
 
 
 def ldap_line(i: int) -> None:
@@ -63,6 +84,18 @@ def measure(emit: Any, n: int) -> float:
     if flush is not None:
         flush()
     return (time.process_time() - started) / n * 1e6
+
+
+class _Hold:
+    """A reactor stand-in whose callLater never runs: records stay until flushed."""
+
+    def callLater(self, *_: Any) -> Any:  # noqa: N802 - the reactor's name
+        return _Never()
+
+
+class _Never:
+    def active(self) -> bool:
+        return False
 
 
 def load_module(path: Path) -> Any:
@@ -113,9 +146,28 @@ def run(args: argparse.Namespace) -> None:
             logs.start_logging(args.format, "info", stream=os.fdopen(w, "w", encoding="utf-8"))
         else:
             logs.start_logging(args.format, "info", path=path)
-        for name, emit in (("ocsp http request", ocsp_line), ("ldap SEARCH RESULT", ldap_line)):
+        global _ACCESS
+        from server.http import accesslog
+        from server.http.accesslog import AccessLog
+
+        max_batch = accesslog.MAX_BATCH
+        from server.metrics import Metrics, set_metrics
+
+        set_metrics(Metrics(process=False))
+        for name, emit in (("ocsp http request", ocsp_line),
+                           ("access: record only", access_record),
+                           ("access: whole line", access_line),
+                           ("ldap SEARCH RESULT", ldap_line)):
+            # record only: flushed (not measured) after each round; whole line: a batch
+            # rendered and written every BATCH records, metrics included
+            _ACCESS = AccessLog(_Hold())
+            accesslog.MAX_BATCH = 10**9 if emit is access_record else max_batch
             measure(emit, min(args.n, 2000))  # warm-up
-            figures = [measure(emit, args.n) for _ in range(args.rounds)]
+            _ACCESS.flush()
+            figures = []
+            for _ in range(args.rounds):
+                figures.append(measure(emit, args.n))
+                _ACCESS.flush()
             print(f"{name:20s} {statistics.median(figures):7.2f} µs/line "
                   f"(min {min(figures):.2f}, max {max(figures):.2f}; {args.format}, "
                   f"{args.target}, {'no reactor' if args.no_reactor else 'reactor'}, "

@@ -120,6 +120,12 @@ def tree_cpu(pid: int) -> float:
 
 
 def http_exchange(port: int, raw: bytes) -> tuple[int, bytes]:
+    code, _, body = http_raw(port, raw)
+    return code, body
+
+
+def http_raw(port: int, raw: bytes) -> tuple[int, bytes, bytes]:
+    """(status, the whole response as sent, its body) of one request on a new connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(raw)
         data = b""
@@ -133,7 +139,7 @@ def http_exchange(port: int, raw: bytes) -> tuple[int, bytes]:
             if sep and m and len(body) >= int(m.group(1)):
                 break
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    return int(head.split()[1]), data, body
 
 
 # --- requests -----------------------------------------------------------------------------
@@ -288,6 +294,22 @@ http {{
         wait_port(self.port, self.proc)
 
 
+class Floor(Target):
+    """bench/ocsp_floor.py: fixed response bytes from a bare Twisted Protocol (same Python)."""
+
+    name = "floor"
+
+    def __init__(self, work: Path, get: bytes, post: bytes) -> None:
+        self.port = free_port()
+        (work / "floor-get.http").write_bytes(get)
+        (work / "floor-post.http").write_bytes(post)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "ocsp_floor.py"), str(self.port),
+             str(work / "floor-get.http"), str(work / "floor-post.http")],
+            stdout=open(work / "floor.out", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        wait_port(self.port, self.proc)
+
+
 class OpensslOcsp(Target):
     """Restarted before every run: a connection wrk closes without a request at the end of a
     run leaves `openssl ocsp` (3.0) spinning on EOF, answering nothing more."""
@@ -383,7 +405,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="certpub worker processes")
     parser.add_argument("--serial", type=lambda s: int(s, 0), default=0x1000)
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--targets", default="certpub,nginx,openssl")
+    parser.add_argument("--targets", default="certpub,floor,nginx,openssl")
     parser.add_argument("--scenarios", default="get,post,nonce")
     parser.add_argument("--certpub-config", action="append", default=[], metavar="NAME=CONFIG",
                         help="one more certpub target, called NAME, from CONFIG instead of "
@@ -427,6 +449,11 @@ def main() -> None:
         code, presigned = http_exchange(certpub.port, post)
         assert code == 200
         check_response(presigned)
+        if "floor" in wanted:  # certpub's own keep-alive answers, as the floor's fixed bytes
+            get_req = b"GET " + get_path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            _, get_bytes, _ = http_raw(certpub.port, get_req)
+            _, post_bytes, _ = http_raw(certpub.port, post)
+            targets.append(Floor(work, get_bytes, post_bytes))
         if "nginx" in wanted:
             targets.append(Nginx(work, presigned))
         if "openssl" in wanted:
@@ -438,7 +465,7 @@ def main() -> None:
             code, der = http_exchange(t.port, b"GET " + get_path.encode() + b" HTTP/1.0\r\n\r\n")
             assert code == 200, (t.name, code)
             check_response(der)
-            if t.name != "nginx":
+            if t.name not in ("nginx", "floor"):
                 code, der = http_exchange(
                     t.port, b"POST / HTTP/1.0\r\nContent-Type: application/ocsp-request\r\n"
                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -449,7 +476,7 @@ def main() -> None:
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for t in order:
                 for sc in scenarios:
-                    if t.name == "nginx" and sc == "nonce":
+                    if t.name in ("nginx", "floor") and sc == "nonce":
                         continue
                     res = run_wrk(t, sc, files, args)
                     runs.append({"round": r, "target": t.name, "scenario": sc, **res})
@@ -470,8 +497,8 @@ def main() -> None:
     print(f"\nmachine: {machine()}; wrk -t1 -c{args.connections} -d{args.duration}s,"
           f" {args.rounds} rounds, certpub workers={args.workers}\n")
     print("| scenario | target | req/s (median) | p99 ms | wrk CPU | server CPU | of it db |"
-          " µs CPU/req | × openssl | × nginx |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          " µs CPU/req | × openssl | × floor | × nginx |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for sc in scenarios:
         for tn in [x.name for x in targets]:
             rps = med(tn, sc, "rps")
@@ -479,10 +506,12 @@ def main() -> None:
                 continue
             o = med("openssl", sc, "rps")
             n = med("nginx", "get" if sc == "nonce" else sc, "rps")
+            fl = med("floor", sc, "rps")
             print(f"| {sc} | {tn} | {rps:,.0f} | {med(tn, sc, 'p99') * 1000:.2f} |"  # type: ignore[operator]
                   f" {med(tn, sc, 'wrk_cpu'):.2f} | {med(tn, sc, 'server_cpu'):.2f} |"
                   f" {med(tn, sc, 'db_cpu'):.2f} | {med(tn, sc, 'server_us_per_req'):.0f} |"
-                  f" {rps / o if o else float('nan'):.2f} | {rps / n if n else float('nan'):.2f} |")
+                  f" {rps / o if o else float('nan'):.2f} | {rps / fl if fl else float('nan'):.2f} |"
+                  f" {rps / n if n else float('nan'):.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "args": vars(args) | {
             "data": str(data), "work": str(work), "json": str(args.json)}, "runs": runs},

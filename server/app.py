@@ -144,10 +144,10 @@ def _tls_factory(tls: Any, factory: Factory) -> Any:
 def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock,
           inherited: Mapping[str, socket.socket] | None = None) -> Any:
     """Open the store, build both services and listen (or adopt inherited sockets); returns a Running."""
-    from server.health import HealthCheck, mount_ops
+    from server.health import HealthCheck, OpsRoute
     from server.ldap.server import make_ldap_factory
     from server.metrics import Metrics, set_metrics
-    from server.ocsp.http import make_http_factory
+    from server.http.site import make_http_factory
 
     sc = config.store
     location = sc.read_location
@@ -189,15 +189,15 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
                 log.info("LDAP listening on {listener}", listener=desc)
         if config.http.listen:
             http_factory = make_http_factory(config, store, feed, now, reactor, access=access)
-            expiries["service"] = service = getattr(http_factory, "service", None)
+            expiries["service"] = service = http_factory.service
             metrics.limits["http"] = http_factory.limits
-            if service is not None:
-                metrics.presigned = lambda: service.presigned
-                metrics.presign_backlog = lambda: service.presign_backlog
+            metrics.presigned = lambda: service.presigned
+            metrics.presign_backlog = lambda: service.presign_backlog
             metrics.spools = config.import_.spool
             health = HealthCheck(access.store, feed, now, lambda: _signer_expiries(expiries),
                                  poll_lag=metrics.poll_lag, access=access)
-            _mount(http_factory, lambda root: mount_ops(root, health, metrics, access))
+            http_factory.http_site.ops = OpsRoute(health, metrics, access,
+                                                  before_scrape=http_factory.access.flush)
             running.services["http"] = http_factory
             running.ports["http"] = []
             for desc in config.http.listen:
@@ -214,12 +214,6 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
 def _signer_expiries(holder: dict[str, Any]) -> dict[str, datetime]:
     service = holder.get("service")
     return dict(service.signer_expiries()) if service is not None else {}
-
-
-def _mount(factory: Any, wrap: Callable[[Any], Any]) -> None:
-    """Put /healthz and /metrics in front of the HTTP site's resource tree."""
-    site = getattr(factory, "site", factory)
-    site.resource = wrap(site.resource)
 
 
 def _shown(config: Config) -> str:

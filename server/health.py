@@ -210,12 +210,8 @@ class HealthResource(_GetOnly):
 
     @staticmethod
     def _answer(request: Request, result: tuple[bool, dict[str, Any]] | Failure) -> bytes:
-        if isinstance(result, Failure):
-            log.failure("health check failed", result)
-            result = (False, {"status": "fail", "reasons": ["health check failed"]})
-        ok, body = result
-        data = json.dumps(body, separators=(",", ":"), sort_keys=True).encode() + b"\n"
-        return _respond(request, 200 if ok else 503, "application/json", data)
+        code, data = health_answer(result)
+        return _respond(request, code, "application/json", data)
 
 
 class MetricsResource(_GetOnly):
@@ -257,6 +253,84 @@ def _later(request: Request, d: defer.Deferred[Any],
 
     d.addBoth(done)
     return NOT_DONE_YET
+
+
+def health_answer(result: tuple[bool, dict[str, Any]] | Failure) -> tuple[int, bytes]:
+    """(status, JSON body) of a health check's result (a Failure: 503, logged)."""
+    if isinstance(result, Failure):
+        log.failure("health check failed", result)
+        result = (False, {"status": "fail", "reasons": ["health check failed"]})
+    ok, body = result
+    data = json.dumps(body, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+    return 200 if ok else 503, data
+
+
+class OpsRoute:
+    """``/healthz`` and ``/metrics`` on the HTTP listener (``server.http.site``)."""
+
+    def __init__(self, health: HealthCheck, metrics: Metrics, access: Any = None,
+                 before_scrape: Callable[[], None] | None = None) -> None:
+        self.health = health
+        self.metrics = metrics
+        self.access = access if access is not None and not access.inline else None
+        self.before_scrape = before_scrape  # e.g. flush the access log's pending metrics
+
+    @staticmethod
+    def _send(request: Any, code: int, content_type: bytes, data: bytes, kind: str,
+              date: bytes) -> Any:
+        from server.http import wire
+
+        headers = [(b"Content-Type", content_type), (b"Cache-Control", b"no-store")]
+        if code == 405:
+            headers.insert(0, (b"Allow", b"GET, HEAD"))
+        out = wire.response(code, headers, data, version=request.version,
+                            keep_alive=request.keep_alive, date=date,
+                            head=request.method == b"HEAD")
+        return out, code, len(data), {"kind": kind}
+
+    def _not_allowed(self, request: Any, kind: str, date: bytes) -> Any:
+        return self._send(request, 405, b"text/plain; charset=utf-8", b"method not allowed\n",
+                          kind, date)
+
+    def healthz(self, request: Any, date: bytes) -> Any:
+        """GET /healthz: 200 or 503 with a short JSON body."""
+        if request.method not in (b"GET", b"HEAD"):
+            return self._not_allowed(request, "healthz", date)
+
+        def answer(result: Any) -> Any:
+            code, data = health_answer(result)
+            return self._send(request, code, b"application/json", data, "healthz", date)
+
+        if self.health.access is not None:
+            return self.health.check_deferred().addBoth(answer)
+        result: tuple[bool, dict[str, Any]] | Failure
+        try:
+            result = self.health.check()
+        except Exception:
+            result = Failure()  # type: ignore[no-untyped-call]
+        return answer(result)
+
+    def scrape(self, request: Any, date: bytes) -> Any:
+        """GET /metrics: the Prometheus text exposition."""
+        if request.method not in (b"GET", b"HEAD"):
+            return self._not_allowed(request, "metrics", date)
+        if self.before_scrape is not None:
+            self.before_scrape()
+        ctype = CONTENT_TYPE.encode()
+        if self.access is None:
+            return self._send(request, 200, ctype, self.metrics.render(), "metrics", date)
+        if self.access.busy():
+            return self._send(request, 503, b"text/plain; charset=utf-8",
+                              b"store threads busy\n", "metrics", date)
+
+        def answer(result: bytes | Failure) -> Any:
+            if isinstance(result, Failure):
+                log.failure("metrics scrape failed", result)
+                return self._send(request, 500, b"text/plain; charset=utf-8",
+                                  b"scrape failed\n", "metrics", date)
+            return self._send(request, 200, ctype, result, "metrics", date)
+
+        return self.access.run(self.metrics.render).addBoth(answer)
 
 
 class _OpsFront(Resource):

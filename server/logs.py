@@ -260,8 +260,63 @@ def _when(event: dict[str, Any]) -> str:
     return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
+def _fragment(fields: Any, msg: str) -> str:
+    """The logfmt ``name=value`` pairs of one mapping of a batch (see ``render``)."""
+    parts = []
+    for k, v in fields.items():
+        prefix = _name_prefix(k)
+        if prefix is None or prefix in msg:
+            continue
+        encoded = _values.get(v) if type(v) is str else None
+        if encoded is None:
+            encoded = _encode(v)
+            if encoded is None:
+                continue
+        parts.append(prefix + encoded)
+    return " ".join(parts)
+
+
+def _render_batch(event: dict[str, Any], batch: Any, fmt: str) -> str:
+    """The lines of a batch event: one per item of ``log_batch``, each item a sequence of
+    field mappings written in order after the event's time, level, system and message (the
+    HTTP access log: a route's fields are one mapping shared by many lines, encoded once)."""
+    when = _when(event)
+    level = event.get("log_level", LogLevel.info).name
+    system, system_part = _system(str(event.get("log_namespace", "")))
+    msg, _ = _message(event)
+    lines = []
+    if fmt == "json":
+        for item in batch:
+            fields = dict(_GLOBAL_FIELDS)
+            for mapping in item:
+                fields.update(mapping)
+            fields = _fields(fields)
+            lines.append(json.dumps({"time": when, "level": level, "system": system,
+                                     "msg": msg, **fields}, ensure_ascii=False, default=str))
+        return "\n".join(lines)
+    head = ["time=" + when, "level=" + level, system_part, "msg=" + json.dumps(msg)]
+    if _GLOBAL_FIELDS:
+        head.append(_fragment(_GLOBAL_FIELDS, msg))
+    start = " ".join(head)
+    done: dict[int, str] = {}  # id of a mapping -> its pairs (the batch keeps it alive)
+    for item in batch:
+        parts = [start]
+        for mapping in item:
+            fragment = done.get(id(mapping))
+            if fragment is None:
+                fragment = done[id(mapping)] = _fragment(mapping, msg)
+            if fragment:
+                parts.append(fragment)
+        lines.append(" ".join(parts))
+    return "\n".join(lines)
+
+
 def render(event: dict[str, Any], fmt: str) -> str:
-    """One log line (without newline) for an event."""
+    """One log line (without newline) for an event; the lines of a batch event (one whose
+    ``log_batch`` holds one sequence of field mappings per line)."""
+    batch = event.get("log_batch")
+    if batch is not None:
+        return _render_batch(event, batch, fmt)
     when = _when(event)
     level = event.get("log_level", LogLevel.info).name
     system, system_part = _system(str(event.get("log_namespace", "")))

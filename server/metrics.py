@@ -127,6 +127,21 @@ class Metrics:
         self.requests.labels(protocol, operation, result).inc()
         self.latency.labels(protocol, operation).observe(max(seconds, 0.0))
 
+    def requests_done(self, protocol: str, operation: str, result: str,
+                      seconds: list[float]) -> None:
+        """Count several finished requests of one kind and observe their durations."""
+        self.requests.labels(protocol, operation, result).inc(len(seconds))
+        observe = self.latency.labels(protocol, operation).observe
+        for s in seconds:
+            observe(max(s, 0.0))
+
+    def cache_lookups(self, hits: int, misses: int) -> None:
+        """Count OCSP response cache lookups (several at once)."""
+        if hits:
+            self.ocsp_cache.labels("hit").inc(hits)
+        if misses:
+            self.ocsp_cache.labels("miss").inc(misses)
+
     def cache(self, hit: bool) -> None:
         """Count one OCSP response cache lookup."""
         self.ocsp_cache.labels("hit" if hit else "miss").inc()

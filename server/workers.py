@@ -495,7 +495,7 @@ def _close_all(per_worker: list[Listeners]) -> None:
 def preload() -> None:
     """Import the services once in the parent (faster worker starts, shared pages), not the reactor."""
     for name in ("twisted.internet.ssl", "twisted.protocols.tls", "server.app",
-                 "server.ldap.server", "server.ocsp.http"):
+                 "server.ldap.server", "server.http.site"):
         importlib.import_module(name)
     if "twisted.internet.reactor" in sys.modules:
         raise SupervisorError("workers must be forked before the Twisted reactor is imported")

@@ -121,7 +121,7 @@ def _event(fmt: Any, fields: dict[str, Any], level: Any, namespace: str,
 @settings(max_examples=600, deadline=None)
 @given(fmt=st.sampled_from(FORMATS), fields=st.dictionaries(names, values, max_size=8),
        level=st.sampled_from([LogLevel.info, LogLevel.warn, LogLevel.debug]),
-       namespace=st.sampled_from(["server.ocsp.http", "store.spool", "other", "",
+       namespace=st.sampled_from(["server.http", "store.spool", "other", "",
                                   "server.x y"]),
        when=st.floats(0, 4e9), out=st.sampled_from(["logfmt", "json"]),
        worker=st.sampled_from([None, 2]))

@@ -26,7 +26,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from store.model import CaId, Change
 
@@ -47,9 +46,6 @@ class CachedResponse:
     refresh_at: datetime  # drop (and so re-sign) from this moment on
     serials: frozenset[tuple[CaId, int]]
     summary: tuple[tuple[int, str], ...]  # (serial, status) per CertID, for the log
-    # What the HTTP fast path derives once per entry (its log fields, its HTTP bytes): it
-    # lives and dies with the entry, so the change feed voids it with the entry.
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # The request that produced it (empty: not re-signable ahead of time), so that the
     # service re-signs it when its certificate changes or before its refresh time.
     request: bytes = field(default=b"", compare=False, repr=False)

@@ -333,9 +333,18 @@ def _reason_codes() -> dict[str, int]:
 _REASON_CODES = _reason_codes()
 
 
+_gtimes: dict[datetime, bytes] = {}  # a CA's thisUpdate/nextUpdate repeat in every answer
+
+
 def _gtime(value: datetime) -> bytes:
     """GeneralizedTime, GMT, whole seconds (RFC 5019 §2.2.4)."""
-    return b"\x18\x0f" + value.astimezone(UTC).strftime("%Y%m%d%H%M%SZ").encode("ascii")
+    found = _gtimes.get(value)
+    if found is None:
+        if len(_gtimes) >= 4096:
+            _gtimes.clear()
+        found = _gtimes[value] = (b"\x18\x0f" + value.astimezone(UTC).strftime(
+            "%Y%m%d%H%M%SZ").encode("ascii"))
+    return found
 
 
 def _extension(oid: bytes, value_der: bytes) -> bytes:

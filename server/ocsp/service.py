@@ -32,11 +32,11 @@ from server.ocsp.cache import CachedResponse, ResponseCache, certids_key, raw_ke
 from server.ocsp.codec import (
     OcspError,
     OcspRequest,
-    decode_request,
     encode_error,
     encode_response_data_der,
     encode_response_der,
 )
+from server.ocsp.der import parse_request
 from server.ocsp.requestor import RequestorCheck
 from server.ocsp.responder import CaPolicy, OcspAnswer, Policy, StatusStore, answer
 from server.ocsp.signer import Signer, expiry_warning, load_signers
@@ -188,7 +188,7 @@ class OcspService:
         try:
             for der in requests:
                 try:
-                    request = decode_request(der, max_certids=self.max_certids)
+                    request = parse_request(der, self.max_certids)
                     self._respond(der, request, self.now(), fresh=True)
                     self.presigned += 1
                 except OcspError:
@@ -225,7 +225,7 @@ class OcspService:
         now = self.now()
         entry = self.lookup(der, now)
         if entry is not None:
-            return self._from_entry(entry, "hit")
+            return self.outcome(entry, "hit")
         return self.respond_miss(der, now)
 
     def lookup(self, der: bytes, now: datetime) -> CachedResponse | None:
@@ -239,11 +239,13 @@ class OcspService:
         now = self.now()
         entry = self.lookup(der, now)
         if entry is not None:
-            return self._from_entry(entry, "hit")
-        return self.miss(der, now)
+            return self.outcome(entry, "hit")
+        return self.respond_to(der, now)
 
-    def miss(self, der: bytes, now: datetime) -> Outcome | defer.Deferred[Outcome]:
-        """``respond_miss`` inline, or in a store thread (a Deferred that never fails)."""
+    def respond_to(self, der: bytes, now: datetime) -> Outcome | defer.Deferred[Outcome]:
+        """The answer to a request ``lookup`` did not find: ``respond_miss`` inline, or in a
+        store thread (a Deferred that never fails). The one call on the request path that
+        may read the store and sign: where a bounded signing queue goes."""
         if self.access is None:
             return self.respond_miss(der, now)
         if self.access.busy():
@@ -261,7 +263,7 @@ class OcspService:
     def respond_miss(self, der: bytes, now: datetime) -> Outcome:
         """The response to a request ``lookup`` did not find; never raises."""
         try:
-            request = decode_request(der, max_certids=self.max_certids)
+            request = parse_request(der, self.max_certids)
             return self._respond(der, request, now)
         except OcspError as exc:
             return Outcome(encode_error(exc.status), exc.status, "-", reason=str(exc))
@@ -287,7 +289,7 @@ class OcspService:
             if entry is not None:
                 if keys:
                     self.cache.put(keys, entry, epoch)
-                return self._from_entry(entry, "hit")
+                return self.outcome(entry, "hit")
         result = answer(request, self.store, now, self.policy)
         signed = self.sign(result)
         validity = result.policy.validity
@@ -302,8 +304,8 @@ class OcspService:
         )
         if cacheable:
             self.cache.put([*keys, ckey], entry, epoch)
-            return self._from_entry(entry, "miss")
-        return self._from_entry(entry, "nonce" if request.nonce is not None else "miss",
+            return self.outcome(entry, "miss")
+        return self.outcome(entry, "nonce" if request.nonce is not None else "miss",
                                 nonce=request.nonce is not None)
 
     def sign(self, result: OcspAnswer) -> bytes:
@@ -315,7 +317,8 @@ class OcspService:
         return encode_response_der(data, signer.sign, signer.algorithm_der, signer.certs)
 
     @staticmethod
-    def _from_entry(entry: CachedResponse, cache: str, *, nonce: bool = False) -> Outcome:
+    def outcome(entry: CachedResponse, cache: str, *, nonce: bool = False) -> Outcome:
+        """The exchange a cached response answers (``cache``: hit, miss or nonce)."""
         return Outcome(
             der=entry.der, status="successful", cache=cache, ca=entry.ca_name,
             serials=tuple(s for s, _ in entry.summary),

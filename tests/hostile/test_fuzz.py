@@ -35,7 +35,7 @@ from server.ldap.filters import to_text
 from server.ldap.plan import plan
 from server.ldap.schema import describe, select
 from server.ocsp.codec import MalformedRequest, decode_request
-from server.ocsp.http import decode_get_path
+from server.http.ocsp import decode_get_path
 from store import names
 from store.sqlite import Store, StoreError
 from tests.hostile import wire

@@ -2,8 +2,9 @@
 
 Against real listeners from one ``app.start`` on 127.0.0.1: the per-address and total limits
 hold, a flood from one address does not stop others (nor the connections admitted before
-it), slots come back after every way a connection can end — fast path, handover to
-twisted.web, server-side cut-offs — and a reload changes the limits for new connections.
+it), slots come back after every way a connection can end — OCSP answers, other routes
+on the same connection, server-side cut-offs — and a reload changes the limits for new
+connections.
 Other loopback addresses (127.0.0.2 …) stand for other clients. No assertion on time: every
 wait is a generous upper bound that only turns a hang into a failure.
 """
@@ -27,7 +28,7 @@ from tests.hostile.conftest import Live, in_thread, ocsp_probe
 
 WAIT = 20.0  # upper bound of any wait here (seconds); never a measure of speed
 OCSP_HEADERS = {"Content-Type": "application/ocsp-request"}
-CA_GET = b"GET /ca/rsa-ca.crt HTTP/1.1\r\nHost: x\r\n\r\n"  # not OCSP: handed to twisted.web
+CA_GET = b"GET /ca/rsa-ca.crt HTTP/1.1\r\nHost: x\r\n\r\n"  # not OCSP: the publication route
 
 
 # --- ConnectionLimits itself (no sockets) ---------------------------------------------------
@@ -320,11 +321,11 @@ def handover_releases(live: Live) -> None:
     der = live.ocsp_der(nonce=False)
     held = []
     try:
-        for _ in range(5):  # fast path first, then twisted.web on the same connection
+        for _ in range(5):  # OCSP first, then another route on the same connection
             conn = open_served(live, "127.0.0.2")
-            code, _, _ = wire.exchange(conn, "GET", "/ca/rsa-ca.crt")  # the handover
+            code, _, _ = wire.exchange(conn, "GET", "/ca/rsa-ca.crt")
             assert code == 200
-            served(conn, live)  # now answered by twisted.web's channel
+            served(conn, live)  # OCSP again on the same connection
             held.append(conn)
         assert limits.per_address["127.0.0.2"] == 5  # one slot each, not two
         assert refused(live, "127.0.0.2")
@@ -335,7 +336,7 @@ def handover_releases(live: Live) -> None:
             conn.close()
         held.clear()
         all_released(live)
-        # the server closes after the handover: 413 from the headers, Connection: close
+        # the server closes: 413 from the headers, Connection: close, HTTP/1.0
         for request in (b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",
                         b"GET /ca/rsa-ca.crt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                         b"GET /ca/rsa-ca.crt HTTP/1.0\r\n\r\n"):
@@ -344,19 +345,14 @@ def handover_releases(live: Live) -> None:
                 s.sendall(request)
                 closed_by_server(s)
         all_released(live)
-        # the fast path off: twisted.web's channel owns the connection from the start
-        site: Any = live.running.services["http"]
-        site.fast_path = False
-        try:
-            conns = [open_served(live, "127.0.0.2") for _ in range(5)]
-            assert limits.per_address["127.0.0.2"] == 5
-            assert refused(live, "127.0.0.2")
-            for conn in conns:
-                conn.close()
-            all_released(live)
-        finally:
-            site.fast_path = True
-        # the fast path's own answers with Connection: close, and clients that just leave
+        # connections that only ever asked for OCSP
+        conns = [open_served(live, "127.0.0.2") for _ in range(5)]
+        assert limits.per_address["127.0.0.2"] == 5
+        assert refused(live, "127.0.0.2")
+        for conn in conns:
+            conn.close()
+        all_released(live)
+        # answers with Connection: close, and clients that just leave
         for _ in range(5):
             with socket.create_connection(live.http, timeout=WAIT,
                                           source_address=("127.0.0.2", 0)) as s:
@@ -389,13 +385,13 @@ def cutoffs_release(live: Live) -> None:
     socks = [socket.create_connection(live.http, timeout=WAIT, source_address=("127.0.0.2", 0))
              for _ in range(6)]
     try:
-        # socks[0] stays idle on the fast path
+        # socks[0] stays idle
         socks[1].sendall(b"POST /ocsp HTTP/1.1\r\nHost: x\r\n")  # headers never finished
         socks[2].sendall(b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n0")
-        for s in socks[3:]:  # handed over to twisted.web first
+        for s in socks[3:]:  # answered once first
             s.sendall(CA_GET)
             assert s.recv(12).startswith(b"HTTP/1.1 200")
-        # socks[3] stays idle in twisted.web; a slow request on the other two
+        # socks[3] stays idle after an answer; a slow request on the other two
         socks[4].sendall(b"GET /ca/rsa-ca.crt HTTP/1.1\r\nHost: x\r\n")
         socks[5].sendall(b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n0")
         wait_until(lambda: limits.per_address["127.0.0.2"] == 6, "all six admitted")

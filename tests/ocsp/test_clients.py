@@ -27,7 +27,7 @@ from twisted.internet.protocol import Factory
 
 from server.config import load_config
 from server.feed import ChangeFeed
-from server.ocsp.http import make_http_factory
+from server.http.site import make_http_factory
 from server.storeaccess import StoreAccess
 from store.sqlite import Store
 from tests.conftest import require_tool

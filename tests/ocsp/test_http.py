@@ -18,7 +18,9 @@ from twisted.internet import reactor, threads
 from twisted.logger import capturedLogs
 
 from server.ocsp.codec import MalformedRequest
-from server.ocsp.http import decode_get_path, make_http_factory
+from server.http.ocsp import decode_get_path
+from server.http.accesslog import lines as access_lines
+from server.http.site import make_http_factory
 from server.storeaccess import StoreAccess
 from store.certparse import crl_input
 from tests.ocsp.helpers import WallClock, config_for, fill_store, make_ca, request_der
@@ -210,7 +212,7 @@ async def test_one_log_line_per_request_without_the_body(server: dict[str, Any])
     der = request_der(server["ca"], [2], nonce=b"q" * 32)
     with capturedLogs() as events:
         await call(server["port"], "POST", "/ocsp", der)
-    lines = [e for e in events if e.get("log_format") == "http request"]
+    lines = access_lines(events)
     assert len(lines) == 1
     e = lines[0]
     assert (e["kind"], e["ca"], e["serials"], e["statuses"], e["nonce"], e["cache"], e["status"],
@@ -234,12 +236,12 @@ async def test_413_for_a_chunked_body_over_the_limit(server: dict[str, Any]) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_reload_and_ops_mount(server: dict[str, Any]) -> None:
-    from server.health import HealthCheck, mount_ops
+    from server.health import HealthCheck, OpsRoute
     from server.metrics import Metrics
 
     site, store = server["site"], server["store"]
     health = HealthCheck(store, None, server["clock"], site.service.signer_expiries)
-    site.resource = mount_ops(site.resource, health, Metrics(process=False))
+    site.http_site.ops = OpsRoute(health, Metrics(process=False))
     assert (await call(server["port"], "GET", "/healthz"))[0] == 200
     assert (await call(server["port"], "GET", "/ca/web.crt"))[0] == 200
     site.reload(config_for(server["ca"]))

@@ -27,7 +27,8 @@ from twisted.logger import capturedLogs
 
 from server.configtools import ConfigError, Section
 from server.ocsp.config import parse_http
-from server.ocsp.http import make_http_factory
+from server.http.accesslog import lines as access_lines
+from server.http.site import make_http_factory
 from server.ocsp.service import OcspService
 from store.model import CaId, RevocationReason, Serial
 from store.sqlite import Store
@@ -365,7 +366,7 @@ async def test_http_listener_checks_signatures_and_logs_the_reason(live: dict[st
     assert statuses(ok) == [c_ocsp.OCSPCertStatus.GOOD]
     assert response_status(refused) == "unauthorized"
     assert response_status(unsigned) == "sign_required"
-    lines = [e for e in events if e.get("log_format") == "http request"]
+    lines = access_lines(events)
     assert [(e["ocsp"], e.get("reason")) for e in lines] == [
         ("successful", None),
         ("unauthorized", ("request signature does not verify with requestor certificate"

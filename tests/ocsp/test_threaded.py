@@ -2,7 +2,7 @@
 
 A gate holds a chosen store read in its pool thread, standing for a database that hangs:
 meanwhile the reactor must keep answering (a cached GET, an LDAP root DSE search), and the
-fast path must keep pipelined answers in request order. Waits are on events, never on time.
+HTTP listener must keep pipelined answers in request order. Waits are on events, never on time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cryptography.x509 import ocsp as c_ocsp
 from twisted.internet import reactor, threads
 
 from server.ldap.server import make_ldap_factory
-from server.ocsp.http import make_http_factory
+from server.http.site import make_http_factory
 from server.storeaccess import StoreAccess
 from store.sqlite import Store
 from tests.ldap.conftest import ldap_config
@@ -145,7 +145,7 @@ def get(der: bytes) -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_pipelined_answers_keep_request_order(env: dict[str, Any]) -> None:
-    """A slow miss, then a hit, another miss and a request for twisted.web (publication)."""
+    """A slow miss, then a hit, another miss and a publication request."""
     gate = Gate("ca_by_issuer_hash")
     path = env["path"]
     running = serve(env, lambda: GatedStore(Store.open(path, create=False), gate))
@@ -165,7 +165,7 @@ async def test_pipelined_answers_keep_request_order(env: dict[str, Any]) -> None
         assert [status_of(b) for b in bodies[:3]] == [
             [(2, c_ocsp.OCSPCertStatus.GOOD)], [(1, c_ocsp.OCSPCertStatus.GOOD)],
             [(3, c_ocsp.OCSPCertStatus.GOOD)]]
-        assert bodies[3] == env["ca"].der  # twisted.web answered after the fast path's answers
+        assert bodies[3] == env["ca"].der  # the publication answer after the OCSP ones
         assert status_of(bodies[4]) == [(1, c_ocsp.OCSPCertStatus.GOOD)]
     finally:
         gate.release.set()

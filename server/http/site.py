@@ -1,0 +1,123 @@
+"""The HTTP listener's routes and its factory: OCSP, ``/ca/``, ``/crl/``, ``/``, ``/healthz``,
+``/metrics``.
+
+Strategy: ``HttpSite.handle`` routes a parsed request on its method and raw path (so a
+base64 request containing ``/`` stays whole) to a small route object — ``OcspRoute`` first,
+as it is what the listener is for — and returns its reply (bytes, status, body size, log
+fields) or a Deferred of it. ``make_http_factory`` builds the service, the routes and the
+listener's factory from the configuration; the factory's start and stop run the service's
+periodic work (re-signing cached responses before their refresh time, the daily signer
+expiry warning), and ``reload`` (SIGHUP) swaps signers, paths and limits in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from server.http import wire
+from server.http.accesslog import AccessLog
+from server.http.listener import HttpFactory, Reply
+from server.http.ocsp import OcspRoute
+from server.http.publication import PublicationRoute, not_allowed, send
+from server.limits import ConnectionLimits
+from server.ocsp import publish
+from server.ocsp.service import REFRESH_EVERY, OcspService
+
+log = Logger(namespace="server.http")
+
+
+class HttpSite:
+    """Routes one request to the OCSP, publication or operations route."""
+
+    def __init__(self, ocsp: OcspRoute, publication: PublicationRoute) -> None:
+        self.ocsp = ocsp
+        self.publication = publication
+        self.ops: Any = None  # server.health.OpsRoute, mounted by the composition root
+
+    def handle(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
+        method, path = request.method, request.path
+        ocsp = self.ocsp
+        if method == b"POST":
+            if path in ocsp.post_paths:
+                return ocsp.post(request, date)
+        elif (method == b"GET" or method == b"HEAD") and ocsp.is_get(path):
+            return ocsp.get(request, date)
+        return self._other(request, date)
+
+    def _other(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
+        method, path = request.method, request.path
+        if path.startswith((b"/ca/", b"/crl/")):
+            return self.publication.file(request, date)
+        ops = self.ops
+        if ops is not None and path == b"/healthz":
+            return ops.healthz(request, date)  # type: ignore[no-any-return]
+        if ops is not None and path == b"/metrics":
+            return ops.scrape(request, date)  # type: ignore[no-any-return]
+        fields: dict[str, Any] = {"kind": "ocsp"}
+        if method not in (b"GET", b"HEAD", b"POST"):
+            return not_allowed(request, b"GET, HEAD, POST", fields, date)
+        if path == b"/" and method != b"POST":
+            return self.publication.index(request, self.ocsp.paths, date)
+        return send(request, publish.not_found(), fields, date)
+
+
+class OcspHttpFactory(HttpFactory):
+    """The listener's factory with the OCSP service's periodic work and SIGHUP reload."""
+
+    def __init__(self, site: HttpSite, service: OcspService, *, max_body: int, timeout: float,
+                 reactor: Any, limits: ConnectionLimits) -> None:
+        super().__init__(site, max_body=max_body, timeout=timeout, reactor=reactor,
+                         limits=limits, access=AccessLog(reactor))
+        self.service = service
+        self.http_site = site
+        self._loops: list[LoopingCall] = []
+
+    def startFactory(self) -> None:
+        if self._loops or self.reactor is None:
+            return
+        # the 30-day signer warning (daily) and re-signing ahead of refresh times
+        for fn, every in ((self.service.warn_expiring, 86400.0),
+                          (self.service.refresh_due, REFRESH_EVERY)):
+            loop = LoopingCall(fn)
+            loop.clock = self.reactor
+            loop.start(every, now=False)
+            self._loops.append(loop)
+
+    def stopFactory(self) -> None:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        super().stopFactory()
+
+    def reload(self, config: Any) -> None:
+        """SIGHUP: new signers and CA files; raises (keeping the old ones) when bad."""
+        self.service.reload(config)
+        self.http_site.ocsp.forget()
+        self.http_site.ocsp.set_paths(config.http.ocsp_paths)
+        self.max_body = config.http.max_request_bytes
+        self.limits.set_limits(config.http.max_connections,
+                               config.http.max_connections_per_address)
+
+
+def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[], datetime],
+                      reactor: Any, access: Any = None) -> OcspHttpFactory:
+    """The HTTP listener's factory; raises SignerError when a signer is unusable. ``access``
+    (a threaded StoreAccess) runs its store reads in the store threads."""
+    service = OcspService(config, store, clock_now, access=access)
+    service.warn_expiring()
+    if feed is not None:
+        feed.subscribe(service.on_changes)
+    site = HttpSite(OcspRoute(service, config.http.ocsp_paths),
+                    PublicationRoute(service, store, access))
+    limits = ConnectionLimits(config.http.max_connections, config.http.max_connections_per_address,
+                              service="http", log=log)
+    return OcspHttpFactory(site, service, max_body=config.http.max_request_bytes,
+                           timeout=getattr(config.http, "idle_timeout", 30.0), reactor=reactor,
+                           limits=limits)
