@@ -446,8 +446,12 @@ class TokenKey:
             if error is not None:  # a dead session: once more on a fresh one
                 generation, raw, error = self._sign_once(payload)
             if error is not None:  # a removed or reset token: re-initialise, then once more
-                self.module.reset(generation if generation >= 0 else None)
-                generation, raw, error = self._sign_once(payload)
+                try:
+                    self.module.reset(generation if generation >= 0 else None)
+                except p11.PKCS11Error as exc:  # e.g. SoftHSM2 without its token folder
+                    error = exc
+                else:
+                    generation, raw, error = self._sign_once(payload)
             if error is not None or raw is None:
                 self._went_down(_describe(error))
             assert raw is not None
@@ -678,9 +682,11 @@ def _tokens(module: Module) -> list[Any]:
     out = []
     for slot in module.lib.get_slots(token_present=True):
         try:
-            out.append(slot.get_token())
+            token = slot.get_token()
         except p11.PKCS11Error:
             continue
+        if token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:  # not SoftHSM2's free slot
+            out.append(token)
     return out
 
 
