@@ -112,7 +112,7 @@ def move_signer_keys(config_path: Path, token: SoftHsmToken, *, delete: bool = T
     to ``out``, default the same file). Returns URI by key file."""
     text = config_path.read_text()
     moved: dict[str, str] = {}
-    pattern = re.compile(r'^signer_key = "([^"]+)"$', re.M)
+    pattern = re.compile(r'^signer_key = "([^"]+)"$', re.MULTILINE)
     for n, match in enumerate(pattern.finditer(text), start=1):
         path = Path(match.group(1))
         label = path.stem  # e.g. rsa-ca-ocsp

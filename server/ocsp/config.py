@@ -78,7 +78,6 @@ class Pkcs11Config:
     module: Path  # the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so
     pin_file: Path | None
     pin_env: str | None
-    sessions: int = 4  # sessions per signing key, each used by one thread at a time
     retry_interval: float = 1.0  # seconds between attempts to re-open a token that failed
 
 
@@ -87,7 +86,6 @@ def parse_pkcs11(sec: Section, *, check_files: bool = True) -> Pkcs11Config:
         module=sec.path_("module"),
         pin_file=sec.path_("pin_file", None),
         pin_env=sec.str("pin_env", None),
-        sessions=sec.int("sessions", 4, min=1, max=64),
         retry_interval=sec.duration("retry_interval", 1.0, min=0.05, max=300),
     )
     if (cfg.pin_file is None) == (cfg.pin_env is None):

@@ -4,10 +4,14 @@ Strategy: python-pkcs11 (Cython, releases the GIL during token calls, one except
 CKR_* code) drives the token. A ``Module`` is one PKCS#11 library in this process: loaded and
 C_Initialize'd once, logged in once per token (a session opened with the PIN and kept open,
 as PKCS#11 login state belongs to the application, not to a session), and re-initialised
-(C_Finalize + C_Initialize) when a token stops answering or on SIGHUP, under an exclusive
-hold so that no signature is under way in another thread meanwhile. A ``TokenKey`` is one
-private key in one token, with a small pool of sessions, each used by one thread at a time
-(the PostgreSQL mode signs in store threads).
+(C_Finalize + C_Initialize) when a token stops answering or on SIGHUP. python-pkcs11 (like
+PyKCS11) calls C_Initialize without CKF_OS_LOCKING_OK, which tells the library that it will
+not be called from several threads at once (SoftHSM2 then turns its own mutexes off), so
+every call into one library is made under ``Module.using``, one thread at a time; the GIL is
+released meanwhile, so the reactor keeps answering from the cache while a store thread
+signs, and ``certpub serve --workers N`` (one library per process) signs in parallel. A
+``TokenKey`` is one private key in one token, with a small pool of sessions: a session is
+never used by two threads (the PostgreSQL mode signs in store threads).
 
 A failed signature is retried once on a fresh session, then once after re-initialising the
 library (CKR_SESSION_HANDLE_INVALID, CKR_DEVICE_REMOVED, a token folder that vanished); if
@@ -25,7 +29,6 @@ the PIN.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -35,25 +38,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import pkcs11
-from asn1crypto import algos, core, keys
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from asn1crypto import core, keys
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
 from twisted.logger import Logger
 
 from server.configtools import ConfigError
 from server.ocsp.codec import OcspError
 from server.ocsp.config import Pkcs11Config
+from server.ocsp.mechanisms import SignPlan, choose_plan, verify
 from server.ocsp.p11uri import Pkcs11Uri
 from server.ocsp.signer import SignerError
 
 log = Logger()
 
-MIN_RSA_BITS = 2048
 POOL_WAIT = 2.0  # seconds a signature waits for a free session before tryLater
+SESSIONS = 4  # sessions per key at most (one per thread signing at the same moment)
 CHECK_DATA = b"certpub: does this token key match its certificate?"
 
 
@@ -65,115 +66,6 @@ class TokenUnavailable(OcspError):
 
 class TokenKeyError(SignerError):
     """A token key that cannot be used at start; str() names the key path and the URI."""
-
-
-# --- mechanisms -------------------------------------------------------------------------------
-
-_HASHES: dict[str, tuple[Callable[[bytes], Any], type[hashes.HashAlgorithm], bytes]] = {
-    # name: (hashlib constructor, cryptography hash, DER DigestInfo prefix for CKM_RSA_PKCS)
-    "sha256": (hashlib.sha256, hashes.SHA256,
-               bytes.fromhex("3031300d060960864801650304020105000420")),
-    "sha384": (hashlib.sha384, hashes.SHA384,
-               bytes.fromhex("3041300d060960864801650304020205000430")),
-    "sha512": (hashlib.sha512, hashes.SHA512,
-               bytes.fromhex("3051300d060960864801650304020305000440")),
-}
-_EC_CURVES = {"secp256r1": "sha256", "secp384r1": "sha384", "secp521r1": "sha512"}
-_EC_HASHED = {"sha256": Mechanism.ECDSA_SHA256, "sha384": Mechanism.ECDSA_SHA384,
-              "sha512": Mechanism.ECDSA_SHA512}
-
-
-@dataclass(frozen=True)
-class SignPlan:
-    """How to make one signature on the token: mechanism, its parameter, what to hash first."""
-
-    mechanism: Mechanism
-    param: Any  # mechanism_param for python-pkcs11, or None
-    prehash: str | None  # hash the data in-process (the mechanism takes a digest)
-    digest_info: bool  # prefix the digest with its DER DigestInfo (CKM_RSA_PKCS)
-    ecdsa: bool  # the token returns r||s; X.509 and OCSP want DER (RFC 3279 §2.2.3)
-    algorithm_der: bytes  # the AlgorithmIdentifier the responses carry
-    algorithm_name: str
-
-    def payload(self, data: bytes) -> bytes:
-        if self.prehash is None:
-            return data
-        hash_new, _, prefix = _HASHES[self.prehash]
-        digest: bytes = hash_new(data).digest()
-        return prefix + digest if self.digest_info else digest
-
-    def encode(self, raw: bytes) -> bytes:
-        if not self.ecdsa:
-            return raw
-        half = len(raw) // 2
-        return encode_dss_signature(int.from_bytes(raw[:half], "big"),
-                                    int.from_bytes(raw[half:], "big"))
-
-
-def choose_plan(public_key: Any, rsa_padding: str, available: set[Any]) -> SignPlan:
-    """The mechanism for the certificate's key type: the token hashes when it can
-    (CKM_SHA256_RSA_PKCS, CKM_ECDSA_SHA256), else certpub hashes and the token signs the
-    digest (CKM_RSA_PKCS, CKM_ECDSA: SoftHSM2 offers only the latter for ECDSA).
-    ValueError when the token offers neither."""
-    def pick(*choices: Mechanism) -> Mechanism:
-        for m in choices:
-            if m in available:
-                return m
-        names = " or ".join("CKM_" + m.name for m in choices)
-        raise ValueError(f"the token offers no mechanism to sign with this key (needs {names})")
-
-    if isinstance(public_key, rsa.RSAPublicKey):
-        if public_key.key_size < MIN_RSA_BITS:
-            raise ValueError(f"RSA key of {public_key.key_size} bits; at least {MIN_RSA_BITS}"
-                             " required")
-        if rsa_padding == "pss":
-            m = pick(Mechanism.SHA256_RSA_PKCS_PSS, Mechanism.RSA_PKCS_PSS)
-            params = algos.RSASSAPSSParams({
-                "hash_algorithm": {"algorithm": "sha256"},
-                "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
-                "salt_length": 32,
-            })
-            alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pss", "parameters": params})
-            return SignPlan(m, (Mechanism.SHA256, MGF.SHA256, 32),
-                            None if m == Mechanism.SHA256_RSA_PKCS_PSS else "sha256", False,
-                            False, alg.dump(), "rsassa_pss_sha256")
-        m = pick(Mechanism.SHA256_RSA_PKCS, Mechanism.RSA_PKCS)
-        alg = algos.SignedDigestAlgorithm({"algorithm": "sha256_rsa", "parameters": core.Null()})
-        hashed = m == Mechanism.SHA256_RSA_PKCS
-        return SignPlan(m, None, None if hashed else "sha256", not hashed, False, alg.dump(),
-                        "sha256_rsa")
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        hash_name = _EC_CURVES.get(public_key.curve.name)
-        if hash_name is None:
-            raise ValueError(f"EC curve {public_key.curve.name} is not supported"
-                             " (P-256, P-384, P-521)")
-        m = pick(_EC_HASHED[hash_name], Mechanism.ECDSA)
-        name = f"{hash_name}_ecdsa"
-        return SignPlan(m, None, None if m != Mechanism.ECDSA else hash_name, False, True,
-                        algos.SignedDigestAlgorithm({"algorithm": name}).dump(), name)
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        m = pick(Mechanism.EDDSA)
-        return SignPlan(m, None, None, False, False,
-                        algos.SignedDigestAlgorithm({"algorithm": "ed25519"}).dump(), "ed25519")
-    raise ValueError(f"{type(public_key).__name__} keys are not supported (RSA, ECDSA, Ed25519)")
-
-
-def verify(public_key: Any, plan: SignPlan, data: bytes, signature: bytes) -> bool:
-    """Does signature (as it will be sent) verify over data with the certificate's key?"""
-    try:
-        if isinstance(public_key, rsa.RSAPublicKey):
-            pad: padding.AsymmetricPadding = (
-                padding.PSS(padding.MGF1(hashes.SHA256()), 32)
-                if plan.algorithm_name == "rsassa_pss_sha256" else padding.PKCS1v15())
-            public_key.verify(signature, data, pad, hashes.SHA256())
-        elif isinstance(public_key, ec.EllipticCurvePublicKey):
-            hash_type = _HASHES[_EC_CURVES[public_key.curve.name]][1]
-            public_key.verify(signature, data, ec.ECDSA(hash_type()))
-        else:
-            public_key.verify(signature, data)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
 
 
 # --- the library ------------------------------------------------------------------------------
@@ -193,9 +85,10 @@ class Module:
 
     @contextmanager
     def using(self) -> Iterator[int]:
-        """A shared hold on the library (no re-initialisation meanwhile); yields its generation."""
+        """A hold on the library, one thread at a time (see the module docstring); yields
+        its generation."""
         with self._cond:
-            while self._resetting:
+            while self._resetting or self._users:
                 self._cond.wait()
             self._users += 1
             if self._lib is None:
@@ -287,7 +180,7 @@ class TokenKey:
     """One private key in a token: a pool of sessions and ``sign``; repr shows no PIN."""
 
     def __init__(self, module: Module, uri: Pkcs11Uri, pin: str, *, ca_name: str,
-                 sessions: int = 4, retry_interval: float = 1.0) -> None:
+                 sessions: int = SESSIONS, retry_interval: float = 1.0) -> None:
         self.module = module
         self.uri = uri
         self._pin = pin
@@ -597,8 +490,7 @@ def open_token_key(cfg: Pkcs11Config, uri: Pkcs11Uri, cert_public_key: Any, *, c
     except p11.PKCS11Error as exc:
         raise TokenKeyError("pkcs11.module", f"{cfg.module} cannot be loaded as a PKCS#11"
                             f" library: {exc}") from None
-    tk = TokenKey(module, uri, pin, ca_name=ca_name, sessions=cfg.sessions,
-                  retry_interval=cfg.retry_interval)
+    tk = TokenKey(module, uri, pin, ca_name=ca_name, retry_interval=cfg.retry_interval)
     try:
         with module.using() as generation:
             try:
@@ -653,8 +545,8 @@ def open_token_key(cfg: Pkcs11Config, uri: Pkcs11Uri, cert_public_key: Any, *, c
                 if not verify(cert_public_key, tk.plan, CHECK_DATA, tk.plan.encode(raw)):
                     raise fail(f"the key does not match the certificate {cert_path} (a test"
                                " signature does not verify)")
-                tk._idle.append(_Session(generation, session, pkey))  # noqa: SLF001
-                tk._open = 1  # noqa: SLF001
+                tk._idle.append(_Session(generation, session, pkey))
+                tk._open = 1
             except BaseException:
                 _close_quietly(session)
                 raise

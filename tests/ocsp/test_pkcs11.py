@@ -56,7 +56,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
     require_softhsm()
     pki = build_demo_pki(tmp_path_factory.mktemp("hsm-pki"), now=datetime.now(UTC))
     config = load_config(pki.config_path)
-    now = lambda: datetime.now(UTC)  # noqa: E731
+    now = lambda: datetime.now(UTC)
     import_openssl(config, now=now, progress=None)
     import_paths(config, [ca.crl_path for ca in pki.cas.values() if ca.crl_path], now=now,
                  progress=None)
@@ -137,7 +137,7 @@ async def test_openssl_verifies_token_signed_answers(pki: Any, hsm: Hsm,
     try:
         _, port = running.address("http")
         service = running.services["http"].service
-        assert all(type(s._sign.__self__).__name__ == "TokenKey"  # noqa: SLF001
+        assert all(type(s._sign.__self__).__name__ == "TokenKey"
                    for s in service.signers.values())
         for ca in ("rsa-ca", "ec-ca"):
             cert = good_cert(pki, ca)
@@ -153,7 +153,7 @@ async def test_openssl_verifies_token_signed_answers(pki: Any, hsm: Hsm,
                 assert f"{cert}: good" in r.stdout
         # Pre-signing (as at half-life, or after a status change) goes through the token too.
         before = service.presigned
-        entries = list(service.cache._entries.values())  # noqa: SLF001
+        entries = list(service.cache._entries.values())
         assert entries
         await service.presign(entries)
         assert service.presigned > before
@@ -266,8 +266,8 @@ async def _until_successful(port: int, der: bytes) -> None:
 @pytest_twisted.ensureDeferred
 async def test_token_removed_during_traffic_try_later_then_recovery(
         pki: Any, hsm: Hsm, store_threads: int) -> None:
-    nonce_ec = lambda: request_der(pki, "ec-ca", nonce=True)  # noqa: E731
-    nonce_rsa = lambda: request_der(pki, "rsa-ca", nonce=True)  # noqa: E731
+    nonce_ec = lambda: request_der(pki, "ec-ca", nonce=True)
+    nonce_rsa = lambda: request_der(pki, "rsa-ca", nonce=True)
     with capturedLogs() as events:
         running = await app.start(serving(hsm.conf, store_threads), reactor)
         try:
