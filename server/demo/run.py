@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -95,8 +96,17 @@ def commands(m: dict[str, Any], ldap_port: int, http_port: int) -> str:
     return "\n".join(lines)
 
 
-def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool) -> dict[str, Any]:
-    """Build the PKI (unless already there) and import it; returns the manifest."""
+def _use_token(m: dict[str, Any]) -> None:
+    """Point the PKCS#11 library at the demo's SoftHSM2 token (``--hsm``)."""
+    conf = m.get("softhsm2_conf")
+    if conf:
+        os.environ["SOFTHSM2_CONF"] = conf
+
+
+def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool,
+            hsm: bool = False) -> dict[str, Any]:
+    """Build the PKI (unless already there) and import it; returns the manifest. ``hsm``:
+    the OCSP signer keys go into a SoftHSM2 token in ``folder/softhsm`` (server.demo.hsm)."""
     from server.config import load_config
     from server.demo.pki import build_demo_pki
     from store.importer import import_openssl, import_paths
@@ -110,12 +120,29 @@ def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool) -> dict[s
             raise SystemExit(
                 f"certpub: {folder} was built for ports {m.get('ports')}; use --fresh to rebuild"
             )
+        if hsm != bool(m.get("softhsm2_conf")):
+            raise SystemExit(f"certpub: {folder} was built {'without' if hsm else 'with'} --hsm;"
+                             " use --fresh to rebuild")
+        _use_token(m)
         print(f"Using the demo PKI in {folder} (--fresh rebuilds it)", file=sys.stderr)
         return m
     print(f"Building a demo PKI in {folder} ...", file=sys.stderr)
     pki = build_demo_pki(folder, ldap_port=ldap_port, http_port=http_port)
     m = _pick(pki)
     m["ports"] = [ldap_port, http_port]
+    if hsm:
+        from server.demo.hsm import SoftHsmMissing, create_token, move_signer_keys
+
+        try:
+            token = create_token(folder / "softhsm", label="certpub-demo")
+        except SoftHsmMissing as exc:
+            raise SystemExit(f"certpub: --hsm: {exc}") from None
+        moved = move_signer_keys(pki.config_path, token)
+        m["softhsm2_conf"] = str(token.conf)
+        _use_token(m)
+        print(f"OCSP signer keys moved into the SoftHSM2 token {token.label!r} "
+              f"({', '.join(sorted(moved.values()))}); SOFTHSM2_CONF={token.conf}",
+              file=sys.stderr)
     config = load_config(pki.config_path)
     summary = import_openssl(config, now=_now, progress=sys.stderr)
     print(summary.line(), file=sys.stderr)
@@ -126,18 +153,23 @@ def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool) -> dict[s
     return m
 
 
-def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh: bool) -> int:
+def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh: bool,
+             hsm: bool = False) -> int:
     """The whole demo; serving runs until Ctrl-C."""
     from server.config import load_config
 
     folder = folder.resolve()
-    m = prepare(folder, ldap_port, http_port, fresh)
+    m = prepare(folder, ldap_port, http_port, fresh, hsm)
     config = load_config(Path(m["config"]))
     from server.cli import cmd_status
 
     cmd_status(type("A", (), {"config": m["config"]})())  # type: ignore[arg-type]
     print()
     print(commands(m, ldap_port, http_port))
+    if m.get("softhsm2_conf"):
+        print(f"\n# the OCSP keys are in a SoftHSM2 token: serve this configuration yourself with\n"
+              f"SOFTHSM2_CONF={shlex.quote(m['softhsm2_conf'])} certpub check-config --config "
+              f"{shlex.quote(m['config'])}")
     print(flush=True)
     if not serve:
         return 0

@@ -305,7 +305,7 @@ def check_signers(config: Config, now: datetime) -> list[str]:
     lines = []
     for name, signer in load_signers(config, now).items():
         kind = "delegated" if signer.delegated else "CA key"
-        ca_cfg = config.ca(name)
+        ca_cfg = next((c for c in config.cas if c.name == name), None)
         where = ""
         if ca_cfg is not None and ca_cfg.ocsp is not None and isinstance(ca_cfg.ocsp.signer_key,
                                                                           Pkcs11Uri):

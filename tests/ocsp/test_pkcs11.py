@@ -320,3 +320,116 @@ def test_softhsm_missing_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setattr(demo_hsm, "SOFTHSM_MODULES", ())
     with pytest.raises(demo_hsm.SoftHsmMissing, match="apt-get install softhsm2"):
         create_token(tmp_path / "t")
+
+
+# --- certpub demo --hsm -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_demo_hsm_serves_with_its_keys_in_a_token(tmp_path: Path) -> None:
+    import json
+    import signal
+    import time
+
+    require_softhsm()
+    openssl = require_tool("openssl")
+    ldap_port, http_port = _free_port(), _free_port()
+    folder = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "demo", "--hsm", "--dir", str(folder),
+         "--ldap-port", str(ldap_port), "--http-port", str(http_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                code, _ = ocsp_fetch(http_port, "GET", "/healthz", timeout=2)
+                if code in (200, 503):
+                    break
+            except OSError:
+                time.sleep(0.3)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        m = json.loads((folder / "demo.json").read_text())
+        assert not list((folder / "ca").glob("*-ocsp.key"))  # the keys left the files
+        assert "pkcs11:token=certpub-demo;object=rsa-ca-ocsp" in (folder / "certpub.toml").read_text()
+        good = m["good"]
+        r = subprocess.run(
+            [openssl, "ocsp", "-issuer", m["cas"][good["ca"]], "-cert", good["path"],
+             "-CAfile", m["root"], "-url", f"http://127.0.0.1:{http_port}/ocsp"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0 and "Response verify OK" in r.stderr, r.stderr
+        assert f"{good['path']}: good" in r.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    pin = (folder / "softhsm" / "user.pin").read_text().strip()
+    assert pin not in out
+    assert "SOFTHSM2_CONF=" in out
+
+
+# --- the README's set-up, step by step --------------------------------------------------------
+
+
+def test_readme_steps_with_pkcs11_tool(tmp_path: Path) -> None:
+    """A key generated in the token by pkcs11-tool, certified by `openssl x509 -force_pubkey`,
+    its certificate written beside it, checked by `certpub check-config` (README, steps 1-5)."""
+    require_softhsm()
+    tool, openssl = require_tool("pkcs11-tool"), require_tool("openssl")
+    token = create_token(tmp_path / "hsm", pin=PIN)
+    env = token.env()
+    module = str(token.module)
+
+    def sh(*args: str) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=60,
+                           cwd=tmp_path, check=False)
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+        return r
+
+    sh(tool, "--module", module, "--token-label", "certpub", "--login", "--pin", PIN,
+       "--keypairgen", "--key-type", "EC:prime256v1", "--label", "issuing-ca-ocsp", "--id", "01")
+    sh(tool, "--module", module, "--token-label", "certpub", "--read-object", "--type", "pubkey",
+       "--label", "issuing-ca-ocsp", "-o", "ocsp-pub.der")
+    sh(openssl, "pkey", "-pubin", "-inform", "DER", "-in", "ocsp-pub.der", "-out", "ocsp-pub.pem")
+    sh(openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+       "-keyout", "issuing-ca.key", "-out", "issuing-ca.pem", "-subj", "/C=MO/CN=Issuing CA",
+       "-days", "3650")
+    (tmp_path / "ocsp.ext").write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,"
+                                       "digitalSignature\nextendedKeyUsage=OCSPSigning\n"
+                                       "noCheck=ignored\n")
+    sh(openssl, "x509", "-new", "-subj", "/C=MO/CN=Issuing CA OCSP Signer", "-force_pubkey",
+       "ocsp-pub.pem", "-CA", "issuing-ca.pem", "-CAkey", "issuing-ca.key", "-days", "365",
+       "-extfile", "ocsp.ext", "-out", "issuing-ca-ocsp.pem")
+    sh(openssl, "x509", "-in", "issuing-ca-ocsp.pem", "-outform", "DER", "-out",
+       "issuing-ca-ocsp.der")
+    sh(tool, "--module", module, "--token-label", "certpub", "--login", "--pin", PIN,
+       "--write-object", "issuing-ca-ocsp.der", "--type", "cert", "--label", "issuing-ca-ocsp",
+       "--id", "01")
+    conf = tmp_path / "certpub.toml"
+    conf.write_text(f'[store]\npath = "{tmp_path / "store.sqlite3"}"\n[[ca]]\nname = "issuing-ca"\n'
+                    f'certificate = "{tmp_path / "issuing-ca.pem"}"\n[ca.ocsp]\n'
+                    f'signer_certificate = "{tmp_path / "issuing-ca-ocsp.pem"}"\n'
+                    'signer_key = "pkcs11:token=certpub;object=issuing-ca-ocsp"\n'
+                    f'[pkcs11]\nmodule = "{module}"\npin_file = "{token.pin_file}"\n')
+    r = certpub("check-config", "--config", str(conf), env=env)
+    assert r.returncode == 0, r.stderr
+    assert ("OCSP signer of issuing-ca: delegated in token"
+            " pkcs11:token=certpub;object=issuing-ca-ocsp, sha256_ecdsa") in r.stdout
+    # By id as well; and a certificate of another key is refused by the public key compare.
+    conf.write_text(conf.read_text().replace("object=issuing-ca-ocsp", "id=%01"))
+    assert certpub("check-config", "--config", str(conf), env=env).returncode == 0
+    conf.write_text(conf.read_text().replace(str(tmp_path / "issuing-ca-ocsp.pem"),
+                                             str(tmp_path / "issuing-ca.pem")))
+    r = certpub("check-config", "--config", str(conf), env=env)
+    assert r.returncode == 78 and "does not match the certificate" in r.stderr, r.stderr
