@@ -490,71 +490,94 @@ def open_token_key(cfg: Pkcs11Config, uri: Pkcs11Uri, cert_public_key: Any, *, c
     except p11.PKCS11Error as exc:
         raise TokenKeyError("pkcs11.module", f"{cfg.module} cannot be loaded as a PKCS#11"
                             f" library: {exc}") from None
-    tk = TokenKey(module, uri, pin, ca_name=ca_name, retry_interval=cfg.retry_interval)
-    try:
-        with module.using() as generation:
+    for attempt in range(START_ATTEMPTS):
+        tk = TokenKey(module, uri, pin, ca_name=ca_name, retry_interval=cfg.retry_interval)
+        try:
+            _open_checked(tk, module, cfg, cert_public_key, rsa_padding, cert_path, fail)
+            return tk
+        except TokenKeyError:
+            raise
+        except p11.PKCS11Error as exc:
+            # A token busy with another process (two workers logging in to SoftHSM2 at the
+            # same moment: CKR_GENERAL_ERROR) gets a second look before the start fails.
+            if attempt == START_ATTEMPTS - 1 or not isinstance(exc, _TRANSIENT):
+                raise fail(f"the token failed: {_describe(exc)}") from None
+            time.sleep(0.2 * (attempt + 1))
             try:
-                token = tk.find_token()
-            except p11.NoSuchToken:
-                present = sorted(t.label for t in _tokens(module))
-                raise fail("no token matches (tokens present: "
-                           f"{', '.join(present) or 'none'})") from None
-            except p11.MultipleTokensReturned as exc:
-                raise fail(str(exc)) from None
+                module.reset()
+            except p11.PKCS11Error:
+                pass
+    raise AssertionError("unreachable")
+
+
+START_ATTEMPTS = 3
+_TRANSIENT = (p11.GeneralError, p11.DeviceError, p11.FunctionFailed, p11.SessionHandleInvalid,
+              p11.DeviceRemoved, p11.TokenNotPresent)
+
+
+def _open_checked(tk: TokenKey, module: Module, cfg: Pkcs11Config, cert_public_key: Any,
+                  rsa_padding: str, cert_path: str,
+                  fail: Callable[[str], TokenKeyError]) -> None:
+    """The checks of ``open_token_key``; the key's first session is left in its pool."""
+    uri, pin = tk.uri, tk._pin
+    with module.using() as generation:
+        try:
+            token = tk.find_token()
+        except p11.NoSuchToken:
+            present = sorted(t.label for t in _tokens(module))
+            raise fail("no token matches (tokens present: "
+                       f"{', '.join(present) or 'none'})") from None
+        except p11.MultipleTokensReturned as exc:
+            raise fail(str(exc)) from None
+        try:
+            module.login(token, pin)
+        except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange):
+            raise fail("the token refused the PIN (CKR_PIN_INCORRECT); check [pkcs11] "
+                       + ("pin_file" if cfg.pin_file else "pin_env")) from None
+        except p11.PinLocked:
+            raise fail("the token's user PIN is locked (CKR_PIN_LOCKED)") from None
+        except p11.PinExpired:
+            raise fail("the token's user PIN has expired (CKR_PIN_EXPIRED)") from None
+        except p11.UserPinNotInitialized:
+            raise fail("the token has no user PIN yet (CKR_USER_PIN_NOT_INITIALIZED)") \
+                from None
+        session = token.open()
+        try:
             try:
-                module.login(token, pin)
-            except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange):
-                raise fail("the token refused the PIN (CKR_PIN_INCORRECT); check [pkcs11] "
-                           + ("pin_file" if cfg.pin_file else "pin_env")) from None
-            except p11.PinLocked:
-                raise fail("the token's user PIN is locked (CKR_PIN_LOCKED)") from None
-            except p11.PinExpired:
-                raise fail("the token's user PIN has expired (CKR_PIN_EXPIRED)") from None
-            except p11.UserPinNotInitialized:
-                raise fail("the token has no user PIN yet (CKR_USER_PIN_NOT_INITIALIZED)") \
+                pkey = tk.find_key(session)
+            except p11.NoSuchKey:
+                raise fail(f"no private key object {_what(uri)} in token {token.label!r}")\
                     from None
-            session = token.open()
+            except p11.MultipleObjectsReturned:
+                raise fail(f"several private keys match {_what(uri)}: add id= to the URI")\
+                    from None
+            kind = _KEY_TYPES.get(pkey.key_type, str(pkey.key_type))
+            if kind != _cert_kind(cert_public_key):
+                raise fail(f"the token holds an {kind} key but the certificate {cert_path}"
+                           f" has an {_cert_kind(cert_public_key)} key")
+            if pkey[Attribute.EXTRACTABLE] or not pkey[Attribute.SENSITIVE]:
+                raise fail("the key is extractable or not sensitive; a signing key must"
+                           " never leave the token (CKA_EXTRACTABLE false, CKA_SENSITIVE"
+                           " true)")
             try:
-                try:
-                    pkey = tk.find_key(session)
-                except p11.NoSuchKey:
-                    raise fail(f"no private key object {_what(uri)} in token {token.label!r}")\
-                        from None
-                except p11.MultipleObjectsReturned:
-                    raise fail(f"several private keys match {_what(uri)}: add id= to the URI")\
-                        from None
-                kind = _KEY_TYPES.get(pkey.key_type, str(pkey.key_type))
-                if kind != _cert_kind(cert_public_key):
-                    raise fail(f"the token holds an {kind} key but the certificate {cert_path}"
-                               f" has an {_cert_kind(cert_public_key)} key")
-                if pkey[Attribute.EXTRACTABLE] or not pkey[Attribute.SENSITIVE]:
-                    raise fail("the key is extractable or not sensitive; a signing key must"
-                               " never leave the token (CKA_EXTRACTABLE false, CKA_SENSITIVE"
-                               " true)")
-                try:
-                    tk.plan = choose_plan(cert_public_key, rsa_padding,
-                                          set(token.slot.get_mechanisms()))
-                except ValueError as exc:
-                    raise fail(str(exc)) from None
-                token_public = _token_public_key(tk, session, pkey)
-                if token_public is not None and _spki(token_public) != _spki(cert_public_key):
-                    raise fail(f"the key does not match the certificate {cert_path} (public keys"
-                               " differ)")
-                raw = pkey.sign(tk.plan.payload(CHECK_DATA), mechanism=tk.plan.mechanism,
-                                mechanism_param=tk.plan.param)
-                if not verify(cert_public_key, tk.plan, CHECK_DATA, tk.plan.encode(raw)):
-                    raise fail(f"the key does not match the certificate {cert_path} (a test"
-                               " signature does not verify)")
-                tk._idle.append(_Session(generation, session, pkey))
-                tk._open = 1
-            except BaseException:
-                _close_quietly(session)
-                raise
-    except TokenKeyError:
-        raise
-    except p11.PKCS11Error as exc:
-        raise fail(f"the token failed: {_describe(exc)}") from None
-    return tk
+                tk.plan = choose_plan(cert_public_key, rsa_padding,
+                                      set(token.slot.get_mechanisms()))
+            except ValueError as exc:
+                raise fail(str(exc)) from None
+            token_public = _token_public_key(tk, session, pkey)
+            if token_public is not None and _spki(token_public) != _spki(cert_public_key):
+                raise fail(f"the key does not match the certificate {cert_path} (public keys"
+                           " differ)")
+            raw = pkey.sign(tk.plan.payload(CHECK_DATA), mechanism=tk.plan.mechanism,
+                            mechanism_param=tk.plan.param)
+            if not verify(cert_public_key, tk.plan, CHECK_DATA, tk.plan.encode(raw)):
+                raise fail(f"the key does not match the certificate {cert_path} (a test"
+                           " signature does not verify)")
+            tk._idle.append(_Session(generation, session, pkey))
+            tk._open = 1
+        except BaseException:
+            _close_quietly(session)
+            raise
 
 
 def reopen_modules(cfg: Pkcs11Config | None) -> None:
