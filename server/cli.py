@@ -196,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from server.demo.run import run_demo
 
     return run_demo(Path(args.dir), ldap_port=args.ldap_port, http_port=args.http_port,
-                    serve=not args.no_serve, fresh=args.fresh)
+                    serve=not args.no_serve, fresh=args.fresh, hsm=args.hsm)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8080, help="HTTP port (default 8080)")
     p.add_argument("--no-serve", action="store_true", help="build and import, print the commands, do not serve")
     p.add_argument("--fresh", action="store_true", help="delete an existing demo folder first")
+    p.add_argument("--hsm", action="store_true",
+                   help="keep the OCSP signer keys in a SoftHSM2 token made in the demo folder"
+                        " (PKCS#11; needs softhsm2)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -14,7 +14,15 @@ from pathlib import Path
 from server.configtools import ConfigError, Section
 from store import is_postgres_url, redact_location
 from server.ldap.config import LdapConfig, parse_ldap
-from server.ocsp.config import HttpConfig, OcspSignerConfig, parse_http, parse_signer
+from server.ocsp.config import (
+    HttpConfig,
+    OcspSignerConfig,
+    Pkcs11Config,
+    parse_http,
+    parse_pkcs11,
+    parse_signer,
+)
+from server.ocsp.p11uri import Pkcs11Uri
 
 DEFAULT_CONFIG_PATH = Path("/etc/certpub/certpub.toml")
 DEFAULT_STORE_PATH = Path("/var/lib/certpub/store.sqlite3")
@@ -110,6 +118,7 @@ class Config:
     tls: TlsConfig | None
     log: LogConfig
     server: ServerConfig = ServerConfig()
+    pkcs11: Pkcs11Config | None = None  # the token library of pkcs11: signer keys
 
     def ca(self, name: str) -> CaConfig | None:
         return next((c for c in self.cas if c.name == name), None)
@@ -207,9 +216,17 @@ def parse_config(data: dict[str, object], source: Path | None = None, *,
     sv = root.section("server")
     server = ServerConfig(workers=sv.int("workers", 0, min=0, max=MAX_WORKERS))
     sv.done()
+
+    pkcs11 = (parse_pkcs11(root.section("pkcs11"), check_files=check_files)
+              if root.has("pkcs11") else None)
+    if pkcs11 is None:
+        for i, ca_ in enumerate(cas):
+            if ca_.ocsp is not None and isinstance(ca_.ocsp.signer_key, Pkcs11Uri):
+                raise ConfigError(f"ca[{i}].ocsp.signer_key", "a pkcs11: key needs the [pkcs11]"
+                                  " table (module, and pin_file or pin_env)")
     root.done()
     return Config(source=source, store=store, import_=import_, cas=tuple(cas), ldap=ldap,
-                  http=http, tls=tls, log=log, server=server)
+                  http=http, tls=tls, log=log, server=server, pkcs11=pkcs11)
 
 
 def load_config(path: Path, *, check_files: bool = True) -> Config:

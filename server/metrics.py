@@ -101,6 +101,10 @@ class Metrics:
                                   ["result"], registry=r)
         for result in ("hit", "miss"):
             self.ocsp_cache.labels(result)
+        self.signer_refusals = Counter(
+            "certpub_ocsp_signer_unavailable",
+            "Signatures refused because the CA's signing token (PKCS#11) did not answer;"
+            " the request was answered tryLater.", ["ca"], registry=r)
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -146,6 +150,10 @@ class Metrics:
         """Count one OCSP response cache lookup."""
         self.ocsp_cache.labels("hit" if hit else "miss").inc()
 
+
+    def signer_unavailable(self, ca: str) -> None:
+        """Count one signature the CA's token did not make (answered tryLater)."""
+        self.signer_refusals.labels(ca).inc()
 
     def signer_expiry(self, ca: str, not_after: datetime, now: datetime | None = None) -> None:
         """Record a CA's signer notAfter; seconds left are computed at each scrape (now unused)."""

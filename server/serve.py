@@ -35,7 +35,9 @@ def serve(config: Config, config_path: Path, *,
             state["running"] = yield app.start(config, reactor, inherited=inherited)
         except Exception as exc:
             log.error("cannot start: {error}", error=str(exc))
-            state["code"] = 1
+            # A signer refused at start (e.g. a token key: wrong PIN, no such object) is a
+            # configuration error: EX_CONFIG, as `certpub check-config` exits.
+            state["code"] = 78 if isinstance(exc, ConfigError) else 1
             if on_started is not None:
                 on_started(str(exc) or type(exc).__name__)
             reactor.stop()  # type: ignore[attr-defined]

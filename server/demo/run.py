@@ -144,8 +144,17 @@ def check_ports(folder: Path, ldap_port: int, http_port: int) -> None:
     raise SystemExit(f"certpub: {problems}{hint}")
 
 
-def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool) -> dict[str, Any]:
-    """Build the PKI (unless already there) and import it; returns the manifest."""
+def _use_token(m: dict[str, Any]) -> None:
+    """Point the PKCS#11 library at the demo's SoftHSM2 token (``--hsm``)."""
+    conf = m.get("softhsm2_conf")
+    if conf:
+        os.environ["SOFTHSM2_CONF"] = conf
+
+
+def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool,
+            hsm: bool = False) -> dict[str, Any]:
+    """Build the PKI (unless already there) and import it; returns the manifest. ``hsm``:
+    the OCSP signer keys go into a SoftHSM2 token in ``folder/softhsm`` (server.demo.hsm)."""
     from server.config import load_config
     from server.demo.pki import build_demo_pki
     from store.importer import import_openssl, import_paths
@@ -161,6 +170,10 @@ def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool) -> dict[s
             )
         if "crls" not in m:
             raise SystemExit(f"certpub: {folder} was built by an older certpub; use --fresh")
+        if hsm != bool(m.get("softhsm2_conf")):
+            raise SystemExit(f"certpub: {folder} was built {'without' if hsm else 'with'} --hsm;"
+                             " use --fresh to rebuild")
+        _use_token(m)
         # The walk-through starts from the first CRLs: forget what an earlier run imported
         # (the newer CRL it printed how to drop) so that its "# good" is true again.
         print(f"Using the demo PKI in {folder} (--fresh rebuilds it); resetting its store and "
@@ -173,6 +186,19 @@ def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool) -> dict[s
         m = _pick(pki)
         m["ports"] = [ldap_port, http_port]
         m["crls"] = [str(ca.crl_path) for ca in pki.cas.values() if ca.crl_path is not None]
+        if hsm:
+            from server.demo.hsm import SoftHsmMissing, create_token, move_signer_keys
+
+            try:
+                token = create_token(folder / "softhsm", label="certpub-demo")
+            except SoftHsmMissing as exc:
+                raise SystemExit(f"certpub: --hsm: {exc}") from None
+            moved = move_signer_keys(pki.config_path, token)
+            m["softhsm2_conf"] = str(token.conf)
+            _use_token(m)
+            print(f"OCSP signer keys moved into the SoftHSM2 token {token.label!r} "
+                  f"({', '.join(sorted(moved.values()))}); SOFTHSM2_CONF={token.conf}",
+                  file=sys.stderr)
         config = load_config(pki.config_path)
     summary = import_openssl(config, now=_now, progress=sys.stderr)
     print(summary.line(), file=sys.stderr)
@@ -195,20 +221,25 @@ def reset_store(config: Any) -> None:
                     entry.unlink()
 
 
-def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh: bool) -> int:
+def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh: bool,
+             hsm: bool = False) -> int:
     """The whole demo; serving runs until Ctrl-C."""
     from server.config import load_config
 
     folder = folder.resolve()
     if serve:
         check_ports(folder, ldap_port, http_port)
-    m = prepare(folder, ldap_port, http_port, fresh)
+    m = prepare(folder, ldap_port, http_port, fresh, hsm)
     config = load_config(Path(m["config"]))
     from server.cli import cmd_status
 
     cmd_status(type("A", (), {"config": m["config"]})())  # type: ignore[arg-type]
     print()
     print(commands(m, ldap_port, http_port))
+    if m.get("softhsm2_conf"):
+        print(f"\n# the OCSP keys are in a SoftHSM2 token: serve this configuration yourself with\n"
+              f"SOFTHSM2_CONF={shlex.quote(m['softhsm2_conf'])} {certpub_command()} check-config --config "
+              f"{shlex.quote(m['config'])}")
     print(flush=True)
     if not serve:
         return 0

@@ -1,4 +1,4 @@
-"""The ``[http]`` section and each CA's ``[ca.ocsp]`` signer table."""
+"""The ``[http]`` section, each CA's ``[ca.ocsp]`` signer table and the ``[pkcs11]`` table."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.configtools import ConfigError, Section
+from server.ocsp.p11uri import Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
 
 MIN_VALIDITY = 8 * 3600.0  # CA/B Baseline Requirements 4.9.9
 MAX_VALIDITY = 10 * 86400.0
@@ -37,7 +38,7 @@ class OcspSignerConfig:
     """How one CA's OCSP responses are signed and what they say."""
 
     signer_certificate: Path | None  # None: the CA signs with its own key
-    signer_key: Path
+    signer_key: Path | Pkcs11Uri  # a PEM/DER file, or a key in a PKCS#11 token
     responder_id: str  # "by_key" | "by_name"
     rsa_padding: str  # "pkcs1v15" | "pss"
     validity: float  # seconds between thisUpdate and nextUpdate
@@ -67,10 +68,58 @@ def parse_http(sec: Section) -> HttpConfig:
     return cfg
 
 
+@dataclass(frozen=True)
+class Pkcs11Config:
+    """The ``[pkcs11]`` table: the token's library and where its user PIN comes from.
+
+    The PIN itself is never kept here (nor anywhere a repr or a log could show it): it is read
+    when the token is opened, from ``pin_file`` (owner-only, as key files) or ``pin_env``."""
+
+    module: Path  # the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so
+    pin_file: Path | None
+    pin_env: str | None
+    retry_interval: float = 1.0  # seconds between attempts to re-open a token that failed
+
+
+def parse_pkcs11(sec: Section, *, check_files: bool = True) -> Pkcs11Config:
+    cfg = Pkcs11Config(
+        module=sec.path_("module"),
+        pin_file=sec.path_("pin_file", None),
+        pin_env=sec.str("pin_env", None),
+        retry_interval=sec.duration("retry_interval", 1.0, min=0.05, max=300),
+    )
+    if (cfg.pin_file is None) == (cfg.pin_env is None):
+        raise ConfigError(sec.key("pin_file"), "give either pin_file or pin_env (the token's"
+                          " user PIN)")
+    if cfg.pin_env is not None and not cfg.pin_env:
+        raise ConfigError(sec.key("pin_env"), "expected the name of an environment variable")
+    if check_files:
+        if not cfg.module.is_file():
+            raise ConfigError(sec.key("module"), f"file {cfg.module} does not exist or is not a"
+                              " file (the token's PKCS#11 library)")
+        if cfg.pin_file is not None:
+            if not cfg.pin_file.is_file():
+                raise ConfigError(sec.key("pin_file"), f"file {cfg.pin_file} does not exist or"
+                                  " is not a file")
+            from server.ocsp.signer import check_key_file  # owner-only, as key files
+
+            check_key_file(cfg.pin_file, sec.key("pin_file"))
+    sec.done()
+    return cfg
+
+
+def _signer_key(sec: Section) -> Path | Pkcs11Uri:
+    raw = sec.str("signer_key")
+    if is_pkcs11_uri(raw):
+        return parse_pkcs11_uri(raw, sec.key("signer_key"))
+    result: Path = sec.path_("signer_key")
+    return result
+
+
 def parse_signer(sec: Section, *, check_files: bool = True) -> OcspSignerConfig:
     cfg = OcspSignerConfig(
         signer_certificate=sec.path_("signer_certificate", None),
-        signer_key=sec.path_("signer_key"),
+        signer_key=_signer_key(sec),
         responder_id=sec.str("responder_id", "by_key", choices=("by_key", "by_name")),
         rsa_padding=sec.str("rsa_padding", "pkcs1v15", choices=("pkcs1v15", "pss")),
         validity=sec.duration("validity", 86400.0, min=MIN_VALIDITY, max=MAX_VALIDITY),
@@ -80,7 +129,7 @@ def parse_signer(sec: Section, *, check_files: bool = True) -> OcspSignerConfig:
     if check_files:
         for key in ("signer_certificate", "signer_key"):
             path = getattr(cfg, key)
-            if path is not None and not path.is_file():
+            if isinstance(path, Path) and not path.is_file():
                 raise ConfigError(sec.key(key), f"file {path} does not exist or is not a file")
     sec.done()
     return cfg

@@ -7,6 +7,9 @@ signer stops the start with one line naming the configuration key instead of pro
 responses every client rejects. A ``Signer`` hides its key: its repr, its errors and the log
 never carry key material. ``cryptography`` signs; asn1crypto only spells the algorithm.
 
+A ``signer_key`` may also be a PKCS#11 URI (RFC 7512): the key then stays in its token and
+``server.ocsp.hsm`` signs through it, after the same checks (see there).
+
 RFC 6960 §4.2.2.2 (delegated responders), RFC 5019 §2.2.2 / RFC 9919 (algorithms).
 """
 
@@ -28,9 +31,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from server.configtools import ConfigError
 from server.ocsp.codec import ResponderId, key_hash
+from server.ocsp.p11uri import Pkcs11Uri
 
 if TYPE_CHECKING:
     from server.config import CaConfig, Config
+    from server.ocsp.config import Pkcs11Config
 
 EXPIRY_WARNING = timedelta(days=30)
 MIN_RSA_BITS = 2048
@@ -95,7 +100,11 @@ _EC_HASHES: dict[str, tuple[type[hashes.HashAlgorithm], str]] = {
 
 
 def signing_function(key: Any, rsa_padding: str = "pkcs1v15") -> tuple[SignFunction, bytes, str]:
-    """(sign, AlgorithmIdentifier DER, name) for a private key; ValueError if unsupported."""
+    """(sign, AlgorithmIdentifier DER, name) for a private key; ValueError if unsupported.
+    A key held elsewhere (``server.ocsp.hsm.TokenKey``) brings its own ``signing_function``."""
+    external = getattr(key, "signing_function", None)
+    if callable(external):
+        return external(rsa_padding)  # type: ignore[no-any-return]
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
             raise ValueError(f"RSA key of {key.key_size} bits; at least {MIN_RSA_BITS} required")
@@ -212,21 +221,37 @@ def _date(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def load_signer(ca: CaConfig, now: datetime, *, prefix: str = "") -> Signer:
-    """Load and check the signer of one CA (``ca.ocsp`` must be set); raise SignerError."""
+def load_signer(ca: CaConfig, now: datetime, *, prefix: str = "",
+                pkcs11: Pkcs11Config | None = None) -> Signer:
+    """Load and check the signer of one CA (``ca.ocsp`` must be set); raise SignerError.
+    A ``pkcs11:`` signer key is opened in its token with ``pkcs11`` (``[pkcs11]``)."""
     cfg = ca.ocsp
     if cfg is None:
         raise ValueError(f"CA {ca.name} has no [ca.ocsp] table")
     base = prefix or f"ca[{ca.name}]"
     key_key, cert_key = f"{base}.ocsp.signer_key", f"{base}.ocsp.signer_certificate"
     ca_cert = _read_certificate(ca.certificate, f"{base}.certificate")
-    private_key = _read_key(cfg.signer_key, key_key)
     if cfg.signer_certificate is None:
         cert, where = ca_cert, f"{base}.certificate"
     else:
         cert, where = _read_certificate(cfg.signer_certificate, cert_key), cert_key
-    if _spki(cert) != private_key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    private_key: Any
+    if isinstance(cfg.signer_key, Pkcs11Uri):
+        if pkcs11 is None:
+            raise SignerError(key_key, "a pkcs11: key needs the [pkcs11] table")
+        from server.ocsp.hsm import open_token_key
+
+        # Checks type, size, public key and a test signature against cert (SignerError-like
+        # TokenKeyError naming key_key and the URI).
+        private_key = open_token_key(
+            pkcs11, cfg.signer_key, cert.public_key(), ca_name=ca.name,
+            rsa_padding=cfg.rsa_padding, key=key_key,
+            cert_path=str(cfg.signer_certificate or ca.certificate))
+    else:
+        private_key = _read_key(cfg.signer_key, key_key)
+    if not isinstance(cfg.signer_key, Pkcs11Uri) and _spki(cert) != private_key.public_key(
+            ).public_bytes(serialization.Encoding.DER,
+                           serialization.PublicFormat.SubjectPublicKeyInfo):
         raise SignerError(key_key, f"the key in {cfg.signer_key} does not match the certificate"
                           f" {cfg.signer_certificate or ca.certificate}")
     delegated = cert != ca_cert
@@ -254,9 +279,15 @@ def load_signer(ca: CaConfig, now: datetime, *, prefix: str = "") -> Signer:
 def load_signers(config: Config, now: datetime) -> dict[str, Signer]:
     """Every configured CA's signer, by CA name; the first bad one raises SignerError."""
     out: dict[str, Signer] = {}
+    pkcs11 = getattr(config, "pkcs11", None)
+    if pkcs11 is not None and any(ca.ocsp is not None and isinstance(ca.ocsp.signer_key, Pkcs11Uri)
+                                  for ca in config.cas):
+        from server.ocsp.hsm import reopen_modules
+
+        reopen_modules(pkcs11)  # SIGHUP re-opens the token (a no-op before the first load)
     for i, ca in enumerate(config.cas):
         if ca.ocsp is not None:
-            out[ca.name] = load_signer(ca, now, prefix=f"ca[{i}]")
+            out[ca.name] = load_signer(ca, now, prefix=f"ca[{i}]", pkcs11=pkcs11)
     return out
 
 
@@ -274,7 +305,12 @@ def check_signers(config: Config, now: datetime) -> list[str]:
     lines = []
     for name, signer in load_signers(config, now).items():
         kind = "delegated" if signer.delegated else "CA key"
-        lines.append(f"OCSP signer of {name}: {kind}, {signer.algorithm_name},"
+        ca_cfg = next((c for c in config.cas if c.name == name), None)
+        where = ""
+        if ca_cfg is not None and ca_cfg.ocsp is not None and isinstance(ca_cfg.ocsp.signer_key,
+                                                                          Pkcs11Uri):
+            where = f" in token {ca_cfg.ocsp.signer_key}"
+        lines.append(f"OCSP signer of {name}: {kind}{where}, {signer.algorithm_name},"
                      f" valid until {_date(signer.not_after)}")
         warning = expiry_warning(signer, now)
         if warning:
