@@ -99,7 +99,7 @@ def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool) -> dict[s
     """Build the PKI (unless already there) and import it; returns the manifest."""
     from server.config import load_config
     from server.demo.pki import build_demo_pki
-    from store.importer import import_openssl, import_paths
+    from importer.run import import_openssl, import_paths
 
     manifest_path = folder / MANIFEST
     if fresh and folder.exists():
@@ -141,7 +141,7 @@ def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh
     print(flush=True)
     if not serve:
         return 0
-    from store.spool import run_daemon
+    from importer.spool import run_daemon
 
     stop = threading.Event()
     daemon = threading.Thread(

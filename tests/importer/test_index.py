@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from store.model import RevocationReason
-from store.openssl_index import (
+from importer.openssl_index import (
     IndexSyntaxError,
     IndexTracker,
     certificate_files,
