@@ -266,8 +266,10 @@ class Importer:
                     wanted.setdefault(v.cert.ca_id, set()).add(v.cert.serial)
         claimed: dict[tuple[int, int], bytes] = {}
         for ca_id, serials in wanted.items():
-            for serial, row in batch.known_certs(ca_id, sorted(serials)).items():
-                if row[1] is not None:
+            rows = batch.known_certs(ca_id, sorted(serials))
+            for serial in serials:
+                row = rows.get(serial)
+                if row is not None and row[1] is not None:
                     claimed[(ca_id, serial)] = row[1]
         kept = []
         for o in files:

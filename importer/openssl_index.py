@@ -204,11 +204,13 @@ def certificate_file_names(certs_dir: str, index_dir: str, parsed: ParsedLine) -
     canonical = format(parsed.line.serial, "X")
     if len(canonical) % 2:
         canonical = "0" + canonical  # BN_bn2hex: two digits per octet, "00" for zero
-    out: list[str] = []
-    for name in (f"{written}.pem", f"{canonical}.pem", f"{written.upper()}.pem"):
-        path = os.path.join(certs_dir, name)
-        if path not in out:
-            out.append(path)
+    base = certs_dir if certs_dir.endswith("/") else certs_dir + "/"
+    out = [f"{base}{written}.pem"]
+    if canonical != written:
+        out.append(f"{base}{canonical}.pem")
+    upper = written.upper()
+    if upper != written and upper != canonical:
+        out.append(f"{base}{upper}.pem")
     fn = parsed.line.filename
     if fn and fn != "unknown":
         if os.path.isabs(fn):

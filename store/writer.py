@@ -49,6 +49,7 @@ class Batch:
         self._changes: list[tuple[str, int, str | None, str | None]] = []
         # Directory entries, written once per key at the end of the batch (see _add_entries).
         self._entries: dict[str, list[Any]] = {}
+        self._known: dict[int, dict[int, list[Any] | None]] = {}  # see known_certs
 
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         return self._exec(sql, params).fetchone()
@@ -156,6 +157,7 @@ class Batch:
         "unchanged", or "conflict" (the CA already has a different certificate with this
         serial; nothing is written)."""
         sha = hashlib.sha256(cert.der).digest()
+        self._known.clear()  # see known_certs
         row = self._one(
             "SELECT id, sha256 FROM certs WHERE ca_id = ? AND serial = ?",
             (cert.ca_id, serial_text(cert.serial)),
@@ -198,27 +200,31 @@ class Batch:
         self._change("cert", cert.ca_id, cert.serial, cert.directory_key)
         return outcome
 
-    def known_certs(self, ca_id: int, serials: Sequence[int]) -> dict[int, list[Any]]:
-        """Rows of these serials of one CA: serial -> [id, sha256 or None, status, reason,
-        directory key] (one ``IN`` query per 500 serials)."""
-        out: dict[int, list[Any]] = {}
-        texts = sorted({serial_text(s) for s in serials})
+    def known_certs(self, ca_id: int, serials: Sequence[int]) -> dict[int, list[Any] | None]:
+        """Rows of serials of one CA: serial -> [id, sha256 or None, status, reason, directory
+        key], or None for a serial not stored. One ``IN`` query per 500 serials not looked up
+        yet in this batch; the bulk methods keep the rows current as they write (the
+        single-row methods drop them, see ``_status_row``)."""
+        rows = self._known.setdefault(ca_id, {})
+        texts = sorted({serial_text(s) for s in serials if s not in rows})
         for i in range(0, len(texts), IN_LIMIT):
             part = texts[i:i + IN_LIMIT]
-            rows = self._exec(
+            for t in part:
+                rows[int(t, 16)] = None
+            found = self._exec(
                 "SELECT serial, id, sha256, status, reason, directory_key FROM certs"
                 f" WHERE ca_id = ? AND serial IN ({','.join('?' * len(part))})",
                 (ca_id, *part),
             ).fetchall()
-            for serial, id_, sha, status, reason, key in rows:
-                out[int(serial, 16)] = [id_, None if sha is None else bytes(sha), status, reason,
-                                        key]
-        return out
+            for serial, id_, sha, status, reason, key in found:
+                rows[int(serial, 16)] = [id_, None if sha is None else bytes(sha), status, reason,
+                                         key]
+        return rows
 
     def add_certs(self, items: Sequence[tuple[CertInput, str]]) -> list[str]:
         """``add_cert`` for many (certificate, source) pairs, in order, with a few statements
         for all of them: the same outcomes, rows and changes as one call per pair."""
-        known: dict[int, dict[int, list[Any]]] = {}
+        known: dict[int, dict[int, list[Any] | None]] = {}
         for ca_id in {c.ca_id for c, _ in items}:
             known[ca_id] = self.known_certs(ca_id, [c.serial for c, _ in items if c.ca_id == ca_id])
         inserts: list[tuple[Any, ...]] = []
@@ -268,14 +274,18 @@ class Batch:
                 " imported_at = ?, source = ?, generation = ? WHERE id = ?",
                 updates,
             )
-        ids: dict[tuple[int, int], int] = {}
         for ca_id in {c.ca_id for c, i in attrs if i is None}:
-            for serial, row in self.known_certs(
-                    ca_id, [c.serial for c, i in attrs if i is None and c.ca_id == ca_id]).items():
-                ids[(ca_id, serial)] = row[0]
-                known[ca_id][serial][0] = row[0]
-        attr_rows = [(cert_id if cert_id is not None else ids[(cert.ca_id, cert.serial)], a, v)
-                     for cert, cert_id in attrs for a, v in sorted(set(cert.attributes))]
+            new = [c.serial for c, i in attrs if i is None and c.ca_id == ca_id]
+            for serial in new:
+                del known[ca_id][serial]  # inserted above: read back with its id
+            self.known_certs(ca_id, new)
+        attr_rows = []
+        for cert, cert_id in attrs:
+            if cert_id is None:
+                row = known[cert.ca_id][cert.serial]
+                assert row is not None
+                cert_id = row[0]
+            attr_rows += [(cert_id, a, v) for a, v in sorted(set(cert.attributes))]
         if attr_rows:
             self._store._executemany(
                 "INSERT INTO cert_attrs (cert_id, attr, value) VALUES (?, ?, ?)"
@@ -285,6 +295,7 @@ class Batch:
         return outcomes
 
     def _status_row(self, ca_id: int, serial: int) -> Any:
+        self._known.clear()  # a single-row write follows: rows looked up in bulk may change
         return self._one(
             "SELECT id, status, reason, directory_key FROM certs WHERE ca_id = ? AND serial = ?",
             (ca_id, serial_text(serial)),
