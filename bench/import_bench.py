@@ -97,7 +97,10 @@ def measure(cmd: list[str], *, env: dict[str, str] | None = None) -> dict[str, f
         raise SystemExit(f"{cmd[0]} failed with exit code {proc.returncode}")
     return {"seconds": took,
             "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-            "peak_rss_mib": max(peak[0], after.ru_maxrss) / 1024,
+            # ru_maxrss of children is the largest child ever (an earlier run's too): only a
+            # fallback for a run too short to be sampled, and only when it grew in this run
+            "peak_rss_mib": (peak[0] or (after.ru_maxrss if after.ru_maxrss > before.ru_maxrss
+                                         else 0)) / 1024,
             "output": (out + err).decode(errors="replace")}  # type: ignore[dict-item]
 
 

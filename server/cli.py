@@ -78,9 +78,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_importd(args: argparse.Namespace) -> int:
     config = _config(args)
-    from server.logs import start_logging
     from importer.settings import ImportSettings
     from importer.spool import run_daemon
+    from server.logs import start_logging
 
     start_logging(config.log.format, config.log.level, config.log.file)
     stop = threading.Event()

@@ -13,14 +13,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from twisted.logger import capturedLogs
 
-from server.config import load_config
-from server.demo.pki import DemoPki
 from importer import pool as pool_mod
 from importer.batch import Importer
 from importer.formats import FileRejected, extract, read_ca_certificate
 from importer.progress import ImportSummary
 from importer.run import import_openssl, import_paths
 from importer.settings import SetupError
+from server.config import load_config
+from server.demo.pki import DemoPki
 from store import is_postgres_url, open_store
 from tests.importer.test_importer_helpers import MiniPki, clock, der, dump, pem, status, write
 

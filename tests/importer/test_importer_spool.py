@@ -17,10 +17,10 @@ import pytest
 from cryptography import x509
 from twisted.logger import capturedLogs
 
-from store import open_store
 from importer import spool as spool_mod
-from store import sqlite as sqlite_mod
 from importer.spool import SpoolDaemon, SpoolScanner, is_temporary, run_daemon
+from store import open_store
+from store import sqlite as sqlite_mod
 from store.sqlite import StoreError
 from tests.importer.test_importer_helpers import MiniPki, clock, pem, sqlite_only, status, write
 

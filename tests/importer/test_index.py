@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from store.model import RevocationReason
 from importer.openssl_index import (
     IndexSyntaxError,
     IndexTracker,
@@ -18,6 +17,7 @@ from importer.openssl_index import (
     parse_time,
     split_fields,
 )
+from store.model import RevocationReason
 
 SUBJECT = "/C=MO/O=Test/CN=Chan Tai Man"
 

@@ -8,10 +8,10 @@ import pytest
 from cryptography import x509
 from twisted.logger import capturedLogs
 
-from store import open_store
 from importer.batch import Importer
-from importer.run import import_openssl, import_paths
 from importer.openssl_index import IndexTracker, sync_database
+from importer.run import import_openssl, import_paths
+from store import open_store
 from tests.importer.test_importer_helpers import MiniPki, clock, pem, status, write
 
 R = x509.ReasonFlags
