@@ -52,35 +52,41 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     config = _config(args)
-    from store.importer import import_openssl, import_paths
+    from importer.run import import_openssl, import_paths
+    from importer.settings import ImportSettings, SetupError
 
     paths = [Path(p) for p in args.paths]
     for p in paths:
         if not p.exists():
             raise CliError(f"{p}: no such file or folder")
     summary = None
-    if args.openssl or not paths:
-        if not config.import_.openssl and not paths:
-            raise CliError("nothing to import: give files or folders, or configure [[import.openssl]]",
-                           EXIT_USAGE)
-        summary = import_openssl(config, now=now, progress=sys.stderr)
-        print(summary.line())
-    if paths:
-        summary = import_paths(config, paths, now=now, progress=sys.stderr)
-        print(summary.line())
+    if not config.import_.openssl and not paths:
+        raise CliError("nothing to import: give files or folders, or configure [[import.openssl]]",
+                       EXIT_USAGE)
+    settings = ImportSettings.of(config)
+    try:
+        if args.openssl or not paths:
+            summary = import_openssl(settings, now=now, progress=sys.stderr)
+            print(summary.line())
+        if paths:
+            summary = import_paths(settings, paths, now=now, progress=sys.stderr)
+            print(summary.line())
+    except SetupError as exc:
+        raise ConfigError(exc.key, exc.message) from None
     return 0 if summary is None or not summary.rejected else 3
 
 
 def cmd_importd(args: argparse.Namespace) -> int:
     config = _config(args)
+    from importer.settings import ImportSettings
+    from importer.spool import run_daemon
     from server.logs import start_logging
-    from store.spool import run_daemon
 
     start_logging(config.log.format, config.log.level, config.log.file)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    run_daemon(config, now=now, stop=stop)
+    run_daemon(ImportSettings.of(config), now=now, stop=stop, once=args.once)
     return 0
 
 
@@ -216,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: [server] workers in the configuration, else one per CPU)")
     p.set_defaults(func=cmd_serve)
     p = with_config(sub.add_parser("importd", help="run the import daemon (spool folders, index.txt)"))
+    p.add_argument("--once", action="store_true", help="exit when the spool is empty")
     p.set_defaults(func=cmd_importd)
     p = with_config(sub.add_parser("import", help="import certificates and CRLs once, then exit"))
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default: the configured OpenSSL databases)")

@@ -284,6 +284,15 @@ class PostgresStore(SqlStore):
             self._failed(conn)
             raise self._error("store write failed", exc) from None
 
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        conn = self._connection()
+        try:
+            with conn.cursor() as cur:
+                cur.executemany(to_pyformat(sql), [adapt_params(r) for r in rows])
+        except psycopg.Error as exc:
+            self._failed(conn)
+            raise self._error("store write failed", exc) from None
+
     def _begin_write(self) -> None:
         conn = self._connection()
         try:

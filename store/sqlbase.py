@@ -65,6 +65,7 @@ def require_current_schema(where: str, current: int) -> None:
 # Above every character a key or value can hold: an exclusive upper bound of a prefix range.
 # Byte-wise comparison of UTF-8 orders by code point, so this holds on both engines.
 TOP = "\U0010ffff"
+IN_LIMIT = 500  # values in one ``IN (...)`` list (SQLite allows 32,766 parameters)
 
 
 def serial_text(serial: int) -> str:
@@ -84,6 +85,8 @@ def reversed_key(key: str) -> str:
     """Root-first form of a DN key, so that a subtree is a range of one index."""
     if not key:
         return ""
+    if "\\" not in key:  # no escapes: every comma separates RDNs
+        return "\x01".join(reversed(key.split(","))) + "\x01"
     # RDN separators in keys are unescaped commas; escaped ones are preceded by a backslash.
     parts: list[str] = []
     cur: list[str] = []
@@ -134,6 +137,11 @@ class SqlStore(abc.ABC):
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """One statement inside the open write transaction: a cursor (``fetchone``,
         ``fetchall``); any failure raises StoreError."""
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement for many rows inside the open write transaction (engines batch it)."""
+        for row in rows:
+            self._execute(sql, row)
 
     @abc.abstractmethod
     def _begin_write(self) -> None:
@@ -354,6 +362,28 @@ class SqlStore(abc.ABC):
 
     def file_seen(self, sha256: bytes) -> bool:
         return bool(self._query("SELECT 1 FROM imported_files WHERE sha256 = ?", (sha256,)))
+
+    def files_seen(self, sha256s: Sequence[bytes]) -> set[bytes]:
+        """Which of these input files (by SHA-256) were imported before (the importer's bulk
+        form of ``file_seen``)."""
+        seen: set[bytes] = set()
+        for i in range(0, len(sha256s), IN_LIMIT):
+            part = list(sha256s[i:i + IN_LIMIT])
+            rows = self._query("SELECT sha256 FROM imported_files WHERE sha256 IN"
+                               f" ({','.join('?' * len(part))})", part)
+            seen.update(bytes(r[0]) for r in rows)
+        return seen
+
+    def serials_with_certificate(self, ca_id: int, serials: Sequence[int]) -> set[int]:
+        """Which of these serials of a CA already have their certificate stored (importer)."""
+        found: set[int] = set()
+        texts = [serial_text(s) for s in serials]
+        for i in range(0, len(texts), IN_LIMIT):
+            part = texts[i:i + IN_LIMIT]
+            rows = self._query("SELECT serial FROM certs WHERE ca_id = ? AND der IS NOT NULL"
+                               f" AND serial IN ({','.join('?' * len(part))})", (ca_id, *part))
+            found.update(int(r[0], 16) for r in rows)
+        return found
 
     # --- writes -----------------------------------------------------------------------------
 

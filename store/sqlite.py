@@ -35,6 +35,8 @@ from store.sqlbase import (
     ts,
 )
 
+WRITER_CACHE_KIB = 64 * 1024  # page cache of a connection that writes
+
 # Names other modules (and tests) import from here, from before the shared base existed.
 _CA_COLUMNS, _CERT_COLUMNS, _like_pattern = CA_COLUMNS, CERT_COLUMNS, like_pattern
 
@@ -184,12 +186,21 @@ class Store(SqlStore):
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
 
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            self._conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+
     def _begin_write(self) -> None:
         try:
             if not self._durable:
                 # The importer moves or deletes its input once a batch committed, so a commit
                 # must survive power loss too; WAL with synchronous=NORMAL does not promise it.
                 self._conn.execute("PRAGMA synchronous = FULL")
+                # A writer's batches touch index pages all over (serials, names, attributes):
+                # a larger page cache than the 2 MiB default keeps them in memory.
+                self._conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
                 self._durable = True
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:

@@ -10,6 +10,7 @@ generation counter moves only if the batch changed something.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +26,14 @@ from store.model import (
     RevocationReason,
     Serial,
 )
-from store.sqlbase import StoreError, reversed_key, serial_text, ts
+from store.sqlbase import IN_LIMIT, StoreError, reversed_key, serial_text, ts
 
 if TYPE_CHECKING:
     from store.sqlbase import SqlStore
 
 HOLD = RevocationReason.CERTIFICATE_HOLD.value
+REVOKED = CertStatus.REVOKED.value
+_KIND_RANK = {"glue": 0, "subject": 1, "ca": 2}
 
 
 class Batch:
@@ -44,6 +47,9 @@ class Batch:
         self.result = BatchResult()
         self.generation = Generation(int(self._one("SELECT value FROM meta WHERE key = 'generation'")[0]) + 1)
         self._changes: list[tuple[str, int, str | None, str | None]] = []
+        # Directory entries, written once per key at the end of the batch (see _add_entries).
+        self._entries: dict[str, list[Any]] = {}
+        self._known: dict[int, dict[int, list[Any] | None]] = {}  # see known_certs
 
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         return self._exec(sql, params).fetchone()
@@ -56,14 +62,24 @@ class Batch:
 
     def finish(self) -> None:
         """Called by the store's batch before COMMIT: bump the generation if anything changed."""
+        if self._entries:
+            self._store._executemany(
+                "INSERT INTO entries (key, rkey, dn, parent_key, kind) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET kind = excluded.kind"
+                " WHERE entries.kind = 'glue' AND excluded.kind <> 'glue'"
+                " OR entries.kind = 'subject' AND excluded.kind = 'ca'",
+                [(k, reversed_key(k), d, parent, kind)
+                 for k, (d, parent, kind) in self._entries.items()],
+            )
+            self._entries = {}
         if not self.result.changed:
             return
-        for kind, ca_id, serial, key in self._changes:
-            self._exec(
-                "INSERT INTO changes (generation, kind, ca_id, serial, directory_key)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (self.generation, kind, ca_id, serial, key),
-            )
+        self._store._executemany(
+            "INSERT INTO changes (generation, kind, ca_id, serial, directory_key)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(self.generation, kind, ca_id, serial, key)
+             for kind, ca_id, serial, key in self._changes],
+        )
         self._exec("UPDATE meta SET value = ? WHERE key = 'generation'", (str(self.generation),))
         self.result.generation = self.generation
 
@@ -116,18 +132,23 @@ class Batch:
     def _add_entries(
         self, key: str, dn: str, ancestors: tuple[tuple[str, str], ...], kind: str
     ) -> None:
+        """Note an entry and its glue ancestors; ``finish`` upserts each key once.
+
+        The upsert only ever raises an entry's kind (glue < subject < ca) and keeps the first
+        DN written, so one write per key with its highest kind equals one write per use.
+        """
         if not key:
             return
         chain = [(key, dn, kind)] + [(k, d, "glue") for k, d in ancestors]
         for i, (k, d, kd) in enumerate(chain):
-            parent = chain[i + 1][0] if i + 1 < len(chain) else None
-            self._exec(
-                "INSERT INTO entries (key, rkey, dn, parent_key, kind) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET kind = excluded.kind"
-                " WHERE entries.kind = 'glue' AND excluded.kind <> 'glue'"
-                " OR entries.kind = 'subject' AND excluded.kind = 'ca'",
-                (k, reversed_key(k), d, parent, kd),
-            )
+            known = self._entries.get(k)
+            if known is None:
+                parent = chain[i + 1][0] if i + 1 < len(chain) else None
+                self._entries[k] = [d, parent, kd]
+            elif _KIND_RANK[kd] > _KIND_RANK[known[2]]:
+                known[2] = kd
+            elif i > 0:
+                break  # its ancestors are noted already
 
     # --- certificates -------------------------------------------------------------------
 
@@ -136,6 +157,7 @@ class Batch:
         "unchanged", or "conflict" (the CA already has a different certificate with this
         serial; nothing is written)."""
         sha = hashlib.sha256(cert.der).digest()
+        self._known.clear()  # see known_certs
         row = self._one(
             "SELECT id, sha256 FROM certs WHERE ca_id = ? AND serial = ?",
             (cert.ca_id, serial_text(cert.serial)),
@@ -178,7 +200,102 @@ class Batch:
         self._change("cert", cert.ca_id, cert.serial, cert.directory_key)
         return outcome
 
+    def known_certs(self, ca_id: int, serials: Sequence[int]) -> dict[int, list[Any] | None]:
+        """Rows of serials of one CA: serial -> [id, sha256 or None, status, reason, directory
+        key], or None for a serial not stored. One ``IN`` query per 500 serials not looked up
+        yet in this batch; the bulk methods keep the rows current as they write (the
+        single-row methods drop them, see ``_status_row``)."""
+        rows = self._known.setdefault(ca_id, {})
+        texts = sorted({serial_text(s) for s in serials if s not in rows})
+        for i in range(0, len(texts), IN_LIMIT):
+            part = texts[i:i + IN_LIMIT]
+            for t in part:
+                rows[int(t, 16)] = None
+            found = self._exec(
+                "SELECT serial, id, sha256, status, reason, directory_key FROM certs"
+                f" WHERE ca_id = ? AND serial IN ({','.join('?' * len(part))})",
+                (ca_id, *part),
+            ).fetchall()
+            for serial, id_, sha, status, reason, key in found:
+                rows[int(serial, 16)] = [id_, None if sha is None else bytes(sha), status, reason,
+                                         key]
+        return rows
+
+    def add_certs(self, items: Sequence[tuple[CertInput, str]]) -> list[str]:
+        """``add_cert`` for many (certificate, source) pairs, in order, with a few statements
+        for all of them: the same outcomes, rows and changes as one call per pair."""
+        known: dict[int, dict[int, list[Any] | None]] = {}
+        for ca_id in {c.ca_id for c, _ in items}:
+            known[ca_id] = self.known_certs(ca_id, [c.serial for c, _ in items if c.ca_id == ca_id])
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        attrs: list[tuple[CertInput, int | None]] = []
+        outcomes: list[str] = []
+        for cert, source in items:
+            sha = hashlib.sha256(cert.der).digest()
+            rows = known[cert.ca_id]
+            row = rows.get(cert.serial)
+            if row is not None and row[1] is not None:
+                if row[1] == sha:
+                    self.result.certs_unchanged += 1
+                    outcomes.append("unchanged")
+                else:
+                    outcomes.append("conflict")
+                continue
+            cols = (cert.der, sha, cert.subject_dn, cert.directory_dn, cert.directory_key,
+                    "\n".join(cert.emails), cert.cn, ts(cert.not_before), ts(cert.not_after))
+            if row is None:
+                inserts.append((cert.ca_id, serial_text(cert.serial), *cols, self._now_ts,
+                                source, self.generation))
+                rows[cert.serial] = [None, sha, "good", None, cert.directory_key]
+                attrs.append((cert, None))
+                outcomes.append("new")
+                self.result.certs_new += 1
+            else:
+                updates.append((*cols, self._now_ts, source, self.generation, row[0]))
+                row[1] = sha
+                attrs.append((cert, row[0]))
+                outcomes.append("updated")
+                self.result.certs_updated += 1
+            self._add_entries(cert.directory_key, cert.directory_dn, cert.directory_ancestors,
+                              "subject")
+            self._change("cert", cert.ca_id, cert.serial, cert.directory_key)
+        if inserts:
+            self._store._executemany(
+                "INSERT INTO certs (ca_id, serial, der, sha256, subject_dn, directory_dn,"
+                " directory_key, emails, cn, not_before, not_after, status, imported_at, source,"
+                " generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'good', ?, ?, ?)",
+                inserts,
+            )
+        if updates:
+            self._store._executemany(
+                "UPDATE certs SET der = ?, sha256 = ?, subject_dn = ?, directory_dn = ?,"
+                " directory_key = ?, emails = ?, cn = ?, not_before = ?, not_after = ?,"
+                " imported_at = ?, source = ?, generation = ? WHERE id = ?",
+                updates,
+            )
+        for ca_id in {c.ca_id for c, i in attrs if i is None}:
+            new = [c.serial for c, i in attrs if i is None and c.ca_id == ca_id]
+            for serial in new:
+                del known[ca_id][serial]  # inserted above: read back with its id
+            self.known_certs(ca_id, new)
+        attr_rows = []
+        for cert, cert_id in attrs:
+            if cert_id is None:
+                row = known[cert.ca_id][cert.serial]
+                assert row is not None
+                cert_id = row[0]
+            attr_rows += [(cert_id, a, v) for a, v in sorted(set(cert.attributes))]
+        if attr_rows:
+            self._store._executemany(
+                "INSERT INTO cert_attrs (cert_id, attr, value) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                attr_rows,
+            )
+        return outcomes
+
     def _status_row(self, ca_id: int, serial: int) -> Any:
+        self._known.clear()  # a single-row write follows: rows looked up in bulk may change
         return self._one(
             "SELECT id, status, reason, directory_key FROM certs WHERE ca_id = ? AND serial = ?",
             (ca_id, serial_text(serial)),
@@ -296,6 +413,82 @@ class Batch:
                 return "new"
             return self.release(ca_id, line.serial, "index")
         return "unchanged"
+
+    def apply_index_lines(self, ca_id: CaId, lines: Sequence[IndexLine], source: str) -> None:
+        """``apply_index_line`` for many lines of one CA, in order, with a few statements."""
+        rows = self.known_certs(ca_id, [line.serial for line in lines])
+        touched: set[int] = set()
+        inserts: list[tuple[Any, ...]] = []
+        revokes: list[tuple[Any, ...]] = []
+        releases: list[tuple[Any, ...]] = []
+
+        def flush() -> None:
+            if inserts:
+                self._store._executemany(
+                    "INSERT INTO certs (ca_id, serial, status, not_after, revoked_at, reason,"
+                    " revoked_by, imported_at, source, generation)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
+            if revokes:
+                self._store._executemany(
+                    "UPDATE certs SET status = 'revoked', revoked_at = ?, reason = ?,"
+                    " revoked_by = ?, generation = ? WHERE ca_id = ? AND serial = ?", revokes)
+            if releases:
+                self._store._executemany(
+                    "UPDATE certs SET status = 'good', revoked_at = NULL, reason = NULL,"
+                    " revoked_by = ?, generation = ? WHERE ca_id = ? AND serial = ?", releases)
+            inserts.clear()
+            revokes.clear()
+            releases.clear()
+            touched.clear()
+
+        for line in lines:
+            if line.status not in ("R", "V"):
+                continue
+            serial = line.serial
+            if serial in touched:
+                flush()  # a serial twice in these lines: its first change goes in first
+            st = serial_text(serial)
+            row = rows.get(serial)
+            if line.status == "R" and line.reason is RevocationReason.REMOVE_FROM_CRL \
+                    or line.status == "V" and row is not None:
+                # release(): only a certificateHold is ever lifted
+                if row is None or row[2] != REVOKED or row[3] != HOLD:
+                    continue
+                releases.append(("index", self.generation, ca_id, st))
+                row[2], row[3] = "good", None
+                self._change("cert", ca_id, serial, row[4])
+                self.result.released += 1
+            elif line.status == "R":
+                reason_v = None if line.reason is None else line.reason.value
+                revoked_at = ts(line.revoked_at or self.now)
+                if row is None:
+                    inserts.append((ca_id, st, "revoked", None, revoked_at, reason_v, "index",
+                                    self._now_ts, source, self.generation))
+                    rows[serial] = [None, None, REVOKED, reason_v, None]
+                    self._change("cert", ca_id, serial, None)
+                else:
+                    if row[2] == REVOKED and (row[3] != HOLD or reason_v == HOLD):
+                        continue
+                    revokes.append((revoked_at, reason_v, "index", self.generation, ca_id, st))
+                    row[2], row[3] = REVOKED, reason_v
+                    self._change("cert", ca_id, serial, row[4])
+                self.result.revoked += 1
+            else:  # "V", not stored: issued per the CA's database, its file is missing
+                inserts.append((ca_id, st, "good", ts(line.expires), None, None, None,
+                                self._now_ts, source, self.generation))
+                rows[serial] = [None, None, "good", None, None]
+                self._change("cert", ca_id, serial)
+                self.result.certs_new += 1
+            touched.add(serial)
+        flush()
+
+    def record_files(self, files: Sequence[tuple[bytes, str, str]]) -> None:
+        """``record_file`` for many (sha256, name, outcome) triples."""
+        self._store._executemany(
+            "INSERT INTO imported_files (sha256, name, imported_at, generation, outcome)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+            [(sha, name, self._now_ts, self.generation, outcome) for sha, name, outcome in files],
+        )
 
     # --- files --------------------------------------------------------------------------
 

@@ -99,7 +99,7 @@ def import_demo_store(demo_pki, location, now: datetime):  # type: ignore[no-unt
 
     from server.config import load_config
     from store import is_postgres_url
-    from store.importer import import_openssl, import_paths
+    from importer.run import import_openssl, import_paths
 
     config = load_config(demo_pki.config_path)
     where = ({"url": str(location)} if is_postgres_url(location)

@@ -17,7 +17,7 @@ from twisted.logger import capturedLogs
 
 from server import app
 from server.config import load_config
-from store.importer import import_openssl, import_paths
+from importer.run import import_openssl, import_paths
 
 
 def _get(url: str) -> tuple[int, bytes, Any]:

@@ -48,7 +48,7 @@ def test_bad_key_is_named(tmp_path: Path) -> None:
 
 def test_manual_migration_then_import_and_status(store_location: str, tmp_path: Path) -> None:
     """[store] migrate = "manual": nothing opens an old schema until `certpub migrate` ran."""
-    from tests.store.test_importer_helpers import MiniPki, pem, write
+    from tests.importer.test_importer_helpers import MiniPki, pem, write
 
     pki = MiniPki(tmp_path / "pki", store=store_location)
     conf = pki.config().source

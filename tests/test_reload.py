@@ -26,7 +26,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from server.config import load_config
-from store.importer import import_openssl, import_paths
+from importer.run import import_openssl, import_paths
 
 REPO = Path(__file__).parent.parent
 

@@ -149,7 +149,7 @@ class Server:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from server.config import load_config
     from server.demo.pki import build_demo_pki
-    from store.importer import import_openssl, import_paths
+    from importer.run import import_openssl, import_paths
 
     now = datetime.now(UTC).replace(microsecond=0)
     pki = build_demo_pki(tmp_path_factory.mktemp("workers"), now=now, ldap_port=free_port(),

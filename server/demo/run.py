@@ -157,7 +157,7 @@ def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool,
     the OCSP signer keys go into a SoftHSM2 token in ``folder/softhsm`` (server.demo.hsm)."""
     from server.config import load_config
     from server.demo.pki import build_demo_pki
-    from store.importer import import_openssl, import_paths
+    from importer.run import import_openssl, import_paths
 
     manifest_path = folder / MANIFEST
     if fresh and folder.exists():
@@ -243,7 +243,7 @@ def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh
     print(flush=True)
     if not serve:
         return 0
-    from store.spool import run_daemon
+    from importer.spool import run_daemon
 
     stop = threading.Event()
     daemon = threading.Thread(

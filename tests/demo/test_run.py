@@ -63,7 +63,7 @@ def test_rerun_resets_the_walk_through(demo: tuple[Path, dict[str, Any]]) -> Non
     """After the walk-through's newer CRL was imported (and a file left in the spool), a
     second run without --fresh starts again from the first CRLs: "# good" is true again."""
     from server.config import load_config
-    from store.importer import import_paths
+    from importer.run import import_paths
 
     folder, m = demo
     assert status_of(m, "crl2") == "good"

@@ -207,7 +207,7 @@ def test_disk_full_during_import_loses_nothing_and_resumes(
     # Every file this process grows may reach 64 KiB: the WAL index (32 KiB) fits, the
     # batch of 150 certificates does not.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "store.spool", "--config", str(config), "--once"],
+        [sys.executable, "-m", "server.cli", "importd", "--config", str(config), "--once"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=_limit_file_size(64 * 1024))  # noqa: PLW1509 - sets only rlimits
     out = _Lines(proc.stdout)

@@ -49,7 +49,7 @@ def live(request: pytest.FixtureRequest,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The demo PKI served with store calls inline, or in two store threads (and feed)."""
     from server.demo.pki import build_demo_pki
-    from store.importer import import_openssl, import_paths
+    from importer.run import import_openssl, import_paths
 
     proxy = _Later()
     port = reactor.listenTCP(0, proxy, interface="127.0.0.1")  # type: ignore[attr-defined]
@@ -160,7 +160,7 @@ async def test_get_with_percent_encoded_base64_verified_by_openssl(
 
 @pytest_twisted.ensureDeferred
 async def test_revocation_is_visible_within_one_second(live: dict[str, Any]) -> None:
-    from store.importer import import_paths
+    from importer.run import import_paths
 
     pki = live["pki"]
     ca = next(iter(pki.crl2_revokes))

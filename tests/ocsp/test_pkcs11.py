@@ -51,7 +51,7 @@ def require_softhsm() -> Path:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The demo PKI, imported once; its key files stay (each test imports them anew)."""
     from server.demo.pki import build_demo_pki
-    from store.importer import import_openssl, import_paths
+    from importer.run import import_openssl, import_paths
 
     require_softhsm()
     pki = build_demo_pki(tmp_path_factory.mktemp("hsm-pki"), now=datetime.now(UTC))

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from store import open_store
-from tests.store.test_importer_helpers import MiniPki
+from tests.importer.test_importer_helpers import MiniPki
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from cryptography import x509
 from store import writer
 from store.certparse import crl_input
 from store.model import CaId, CertStatus, CrlInput, IndexLine, RevocationReason, Serial
-from tests.store.test_importer_helpers import NOW, MiniPki, der
+from tests.importer.test_importer_helpers import NOW, MiniPki, der
 
 R = x509.ReasonFlags
 HOLD = RevocationReason.CERTIFICATE_HOLD

@@ -19,13 +19,13 @@ from cryptography import x509
 
 from store import migrate_store, open_store, redact_location
 from store.certparse import cert_input
-from store.importer import import_paths
+from importer.run import import_paths
 from store.model import CaId, RevocationReason, Serial
 from store.postgres import MIGRATE_LOCK, WRITE_LOCK, PostgresStore
 from store.schema import SCHEMA_VERSION, migration
 from store.sqlite import StoreError, StoreSchemaError
 from tests.pg import PgCluster, with_database
-from tests.store.test_importer_helpers import NOW, MiniPki, clock, der, dump, pem, write
+from tests.importer.test_importer_helpers import NOW, MiniPki, clock, der, dump, pem, write
 
 REPO = Path(__file__).resolve().parents[2]
 R = x509.ReasonFlags

@@ -23,7 +23,7 @@ from store.certparse import cert_input, crl_input
 from store.model import CaId, CertStatus, IndexLine, RevocationReason, Serial
 from store.schema import MIGRATIONS, SCHEMA_VERSION
 from store.sqlite import Store, StoreError, StoreSchemaError, reversed_key, serial_text
-from tests.store.test_importer_helpers import NOW, MiniPki, der
+from tests.importer.test_importer_helpers import NOW, MiniPki, der
 
 R = x509.ReasonFlags
 HOLD = RevocationReason.CERTIFICATE_HOLD

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from store.model import RevocationReason
-from store.openssl_index import (
+from importer.openssl_index import (
     IndexSyntaxError,
     IndexTracker,
     certificate_files,
@@ -18,6 +17,7 @@ from store.openssl_index import (
     parse_time,
     split_fields,
 )
+from store.model import RevocationReason
 
 SUBJECT = "/C=MO/O=Test/CN=Chan Tai Man"
 

@@ -36,13 +36,10 @@ batch finish, then the daemon returns.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import select
-import signal
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,15 +47,16 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from twisted.logger import Logger
 
-from server.config import Config
-from server.configtools import ConfigError
+from importer.batch import FileOutcome, Importer
+from importer.formats import FileRejected
+from importer.openssl_index import IndexTracker, sync_database
+from importer.progress import ImportSummary
+from importer.settings import ImportSettings, SetupError
 from store import open_store
-from store.importer import FileOutcome, FileRejected, Importer, ImportSummary
-from store.openssl_index import IndexTracker, sync_database
 from store.sqlbase import SqlStore, StoreError
 
 log = Logger()
@@ -278,14 +276,14 @@ class Inotify:
 class SpoolDaemon:
     """One import daemon: scan, import in batches, move, re-read indexes, mark synced."""
 
-    def __init__(self, config: Config, now: Callable[[], datetime], stop: threading.Event,
+    def __init__(self, config: Any, now: Callable[[], datetime], stop: threading.Event,
                  progress: TextIO | None = None) -> None:
-        self.config = config
+        self.settings = settings = ImportSettings.of(config)
         self.now = now
         self.stop = stop
         self.progress = progress
-        self.scanner = SpoolScanner(config.import_.spool)
-        self.trackers = [(db, IndexTracker(db.index)) for db in config.import_.openssl]
+        self.scanner = SpoolScanner(settings.spool)
+        self.trackers = [(db, IndexTracker(db.index)) for db in settings.openssl]
         self.store: SqlStore | None = None
         self.importer: Importer | None = None
         self.inotify: Inotify | None = None
@@ -294,11 +292,10 @@ class SpoolDaemon:
 
     def _open(self) -> Importer:
         if self.importer is None:
-            for root in self.config.import_.spool:
+            for root in self.settings.spool:
                 root.mkdir(parents=True, exist_ok=True)
-            store = open_store(self.config.store.location,
-                               migrate=self.config.store.migrate == "auto")
-            importer = Importer(self.config, store, self.now)
+            store = open_store(self.settings.location, migrate=self.settings.migrate)
+            importer = Importer(self.settings, store, self.now)
             try:
                 importer.start()
             except BaseException:
@@ -306,7 +303,7 @@ class SpoolDaemon:
                 raise
             self.store, self.importer = store, importer
             log.info("import daemon ready: spool={spool} indexes={indexes} detection={detection}",
-                     spool=",".join(map(str, self.config.import_.spool)),
+                     spool=",".join(map(str, self.settings.spool)),
                      indexes=",".join(str(db.index) for db, _ in self.trackers),
                      detection="inotify+poll" if self.inotify else "poll")
         return self.importer
@@ -323,7 +320,7 @@ class SpoolDaemon:
         renamed = self.inotify.take_renamed() if self.inotify is not None else set()
         ready, settling = self.scanner.scan(renamed)
         did = False
-        size = self.config.import_.batch_size
+        size = self.settings.batch_size
         by_path = {f.path: f for f in ready}
         batches = ([(f.path, f.name) for f in ready[i:i + size]]
                    for i in range(0, len(ready), size))
@@ -359,7 +356,7 @@ class SpoolDaemon:
                     self.scanner.ignored[f.path] = sig  # retried once it changes
                 continue
             try:
-                folders |= dispose(f, o, self.config.import_.processed, when)
+                folders |= dispose(f, o, self.settings.processed, when)
             except OSError as exc:
                 log.error("file {name}: cannot move it out of the spool ({error}); it is"
                           " retried (already imported, so a no-op)", name=f.name, error=str(exc))
@@ -382,7 +379,7 @@ class SpoolDaemon:
 
     def _failed(self) -> float:
         self.failures += 1
-        return float(min(self.config.import_.poll_interval * 2 ** self.failures, MAX_BACKOFF))
+        return float(min(self.settings.poll_interval * 2 ** self.failures, MAX_BACKOFF))
 
     def run(self, *, once: bool = False) -> None:
         """Cycle until stop is set (or, with once, until the spool is empty)."""
@@ -390,14 +387,14 @@ class SpoolDaemon:
             self.inotify = Inotify()
         except (OSError, AttributeError):
             self.inotify = None  # not Linux, or no inotify: polling alone
-        poll = self.config.import_.poll_interval
+        poll = self.settings.poll_interval
         try:
             while not self.stop.is_set():
                 try:
                     did, settling = self.cycle()
                     self.failures = 0
                     delay = SETTLE if settling else poll
-                except (StoreError, OSError, FileRejected, ConfigError) as exc:
+                except (StoreError, OSError, FileRejected, SetupError) as exc:
                     delay = self._failed()
                     log.error("import cycle failed, files stay in the spool: {error};"
                               " retrying in {delay} s", error=str(exc), delay=round(delay, 1))
@@ -419,29 +416,7 @@ class SpoolDaemon:
             log.info("import daemon stopped")
 
 
-def run_daemon(config: Config, *, now: Callable[[], datetime], stop: threading.Event,
+def run_daemon(config: Any, *, now: Callable[[], datetime], stop: threading.Event,
                progress: TextIO | None = None, once: bool = False) -> None:
     """``certpub importd``: watch spool folders and index files until ``stop`` is set."""
     SpoolDaemon(config, now, stop, progress).run(once=once)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m store.spool --config FILE [--once]``: the daemon without the CLI."""
-    from server.config import load_config
-    from server.logs import start_logging
-
-    parser = argparse.ArgumentParser(prog="python -m store.spool", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", "-c", required=True)
-    parser.add_argument("--once", action="store_true", help="exit when the spool is empty")
-    args = parser.parse_args(argv)
-    config = load_config(Path(args.config))
-    start_logging(config.log.format, config.log.level, config.log.file)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    run_daemon(config, now=lambda: datetime.now(UTC), stop=stop, once=args.once)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

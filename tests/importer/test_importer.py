@@ -13,13 +13,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from twisted.logger import capturedLogs
 
+from importer import pool as pool_mod
+from importer.batch import Importer
+from importer.formats import FileRejected, extract, read_ca_certificate
+from importer.progress import ImportSummary
+from importer.run import import_openssl, import_paths
+from importer.settings import SetupError
 from server.config import load_config
-from server.configtools import ConfigError
 from server.demo.pki import DemoPki
-from store import importer as importer_mod
 from store import is_postgres_url, open_store
-from store.importer import FileRejected, Importer, extract, import_openssl, import_paths
-from tests.store.test_importer_helpers import MiniPki, clock, der, dump, pem, status, write
+from tests.importer.test_importer_helpers import MiniPki, clock, der, dump, pem, status, write
 
 R = x509.ReasonFlags
 
@@ -30,7 +33,7 @@ def pki(tmp_path: Path, store_location: str) -> MiniPki:
     return MiniPki(tmp_path / "pki", store=store_location)
 
 
-def run(pki: MiniPki, *paths: Path, **kw: object) -> importer_mod.ImportSummary:
+def run(pki: MiniPki, *paths: Path, **kw: object) -> ImportSummary:
     config = pki.config(**kw)  # type: ignore[arg-type]
     return import_paths(config, list(paths), now=clock(), progress=None)
 
@@ -271,15 +274,16 @@ def test_worker_processes_give_the_same_result(pki: MiniPki, tmp_path: Path,
     certs = b"".join(pem(pki.cert("ca-a" if s % 2 else "ca-b", s)) for s in range(1, 41))
     write(tmp_path / "in" / "bulk.pem", certs + pem(pki.cert(pki.foreign, 99)))
     write(tmp_path / "in" / "good.pem", certs)
-    monkeypatch.setattr(importer_mod, "POOL_THRESHOLD", 10)
-    monkeypatch.setattr(importer_mod, "CHUNK", 7)
+    # Work goes out by file: two files, one a task, both in the workers.
+    monkeypatch.setattr(pool_mod, "POOL_THRESHOLD", 2)
+    monkeypatch.setattr(pool_mod, "CHUNK", 1)
     config = pki.config()
     store = open_store(config.store.location)
     imp = Importer(config, store, clock(), workers=2)
     try:
         imp.start()
         outcomes = imp.import_files([(tmp_path / "in" / n, n) for n in ("bulk.pem", "good.pem")])
-        assert imp._pool is not None  # the workers did it
+        assert imp.pool._pool is not None  # the workers did it
     finally:
         imp.close()
         store.close()
@@ -320,11 +324,11 @@ def test_demo_pki(demo_pki: DemoPki, tmp_path: Path, store_location: str) -> Non
 
 def test_ca_file_without_a_certificate(pki: MiniPki, tmp_path: Path) -> None:
     with pytest.raises(FileRejected):
-        importer_mod.read_ca_certificate(write(tmp_path / "x.pem", b"-----BEGIN X509 CRL-----\n"
+        read_ca_certificate(write(tmp_path / "x.pem", b"-----BEGIN X509 CRL-----\n"
                                                + b"-----END X509 CRL-----\n"))
     config = pki.config()
     (pki.folder / "ca-b.pem").write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match=r"^ca\[2\]\.certificate: .*ca-b.pem is not a usable"):
+    with pytest.raises(SetupError, match=r"^ca\[2\]\.certificate: .*ca-b.pem is not a usable"):
         import_paths(config, [], now=clock(), progress=None)
 
 
@@ -332,7 +336,7 @@ def test_collect_files_orders_as_paths_sort(tmp_path: Path) -> None:
     """Kept as strings (memory at a million files) but in Path order, folders interleaved."""
     import os
 
-    from store.importer import collect_files
+    from importer.run import collect_files
 
     for name in ("a.pem", "z.pem", "m/x.pem", "m/a-b.pem", "m.pem", "m-1/q.pem", "a b.pem",
                  "A.pem", "m/sub/c.pem", ".hidden/x.pem"):

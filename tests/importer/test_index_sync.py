@@ -8,10 +8,11 @@ import pytest
 from cryptography import x509
 from twisted.logger import capturedLogs
 
+from importer.batch import Importer
+from importer.openssl_index import IndexTracker, sync_database
+from importer.run import import_openssl, import_paths
 from store import open_store
-from store.importer import Importer, import_openssl, import_paths
-from store.openssl_index import IndexTracker, sync_database
-from tests.store.test_importer_helpers import MiniPki, clock, pem, status, write
+from tests.importer.test_importer_helpers import MiniPki, clock, pem, status, write
 
 R = x509.ReasonFlags
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from store.importer import import_paths
-from tests.store.test_importer_helpers import MiniPki, clock, der, dump, pem, write
+from importer.run import import_paths
+from tests.importer.test_importer_helpers import MiniPki, clock, der, dump, pem, write
 
 REPO = Path(__file__).resolve().parents[2]
 R = x509.ReasonFlags
@@ -84,7 +84,7 @@ def test_kill_9_and_restart_end_like_a_clean_import(tmp_path: Path, store_locati
     assert config.source is not None
     marker = f"CERTPUB_CRASH_TEST={uuid.uuid4()}"
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
-    cmd = [sys.executable, "-m", "store.spool", "--config", str(config.source), "--once"]
+    cmd = [sys.executable, "-m", "server.cli", "importd", "--config", str(config.source), "--once"]
     rng = random.Random()
     kills, left = 0, [len(names)]
     for _ in range(4):

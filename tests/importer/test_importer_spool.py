@@ -17,12 +17,12 @@ import pytest
 from cryptography import x509
 from twisted.logger import capturedLogs
 
+from importer import spool as spool_mod
+from importer.spool import SpoolDaemon, SpoolScanner, is_temporary, run_daemon
 from store import open_store
-from store import spool as spool_mod
 from store import sqlite as sqlite_mod
-from store.spool import SpoolDaemon, SpoolScanner, is_temporary, run_daemon
 from store.sqlite import StoreError
-from tests.store.test_importer_helpers import MiniPki, clock, pem, sqlite_only, status, write
+from tests.importer.test_importer_helpers import MiniPki, clock, pem, sqlite_only, status, write
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -214,7 +214,7 @@ def test_survives_a_locked_store_and_retries(pki: MiniPki, daemon: Any,
 
 def test_unreadable_file_stays_and_is_retried_when_it_changes(
         pki: MiniPki, daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from store import importer as importer_mod
+    from importer import pool as importer_mod
 
     denied = {"on": True}
     real_open = open
@@ -299,7 +299,7 @@ def test_sigterm_finishes_and_exits_zero(pki: MiniPki) -> None:
     spool = config.import_.spool[0]
     for i in range(20):
         write(spool / f"c{i:02}.pem", pem(pki.cert("ca-b", 0x100 + i)))
-    proc = subprocess.Popen([sys.executable, "-m", "store.spool", "--config", str(config.source)],
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "importd", "--config", str(config.source)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: (spool / "done").exists() and len(list((spool / "done").iterdir())) == 20,
