@@ -98,6 +98,9 @@ class Metrics:
                                   ["result"], registry=r)
         for result in ("hit", "miss"):
             self.ocsp_cache.labels(result)
+        self.ldap_answers = Counter("certpub_ldap_answer_cache",
+                                    "LDAP pre-encoded answer lookups.", ["result"], registry=r)
+        self._ldap_answers = (self.ldap_answers.labels("miss"), self.ldap_answers.labels("hit"))
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -123,6 +126,10 @@ class Metrics:
     def cache(self, hit: bool) -> None:
         """Count one OCSP response cache lookup."""
         self.ocsp_cache.labels("hit" if hit else "miss").inc()
+
+    def ldap_cache(self, hit: bool) -> None:
+        """Count one lookup of the LDAP pre-encoded answers."""
+        self._ldap_answers[hit].inc()
 
 
     def signer_expiry(self, ca: str, not_after: datetime, now: datetime | None = None) -> None:
