@@ -68,11 +68,11 @@ def frame(message_id: int, op: bytes) -> bytes:
 def split_message_id(pdu: bytes) -> tuple[int, bytes] | None:
     """(messageID, the rest) of a whole LDAPMessage PDU whose messageID is minimally encoded
     and in range; None otherwise (the full decoder then says what is wrong)."""
-    if len(pdu) < 8:
+    if len(pdu) < 7:
         return None
     first = pdu[1]
     pos = 2 if first < 0x80 else 2 + (first & 0x7F)
-    if pdu[pos] != 0x02:
+    if pos + 2 > len(pdu) or pdu[pos] != 0x02:
         return None
     n = pdu[pos + 1]
     if not 1 <= n <= 4 or pos + 2 + n > len(pdu):

@@ -47,10 +47,10 @@ class LdapFactory(ServerFactory):
                  metrics: Any = None) -> None:
         self.config = config
         # the one seam every store read goes through (inline: on the reactor thread)
-        self.access = access or StoreAccess("", 0, store=directory.store)
+        self.access = access if access is not None else StoreAccess("", 0, store=directory.store)
         self.directory = directory
         # pre-encoded answers: only correct while a change feed invalidates them
-        self.answers = answers or AnswerCache(0)
+        self.answers = answers if answers is not None else AnswerCache(0)
         self.metrics = metrics
         self._counters: dict[tuple[str, int], Any] = {}
         self.tls = tls
