@@ -52,6 +52,7 @@ class LdapFactory(ServerFactory):
         # pre-encoded answers: only correct while a change feed invalidates them
         self.answers = answers if answers is not None else AnswerCache(0)
         self.metrics = metrics
+        self.feed: Any = None  # the change feed that keeps the answers current
         self._counters: dict[tuple[str, int], Any] = {}
         self.tls = tls
         self.clock = clock
@@ -99,6 +100,15 @@ class LdapFactory(ServerFactory):
         pair[0].inc()
         pair[1].observe(seconds if seconds > 0 else 0.0)
 
+    def answers_current(self) -> bool:
+        """The change feed reads the store: no import can have committed unseen."""
+        feed = self.feed
+        if feed is not None and not feed.healthy:
+            if self.answers:
+                self.answers.clear()
+            return False
+        return True
+
     def record_cache(self, hit: bool) -> None:
         """Count one lookup of the pre-encoded answers."""
         self.answers.count(hit)
@@ -138,5 +148,7 @@ def make_ldap_factory(config: LdapConfig, store: DirectoryStore, feed: Any,
         answers = AnswerCache(config.answer_cache_mib * 1024 * 1024)
         feed.subscribe(directory.invalidate)
         feed.subscribe(answers.invalidate)
-    return LdapFactory(config, directory, tls, now, access=access, answers=answers,
-                       metrics=metrics)
+    factory = LdapFactory(config, directory, tls, now, access=access, answers=answers,
+                          metrics=metrics)
+    factory.feed = feed
+    return factory

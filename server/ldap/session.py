@@ -28,7 +28,9 @@ page size capped by the server's size limit and resumes from a cookie bound to t
 
 Pre-encoded answers (``server.ldap.answers``): ``answer_raw`` answers a PDU whose bytes after
 the messageID name a kept answer without decoding it; a decoded search looks its normalised
-key up; a finished search that qualifies is kept. Log lines follow slapd's ``stats`` format
+key up; a finished search that qualifies is kept. While the change feed cannot read the store
+(``answers_current`` is false) no answer is served from or added to the cache: an import may
+have committed unseen. Log lines follow slapd's ``stats`` format
 (one per request, one per result) and are not even built when info events are dropped.
 """
 
@@ -97,6 +99,7 @@ class Service(Protocol):
 
     def record(self, operation: str, code: int, seconds: float) -> None: ...
     def record_cache(self, hit: bool) -> None: ...
+    def answers_current(self) -> bool: ...
 
 
 class Log(Protocol):
@@ -149,6 +152,7 @@ class SearchJob(Job):
         self.rest = rest
         self.epoch = epoch
         self.until = NEVER
+        self.filter_text = ""
         self.keys: set[str] | None = set()  # entry keys shown; None: depends on any change
 
     def steps(self) -> Iterator[None]:
@@ -278,7 +282,7 @@ class Session:
     def answer_raw(self, pdu: bytes) -> bytes | None:
         """A kept answer for a search PDU, found by its bytes alone; None: decode it."""
         answers = self.service.answers
-        if not answers:
+        if not answers or not self.service.answers_current():
             return None
         split = split_message_id(pdu)
         if split is None:
@@ -376,7 +380,7 @@ class Session:
             req = job.req
             answer = Answer((*job.ops, done), ended.entries, job.until,
                             None if job.keys is None else frozenset(job.keys),
-                            (req.base, req.scope, req.deref, to_text(req.filter),
+                            (req.base, req.scope, req.deref, job.filter_text,
                              " ".join(req.attributes)))
             self.service.answers.put(job.cache_key, job.rest, answer, job.epoch)
         return data
@@ -458,8 +462,9 @@ class Session:
     def _search(self, msg: codec.Message, req: codec.SearchRequest,
                 paged: tuple[int, bytes] | None, busy: bool) -> Reply:
         service = self.service
+        filter_text = to_text(req.filter, 1 << 20)  # once: the log line, the cache key
         if self.info:
-            self._log_search((req.base, req.scope, req.deref, to_text(req.filter),
+            self._log_search((req.base, req.scope, req.deref, filter_text,
                               " ".join(req.attributes)))
         message_id = msg.message_id
         started = service.timer()
@@ -470,7 +475,7 @@ class Session:
         after: Position | None = None
         if paged is not None:
             fingerprint = hashlib.sha256(
-                json.dumps([req.base, req.scope, to_text(req.filter, 1 << 20)]).encode()
+                json.dumps([req.base, req.scope, filter_text]).encode()
             ).digest()[:8]
             if paged[1]:
                 after = _decode_cookie(paged[1], fingerprint)
@@ -484,8 +489,8 @@ class Session:
         answers = service.answers
         key: NormalKey | None = None
         rest = b""
-        if answers.enabled and not msg.controls:
-            key = self._normal_key(req)
+        if answers.enabled and not msg.controls and service.answers_current():
+            key = self._normal_key(req, filter_text)
             split = split_message_id(msg.raw) if msg.raw else None
             if key is not None and split is not None:
                 rest = split[1]
@@ -498,10 +503,11 @@ class Session:
                 key = None
         job = SearchJob(self, self.op, message_id, started, req, paged, fingerprint, after, now,
                         key, rest, answers.epoch)
+        job.filter_text = filter_text
         self.jobs[message_id] = job
         return Reply(job=job)
 
-    def _normal_key(self, req: codec.SearchRequest) -> NormalKey | None:
+    def _normal_key(self, req: codec.SearchRequest, filter_text: str) -> NormalKey | None:
         """What determines a search's answer (None: its base is not a DN)."""
         try:
             base = parse_dn(req.base).key
@@ -509,7 +515,7 @@ class Session:
             return None
         cfg = self.service.config
         size = min(req.size_limit or cfg.size_limit, cfg.size_limit)
-        return (base, req.scope, to_text(req.filter, 1 << 20),
+        return (base, req.scope, filter_text,
                 tuple(a.lower() for a in req.attributes), req.types_only, size)
 
     def _search_done(self, message_id: int, code: ResultCode, count: int, message: str,

@@ -167,3 +167,16 @@ def test_a_base_answer_survives_an_import_elsewhere(live: tuple[Any, Any, Any, A
     hits = factory.answers.hits
     assert len(certs(client.send(base1))) == 1
     assert factory.answers.hits == hits + 1  # the change touched another entry only
+
+
+def test_no_answer_is_served_while_the_feed_cannot_read_the_store(
+        live: tuple[Any, Any, Any, Any]) -> None:
+    factory, feed, store, ca = live
+    client = Client(factory)
+    mail1 = search("(mail=s1@example.test)", attrs=("userCertificate;binary",))
+    client.send(mail1)
+    assert len(factory.answers) == 1
+    feed.healthy = False  # an import may commit unseen: the kept answers are not trusted
+    hits = factory.answers.hits
+    assert len(certs(client.send(mail1))) == 1
+    assert factory.answers.hits == hits and len(factory.answers) == 0
