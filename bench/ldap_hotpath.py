@@ -79,7 +79,7 @@ def main() -> None:
     coop = Cooperator(scheduler=lambda f: pending.append(f) or _Call(), started=True)
     config = LdapConfig(listen=(), naming_contexts=(), attributes=DEFAULT_ATTRIBUTES,
                         size_limit=500, time_limit=10.0, max_request_bytes=262_143)
-    feed = type("Feed", (), {"subscribe": lambda self, f: None})()  # as serve: caches on
+    feed = type("Feed", (), {"subscribe": lambda self, f: None, "healthy": True})()  # caches on
     factory = make_ldap_factory(config, store, feed, None, lambda: datetime.now(UTC))
     factory.cooperator = coop
     proto = factory.buildProtocol(type("A", (), {"host": "127.0.0.1", "port": 1})())
