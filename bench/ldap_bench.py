@@ -5,6 +5,7 @@ Usage:
       && certpub import --config DATA/certpub.toml DATA/crl.pem && python bench/gen_ldif.py DATA
   python bench/ldap_bench.py DATA [--connections 1,16,64] [--rounds 3] [--seconds 3]
                              [--window 8] [--clients 2] [--kinds mail,base] [--json OUT]
+                             [--distinct 4096]
 
 Two searches, both asking for ``userCertificate;binary`` only:
   mail  base c=MO, scope sub, (mail=user<random i>@bench.example)  — one entry
@@ -15,7 +16,10 @@ now, HTTP too, ``[log] level = "warn"``: no per-operation log lines); slapd from
 
 The load generator: ``--clients`` processes (fork), each driving its share of the
 connections with raw blocking sockets and one epoll loop; requests are pre-encoded BER (only
-the 4-byte messageID changes); each connection keeps ``--window`` searches outstanding
+the 4-byte messageID changes), ``--distinct`` of them per process (default 4,096, drawn at
+random from all users, the same in every round of a setting): certpub serves repeats from its
+pre-encoded answers (``server/ldap/answers.py``), so a ``--distinct`` larger than that cache
+holds (``[ldap] answer_cache_mib``, ~1.7 KiB an answer) measures its miss path; each connection keeps ``--window`` searches outstanding
 (pipelined; certpub allows 16 per connection). A round is 0.5 s of warm-up plus ``--seconds``
 measured; searches completed in the measured window count, their latency is send → the
 SearchResultDone. Rounds alternate which server goes first; figures are medians of the rounds.
@@ -105,9 +109,9 @@ def message(msgid: int, op: bytes) -> bytes:
 
 
 def client(port: int, conns: int, kind: str, users: int, window: int, t_meas: float,
-           t_end: float, seed: int, out: mp.Queue) -> None:
+           t_end: float, seed: int, out: mp.Queue, distinct: int = 4096) -> None:
     rng = random.Random(seed)
-    ops = [request(kind, rng.randrange(users)) for _ in range(4096)]
+    ops = [request(kind, rng.randrange(users)) for _ in range(distinct)]
     sel = selectors.DefaultSelector()
     socks = []
     for _ in range(conns):
@@ -326,7 +330,7 @@ class Certpub:
 
 
 def run_round(port: int, pid: int, conns: int, kind: str, users: int, window: int,
-              clients: int, seconds: float, seed: int) -> dict[str, float]:
+              clients: int, seconds: float, seed: int, distinct: int = 4096) -> dict[str, float]:
     ctx = mp.get_context("fork")
     q: mp.Queue = ctx.Queue()
     procs = min(clients, conns)
@@ -334,7 +338,8 @@ def run_round(port: int, pid: int, conns: int, kind: str, users: int, window: in
     t_meas = time.monotonic() + 0.3 + 0.5  # connect, then 0.5 s of warm-up
     t_end = t_meas + seconds
     workers = [ctx.Process(target=client, args=(port, n, kind, users, window, t_meas, t_end,
-                                                seed * 100 + i, q)) for i, n in enumerate(shares)]
+                                                seed * 100 + i, q, distinct))
+               for i, n in enumerate(shares)]
     for w in workers:
         w.start()
     time.sleep(max(0.0, t_meas - time.monotonic()))
@@ -379,6 +384,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--window", type=int, default=8, help="outstanding searches per connection")
     ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    ap.add_argument("--distinct", type=int, default=4096,
+                    help="distinct requests each client process cycles through (drawn at random"
+                         " from all users); more than certpub's answer cache holds measures"
+                         " its miss path")
     ap.add_argument("--servers", default="certpub,slapd")
     ap.add_argument("--log-level", default="warn", help="certpub's [log] level")
     ap.add_argument("--certpub-arg", action="append", default=[],
@@ -447,7 +456,7 @@ def main() -> None:
                     for name in order:
                         port, pid = servers[name]
                         res = run_round(port, pid, conns, kind, users, args.window, args.clients,
-                                        args.seconds, 1000 + r)
+                                        args.seconds, 1000 + r, args.distinct)
                         rounds[name].append(res)
                         print(f"  {name:8} conns={conns:<3} {kind:5} round {r + 1}: "
                               f"{res['rate']:8.0f}/s p99 {res['p99_ms']:7.2f} ms  "

@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--kind", default="mail", choices=("mail", "base"))
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--users", type=int, default=0, help="default: the certificates in the store")
+    ap.add_argument("--distinct", type=int, default=0,
+                    help="cycle through this many distinct requests (0: every one drawn anew),"
+                         " e.g. 4096 as each ldap_bench.py client process does")
     ap.add_argument("--profile", type=Path)
     ap.add_argument("--log-level", default="warn")
     args = ap.parse_args()
@@ -76,7 +79,7 @@ def main() -> None:
     coop = Cooperator(scheduler=lambda f: pending.append(f) or _Call(), started=True)
     config = LdapConfig(listen=(), naming_contexts=(), attributes=DEFAULT_ATTRIBUTES,
                         size_limit=500, time_limit=10.0, max_request_bytes=262_143)
-    feed = type("Feed", (), {"subscribe": lambda self, f: None})()  # as serve: caches on
+    feed = type("Feed", (), {"subscribe": lambda self, f: None, "healthy": True})()  # caches on
     factory = make_ldap_factory(config, store, feed, None, lambda: datetime.now(UTC))
     factory.cooperator = coop
     proto = factory.buildProtocol(type("A", (), {"host": "127.0.0.1", "port": 1})())
@@ -84,8 +87,8 @@ def main() -> None:
     proto.makeConnection(transport)
     proto.setTimeout(None)
     rng = random.Random(1)
-    msgs = [message(0x01000000 + i, request(args.kind, rng.randrange(users)))
-            for i in range(args.n)]
+    ops = [request(args.kind, rng.randrange(users)) for _ in range(args.distinct or args.n)]
+    msgs = [message(0x01000000 + i, ops[i % len(ops)]) for i in range(args.n)]
 
     def run(batch: list[bytes]) -> None:
         for m in batch:
@@ -105,8 +108,10 @@ def main() -> None:
         prof.dump_stats(args.profile)
     took = time.process_time() - t0
     n = len(msgs) - 500
+    a = factory.answers
     print(f"{args.kind}: {took / n * 1e6:.1f} µs CPU per search ({n / took:.0f}/s on one core), "
-          f"{(transport.writes - before) / n:.2f} writes per search, {users} users")
+          f"{(transport.writes - before) / n:.2f} writes per search, {users} users, "
+          f"answer cache {a.hits} hits {a.misses} misses {len(a)} kept {a.bytes >> 20} MiB")
 
 
 if __name__ == "__main__":

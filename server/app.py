@@ -179,7 +179,8 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
         running.services["tls"] = tls  # first, so that a bad new certificate stops the reload
     try:
         if config.ldap.listen:
-            ldap_factory = make_ldap_factory(config.ldap, store, feed, tls, now, access=access)
+            ldap_factory = make_ldap_factory(config.ldap, store, feed, tls, now, access=access,
+                                             metrics=metrics)
             running.services["ldap"] = ldap_factory
             metrics.limits["ldap"] = ldap_factory.limits
             running.ports["ldap"] = []

@@ -105,6 +105,9 @@ class Metrics:
             "certpub_ocsp_signer_unavailable",
             "Signatures refused because the CA's signing token (PKCS#11) did not answer;"
             " the request was answered tryLater.", ["ca"], registry=r)
+        self.ldap_answers = Counter("certpub_ldap_answer_cache",
+                                    "LDAP pre-encoded answer lookups.", ["result"], registry=r)
+        self._ldap_answers = (self.ldap_answers.labels("miss"), self.ldap_answers.labels("hit"))
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -150,6 +153,9 @@ class Metrics:
         """Count one OCSP response cache lookup."""
         self.ocsp_cache.labels("hit" if hit else "miss").inc()
 
+    def ldap_cache(self, hit: bool) -> None:
+        """Count one lookup of the LDAP pre-encoded answers."""
+        self._ldap_answers[hit].inc()
 
     def signer_unavailable(self, ca: str) -> None:
         """Count one signature the CA's token did not make (answered tryLater)."""

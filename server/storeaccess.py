@@ -13,12 +13,18 @@ A thread whose store raised ``StoreError`` closes it and opens a fresh one on it
 so a dropped database connection heals itself. ``busy`` tells callers when the queue in front
 of the pool is full (a dead database): they answer busy/tryLater at once instead of queueing
 without bound.
+
+``iterate`` is the same seam for work done in steps (an LDAP search: one step per entry):
+inline it runs the steps on the reactor for up to ``INLINE_BUDGET`` seconds and hands the
+rest to a ``Cooperator``, so one long search does not starve the other clients; threaded it
+runs them all in a pool thread. Either way the caller gets a Deferred fired on the reactor
+thread once the steps are done (or failed), and writes the answer then.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from twisted.internet import defer
@@ -31,6 +37,7 @@ from store.sqlite import StoreError
 
 log = Logger()
 T = TypeVar("T")
+INLINE_BUDGET = 0.002  # seconds inline steps run before they become cooperative
 PENDING_PER_THREAD = 64  # jobs queued or running per pool thread before callers are refused
 _MISSING = object()
 
@@ -116,6 +123,22 @@ class StoreAccess:
         d.addBoth(self._answered)
         return d
 
+    def iterate(self, steps: Iterator[Any], cooperate: Callable[[Iterator[Any]], Any],
+                timer: Callable[[], float]) -> defer.Deferred[None]:
+        """Run every step of ``steps``: inline (the first ``INLINE_BUDGET`` seconds at once,
+        the rest through ``cooperate``, a ``Cooperator.cooperate``) or in a pool thread."""
+        if not self.inline:
+            return self.run(_drain, steps)
+        deadline = timer() + INLINE_BUDGET
+        try:
+            for _ in steps:
+                if timer() > deadline:
+                    done: defer.Deferred[None] = cooperate(steps).whenDone()
+                    return done.addCallback(lambda _: None)
+        except Exception:  # noqa: BLE001 - the caller's errback reports it
+            return defer.fail()
+        return defer.succeed(None)
+
     def _answered(self, result: Any) -> Any:
         self.pending -= 1
         return result
@@ -156,6 +179,11 @@ class StoreAccess:
             store.close()
         except Exception:  # noqa: BLE001 - it is being dropped because it failed
             log.debug("closing a failed thread store failed")
+
+
+def _drain(steps: Iterator[Any]) -> None:
+    for _ in steps:
+        pass
 
 
 class ThreadStore:

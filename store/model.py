@@ -138,6 +138,29 @@ class DirectoryEntry:
     kind: str  # "glue" | "subject" | "ca"
 
 
+class PublishedCert:
+    """What a directory entry shows of one published certificate: its DER, its addresses,
+    notAfter (POSIX seconds) and whether it is revoked (``Store.entry_with_certs``)."""
+
+    __slots__ = ("der", "emails", "not_after_ts", "revoked")
+
+    def __init__(self, der: bytes, emails: str, not_after: int | None, status: str) -> None:
+        self.der = bytes(der)
+        self.emails = tuple(e for e in emails.split("\n") if e) if emails else ()
+        self.not_after_ts = not_after
+        self.revoked = status == "revoked"
+
+    @property
+    def not_after(self) -> datetime | None:
+        return None if self.not_after_ts is None else datetime.fromtimestamp(self.not_after_ts, UTC)
+
+    def is_revoked(self) -> bool:
+        return self.revoked
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.not_after_ts is not None and self.not_after_ts < now.timestamp()
+
+
 @dataclass(frozen=True)
 class Change:
     """One row of the change log: what a committed batch touched."""

@@ -26,6 +26,7 @@ from store.model import (
     DirectoryEntry,
     Generation,
     IssuerHashes,
+    PublishedCert,
     RevocationReason,
     Serial,
     utc,
@@ -301,6 +302,42 @@ class SqlStore(abc.ABC):
             (*params, limit),
         )
         return [self._cert(r) for r in rows]
+
+    # --- the directory's reads: only the columns an entry shows ---------------------------
+
+    def published_matches(self, attr: str, value: str, limit: int = 1000) -> list[tuple[int, str]]:
+        """(certificate id, directory key) of published certificates whose normalised attr
+        equals value, at most limit (an LDAP equality filter's candidates)."""
+        rows = self._query(
+            "SELECT m.id, m.directory_key FROM certs m WHERE m.der IS NOT NULL AND m.id IN"
+            " (SELECT a.cert_id FROM cert_attrs a WHERE a.attr = ? AND a.value = ? LIMIT ?)",
+            (attr, value, limit),
+        )
+        return [(int(i), k) for i, k in rows]
+
+    def entry_with_certs(self, key: str, limit: int = 1000
+                         ) -> tuple[DirectoryEntry, list[PublishedCert]] | None:
+        """The entry at key and its published certificates (by id), in one query."""
+        rows = self._query(
+            "SELECT e.dn, e.parent_key, e.kind, c.der, c.emails, c.not_after, c.status"
+            " FROM entries e LEFT JOIN certs c ON c.directory_key = e.key AND c.der IS NOT NULL"
+            " WHERE e.key = ? ORDER BY c.id LIMIT ?",
+            (key, limit),
+        )
+        if not rows:
+            return None
+        dn, parent, kind = rows[0][0], rows[0][1], rows[0][2]
+        certs = [PublishedCert(r[3], r[4], r[5], r[6]) for r in rows if r[3] is not None]
+        return DirectoryEntry(key, dn, parent, kind), certs
+
+    def published_certs(self, key: str, limit: int = 1000) -> list[PublishedCert]:
+        """The published certificates of the entry at key (by id)."""
+        rows = self._query(
+            "SELECT c.der, c.emails, c.not_after, c.status FROM certs c"
+            " WHERE c.directory_key = ? AND c.der IS NOT NULL ORDER BY c.id LIMIT ?",
+            (key, limit),
+        )
+        return [PublishedCert(*r) for r in rows]
 
     def entry(self, key: str) -> DirectoryEntry | None:
         rows = self._query("SELECT key, dn, parent_key, kind FROM entries WHERE key = ?", (key,))

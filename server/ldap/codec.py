@@ -12,7 +12,7 @@ suite decodes them with ldaptor's codec to check both agree.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.ldap.errors import ProtocolError
 from server.ldap.filters import And, Extensible, Filter, Match, Not, Or, Present, Substrings
@@ -96,6 +96,7 @@ class Message:
     message_id: int
     request: Request
     controls: tuple[Control, ...] = ()
+    raw: bytes = field(default=b"", compare=False, repr=False)  # the PDU it was decoded from
 
 
 # --- BER reading --------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def decode_message(pdu: bytes, max_depth: int = 100, max_items: int = 1000) -> M
     except ProtocolError as exc:
         exc.message_id = message_id  # type: ignore[attr-defined]
         raise
-    return Message(message_id, request, controls)
+    return Message(message_id, request, controls, pdu)
 
 
 def _controls(data: bytes, pos: int, end: int) -> tuple[Control, ...]:
@@ -420,16 +421,21 @@ def encode_controls(controls: Sequence[tuple[str, bool, bytes | None]]) -> bytes
     return tlv(0xA0, body)
 
 
+def result_op(tag: int, code: int, matched: str = "", message: str = "", extra: bytes = b"",
+              controls: bytes = b"") -> bytes:
+    """An LDAPResult-shaped protocolOp (and controls), without the messageID."""
+    body = integer(code, 0x0A) + octets(matched) + octets(message) + extra
+    return tlv(tag, body) + controls
+
+
 def encode_result(message_id: int, tag: int, code: int, matched: str = "", message: str = "",
                   extra: bytes = b"", controls: bytes = b"") -> bytes:
     """An LDAPResult-shaped response (bind, search done, modify, ..., compare, extended)."""
-    body = integer(code, 0x0A) + octets(matched) + octets(message) + extra
-    return _message(message_id, tlv(tag, body), controls)
+    return _message(message_id, result_op(tag, code, matched, message, extra, controls))
 
 
-def encode_entry(message_id: int, dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]]
-                 ) -> bytes:
-    """SearchResultEntry (RFC 4511 §4.5.2)."""
+def entry_op(dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]]) -> bytes:
+    """The protocolOp of a SearchResultEntry (RFC 4511 §4.5.2), without the messageID."""
     parts = []
     for name, values in attributes:
         vals = b"".join([_header(0x04, len(v)) + v for v in
@@ -437,7 +443,13 @@ def encode_entry(message_id: int, dn: str, attributes: Sequence[tuple[str, Seque
         inner = octets(name) + _header(0x31, len(vals)) + vals
         parts.append(_header(0x30, len(inner)) + inner)
     attrs = b"".join(parts)
-    return _message(message_id, tlv(0x64, octets(dn) + tlv(0x30, attrs)))
+    return tlv(0x64, octets(dn) + tlv(0x30, attrs))
+
+
+def encode_entry(message_id: int, dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]]
+                 ) -> bytes:
+    """SearchResultEntry (RFC 4511 §4.5.2)."""
+    return _message(message_id, entry_op(dn, attributes))
 
 
 def encode_extended(message_id: int, code: int, message: str = "", name: str | None = None,

@@ -32,6 +32,7 @@ class LdapConfig:
     max_filter_items: int = 1000
     scan_limit: int = 20_000  # entries a search without an indexable filter may examine
     max_outstanding: int = 16  # concurrent operations per connection
+    answer_cache_mib: int = 32  # pre-encoded search answers kept (server.ldap.answers); 0: off
 
 
 def parse_ldap(sec: Section) -> LdapConfig:
@@ -50,6 +51,7 @@ def parse_ldap(sec: Section) -> LdapConfig:
         max_filter_items=sec.int("max_filter_items", 1000, min=2, max=100_000),
         scan_limit=sec.int("scan_limit", 20_000, min=1, max=10_000_000),
         max_outstanding=sec.int("max_outstanding", 16, min=1, max=1000),
+        answer_cache_mib=sec.int("answer_cache_mib", 32, min=0, max=65536),
     )
     from server.ldap.schema import unknown_attributes  # the schema decides what exists
 

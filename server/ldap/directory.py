@@ -1,18 +1,21 @@
 """The virtual directory: entries looked up and searched in the store, never copied into memory.
 
-Strategy: a base lookup is one indexed read (``entries`` by key, then the certificates or CA
-rows of that key); a search with an indexable filter (``server.ldap.plan``) reads candidate
-certificates from ``cert_attrs`` and evaluates the whole filter on the entry each belongs to,
-so results are exact; a search without one evaluates the base entry (scope base), the base's
-children (one level) or walks the base's subtree page by page in key order, examining at most
-``scan_limit`` entries (then adminLimitExceeded). Searches are generators: the protocol pulls
-one result at a time, so it can stop at the size limit, check the time limit, interleave other
-clients and resume a paged search from a position. The CA rows (a handful, with their CRLs)
+Strategy: a base lookup is one indexed read (``Store.entry_with_certs``: the entry row and the
+columns its published certificates show); a search with an indexable filter
+(``server.ldap.plan``) reads candidate certificates from ``cert_attrs`` (an equality filter
+only their ids and keys, ``Store.published_matches``) and evaluates the whole filter on the
+entry each belongs to, so results are exact; a search without one evaluates the base entry
+(scope base), or walks the base's children (one level) or subtree page by page in key order
+(one loop for both), examining at most ``scan_limit`` entries (then adminLimitExceeded).
+Searches are generators: the caller pulls one result at a time, so it can stop at the size
+limit, check the time limit, interleave other clients and resume a paged search from a
+position. Every hit carries the moment until which it is right (``Hit.until``: what an entry
+shows depends on the time only through the expiry of its certificates), which the answer
+cache (``server.ldap.answers``) keeps with an answer. The CA rows (a handful, with their CRLs)
 are cached, and dropped when the change feed reports a CA or CRL change; with a change feed,
 materialised entries are also kept in a bounded LRU cache (``entry_cache`` entries, so memory
 does not grow with the store), each dropped when the feed reports a change at its key (all of
-them on a CA, CRL or unkeyed change) and unused once ``now`` passes the first notAfter of its
-certificates (what an entry shows depends on the time only through expiry).
+them on a CA, CRL or unkeyed change).
 
 Threads: with ``[store] threads > 0`` searches run in pool threads (``server.storeaccess``)
 while the change feed invalidates on the reactor thread. The caches are guarded by one lock,
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -49,22 +52,29 @@ from server.ldap.entries import (
 )
 from server.ldap.errors import AdminLimitExceeded, NoSuchObject
 from server.ldap.filters import Filter, evaluate
-from server.ldap.lean import LeanReader, expiry_bound
-from server.ldap.plan import IndexQuery, Plan, plan
+from server.ldap.plan import IndexQuery, plan
 from server.ldap.schema import Allowlist
 from store import names
-from store.model import CaRecord, CertRecord, Change, DirectoryEntry
+from store.model import CaRecord, CertRecord, Change, DirectoryEntry, PublishedCert
 
 BASE, ONE, SUB = 0, 1, 2
 PAGE = 200
 NEVER = float("inf")
+CERTS_PER_ENTRY = 1000  # published certificates an entry shows at most
 
 # (phase, first certificate id, entry key, certificate id): where a paged search resumes.
 Position = tuple[int, int, str, int]
 
 
 class DirectoryStore(Protocol):
+    """The store's read methods the directory uses (``store.sqlbase.SqlStore``)."""
+
     def entry(self, key: str) -> DirectoryEntry | None: ...
+    def entry_with_certs(self, key: str, limit: int = ...
+                         ) -> tuple[DirectoryEntry, list[PublishedCert]] | None: ...
+    def published_certs(self, key: str, limit: int = ...) -> list[PublishedCert]: ...
+    def published_matches(self, attr: str, value: str, limit: int = ...
+                          ) -> list[tuple[int, str]]: ...
     def children(self, parent_key: str, limit: int = ..., after: str = ...) -> list[DirectoryEntry]: ...
     def subtree(self, base_key: str, limit: int = ..., after: str = ...) -> list[DirectoryEntry]: ...
     def roots(self) -> list[DirectoryEntry]: ...
@@ -81,6 +91,23 @@ class DirectoryStore(Protocol):
 class Hit:
     entry: Entry
     position: Position
+    until: float = NEVER  # POSIX time until which the entry shows what it shows now
+
+
+def expiry_bound(certs: Sequence[Any], now: datetime) -> float:
+    """The first notAfter after now among certs (POSIX seconds); inf when none."""
+    t = now.timestamp()
+    until = NEVER
+    for c in certs:
+        na = getattr(c, "not_after_ts", _MISSING)
+        if na is _MISSING:
+            na = None if c.not_after is None else c.not_after.timestamp()
+        if na is not None and t < na < until:
+            until = na
+    return until
+
+
+_MISSING: Any = object()
 
 
 class Directory:
@@ -104,8 +131,6 @@ class Directory:
         # key -> (entry, POSIX time until which it is right); only used with a change feed
         self.entry_cache = entry_cache
         self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
-        # fewer queries and columns for the hot path (server.ldap.lean); None: general API
-        self._lean = LeanReader.of(store)
         # search base text -> key of the entry it named (plain DNs only; bounded)
         self._base_keys: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -170,61 +195,57 @@ class Directory:
 
     def materialise(self, e: DirectoryEntry, now: datetime, epoch: int | None = None) -> Entry:
         """The entry of a row read in ``epoch`` (default: now; pass the epoch before the read)."""
-        if epoch is None:
-            epoch = self._epoch
+        return self._materialise(e, now, self._epoch if epoch is None else epoch)[0]
+
+    def _materialise(self, e: DirectoryEntry, now: datetime,
+                     epoch: int) -> tuple[Entry, float]:
         if self.entry_cache:
             cached = self._cached(e.key, now)
             if cached is not None:
                 return cached
         if e.kind == "glue":
-            return self._keep(glue_entry(e), NEVER, epoch)
-        certs: Sequence[Any] = (self._lean.certs(e.key) if self._lean is not None
-                                else self.store.certs_by_directory_key(e.key))
-        return self._build(e, certs, now, epoch)
+            return self._build(e, (), now, epoch)
+        return self._build(e, self.store.published_certs(e.key, CERTS_PER_ENTRY), now, epoch)
 
     def _build(self, e: DirectoryEntry, certs: Sequence[Any], now: datetime,
-               epoch: int) -> Entry:
+               epoch: int) -> tuple[Entry, float]:
         if e.kind == "glue":
-            return self._keep(glue_entry(e), NEVER, epoch)
-        if e.kind == "ca":
-            entry = ca_entry(e, self._ca_map().get(e.key, []), certs, now)
+            entry, until = glue_entry(e), NEVER
         else:
-            entry = subject_entry(e, certs, now)
-        if not self.entry_cache:
-            return entry
-        # an entry shows a certificate until it expires
-        return self._keep(entry, expiry_bound(list(certs), now), epoch)
+            if e.kind == "ca":
+                entry = ca_entry(e, self._ca_map().get(e.key, []), certs, now)
+            else:
+                entry = subject_entry(e, certs, now)
+            until = expiry_bound(certs, now)  # an entry shows a certificate until it expires
+        if self.entry_cache:
+            with self._lock:
+                if epoch == self._epoch:  # else read before an invalidation: maybe stale
+                    self._entries[entry.key] = (entry, until)
+                    if len(self._entries) > self.entry_cache:
+                        self._entries.popitem(last=False)
+        return entry, until
 
-    def _cached(self, key: str, now: datetime) -> Entry | None:
+    def _cached(self, key: str, now: datetime) -> tuple[Entry, float] | None:
         with self._lock:
             hit = self._entries.get(key)
             if hit is None or hit[1] <= now.timestamp():
                 return None
             self._entries.move_to_end(key)
-        return hit[0]
-
-    def _keep(self, entry: Entry, until: float, epoch: int) -> Entry:
-        if self.entry_cache:
-            with self._lock:
-                if epoch != self._epoch:  # read before an invalidation: maybe stale
-                    return entry
-                self._entries[entry.key] = (entry, until)
-                if len(self._entries) > self.entry_cache:
-                    self._entries.popitem(last=False)
-        return entry
+        return hit
 
     def entry_at(self, key: str, now: datetime) -> Entry | None:
         """The materialised entry with this key: from the cache, else one indexed read."""
+        found = self._entry_until(key, now)
+        return None if found is None else found[0]
+
+    def _entry_until(self, key: str, now: datetime) -> tuple[Entry, float] | None:
         if self.entry_cache:
             cached = self._cached(key, now)
             if cached is not None:
                 return cached
         epoch = self._epoch
-        if self._lean is not None:
-            found = self._lean.entry(key)
-            return None if found is None else self._build(found[0], found[1], now, epoch)
-        e = self.store.entry(key)
-        return None if e is None else self.materialise(e, now, epoch)
+        found = self.store.entry_with_certs(key, CERTS_PER_ENTRY)
+        return None if found is None else self._build(found[0], found[1], now, epoch)
 
     def cert_children(self, parent: Entry, now: datetime,
                       certs: Sequence[CertRecord] | None = None) -> list[Entry]:
@@ -236,22 +257,26 @@ class Directory:
 
     def lookup(self, dn: names.DN, now: datetime) -> Entry | None:
         """The entry at dn (any RFC 4514 spelling; a full subject DN finds its public entry)."""
+        found = self._lookup(dn, now)
+        return None if found is None else found[0]
+
+    def _lookup(self, dn: names.DN, now: datetime) -> tuple[Entry, float] | None:
         if dn.is_root():
-            return self.root_dse()
+            return self.root_dse(), NEVER
         if dn.key == SUBSCHEMA_KEY:
-            return self._subschema
+            return self._subschema, NEVER
         leaf = dn.rdns[0]
         if any(a.oid == SERIAL_OID for a in leaf):
             return self._lookup_cert(dn, now)
         key = dn.key
-        found = self.entry_at(key, now)
+        found = self._entry_until(key, now)
         if found is None:
             public = dn.public()
             if public.rdns and public.key != key:
-                found = self.entry_at(public.key, now)
+                found = self._entry_until(public.key, now)
         return found
 
-    def _lookup_cert(self, dn: names.DN, now: datetime) -> Entry | None:
+    def _lookup_cert(self, dn: names.DN, now: datetime) -> tuple[Entry, float] | None:
         leaf = dn.rdns[0]
         serial_text = next((a.display for a in leaf if a.oid == SERIAL_OID), "")
         ca_text = next((a.norm for a in leaf if a.oid == CA_OID), None)
@@ -268,7 +293,8 @@ class Directory:
                     continue
                 cert = self.store.cert(ca.id, serial)
                 if cert is not None and cert.directory_key == parent.key:
-                    return cert_entry(parent.dn, cert, ca.name, now)
+                    return (cert_entry(parent.dn, cert, ca.name, now),
+                            expiry_bound((cert,), now))
         return None
 
     def matched(self, dn: names.DN) -> str:
@@ -280,46 +306,53 @@ class Directory:
         return ""
 
     def base(self, dn: names.DN, now: datetime) -> Entry:
-        found = self.lookup(dn, now)
+        return self._base(dn, now)[0]
+
+    def _base(self, dn: names.DN, now: datetime) -> tuple[Entry, float]:
+        found = self._lookup(dn, now)
         if found is None:
             raise NoSuchObject("no such entry", self.matched(dn))
         return found
 
     def base_text(self, text: str, now: datetime) -> Entry:
         """base(parse_dn(text)), remembering which key a plain DN text names."""
+        return self.base_hit(text, now).entry
+
+    def base_hit(self, text: str, now: datetime) -> Hit:
+        """The base entry a search names, as a hit (with its ``until``)."""
         key = self._base_keys.get(text)
         if key is not None:
-            found = self.entry_at(key, now)
+            found = self._entry_until(key, now)
             if found is not None:
-                return found
+                return Hit(found[0], (0, 0, "", 0), found[1])
         dn = parse_dn(text)
-        entry = self.base(dn, now)
+        entry, until = self._base(dn, now)
         if (entry.kind in ("glue", "subject", "ca") and entry.key == dn.key
                 and self.entry_cache):
             with self._lock:
                 if len(self._base_keys) >= 1024:
                     self._base_keys.clear()
                 self._base_keys[text] = entry.key
-        return entry
+        return Hit(entry, (0, 0, "", 0), until)
 
     # --- search -----------------------------------------------------------------------------
 
-    def search(self, base: Entry, scope: int, f: Filter, now: datetime,
+    def search(self, base: Entry | Hit, scope: int, f: Filter, now: datetime,
                after: Position | None = None) -> Iterator[Hit | None]:
         """Matching entries, each with the position a paged search resumes after; None now
         and then while scanning, so the caller can check its limits."""
-        if scope == BASE or base.kind in ("subschema", "cert"):
+        hit = base if isinstance(base, Hit) else Hit(base, (0, 0, "", 0))
+        entry = hit.entry
+        if scope == BASE or entry.kind in ("subschema", "cert"):
             if (scope != ONE and (after is None or after < (0, 0, "", 0))
-                    and evaluate(f, base, self.allow) is True):
-                yield Hit(base, (0, 0, "", 0))
+                    and evaluate(f, entry, self.allow) is True):
+                yield hit
             return
         p = plan(f, self.allow)
         if p is not None:
-            yield from self._indexed(p, base, scope, f, now, after)
-        elif scope == ONE:
-            yield from self._one_level(base, f, now, after)
+            yield from self._indexed(p.queries, entry, scope, f, now, after)
         else:
-            yield from self._subtree(base, f, now, after)
+            yield from self._walk(entry, scope, f, now, after)
 
     def _in_scope(self, entry: Entry, base: Entry, scope: int) -> bool:
         if base.kind == "dse":
@@ -340,160 +373,134 @@ class Directory:
                 return True
         return parsed.is_within(base.parsed or names.DN(()))
 
-    def _run(self, q: IndexQuery) -> list[CertRecord]:
+    def _candidates(self, q: IndexQuery, records: bool
+                    ) -> list[tuple[int, str, CertRecord | None]]:
+        """(certificate id, entry key, the record when ``records``) of q's candidates."""
         s, limit = self.store, self.scan_limit
+        if q.kind == "eq" and not records:
+            return [(i, k, None) for i, k in s.published_matches(q.attr, q.value, limit)]
         if q.kind == "eq":
-            return s.certs_by_attribute(q.attr, q.value, limit)
-        if q.kind == "substr":
-            return s.certs_by_attribute_substring(q.attr, q.initial, q.any, q.final, limit)
-        if q.kind == "present":
-            return s.certs_with_attribute(q.attr, limit)
-        out: list[CertRecord] = []
-        for records in self._ca_map().values():
-            for ca in records:
-                if q.kind == "cert" and q.cert is not None and ca.subject_key != q.cert[1]:
-                    continue
-                serial = q.cert[0] if q.cert is not None else q.serial
-                cert = None if serial is None else s.cert(ca.id, serial)
-                if cert is not None and cert.der is not None:
-                    out.append(cert)
-        return out
+            rows = s.certs_by_attribute(q.attr, q.value, limit)
+        elif q.kind == "substr":
+            rows = s.certs_by_attribute_substring(q.attr, q.initial, q.any, q.final, limit)
+        elif q.kind == "present":
+            rows = s.certs_with_attribute(q.attr, limit)
+        else:
+            rows = []
+            for cas in self._ca_map().values():
+                for ca in cas:
+                    if q.kind == "cert" and q.cert is not None and ca.subject_key != q.cert[1]:
+                        continue
+                    serial = q.cert[0] if q.cert is not None else q.serial
+                    cert = None if serial is None else s.cert(ca.id, serial)
+                    if cert is not None and cert.der is not None:
+                        rows.append(cert)
+        return [(c.id, c.directory_key, c) for c in rows]
 
-    def _indexed(self, p: Plan, base: Entry, scope: int, f: Filter, now: datetime,
-                 after: Position | None) -> Iterator[Hit | None]:
+    def _indexed(self, queries: Sequence[IndexQuery], base: Entry, scope: int, f: Filter,
+                 now: datetime, after: Position | None) -> Iterator[Hit | None]:
+        """The one scan loop over index candidates: CA entries, then each candidate entry
+        (in order of its first certificate), then, for certificate queries, the certificate
+        entries below it."""
         for key in sorted(self._ca_map()):
             pos: Position = (0, 0, key, 0)
             if after is not None and pos <= after:
                 continue
-            entry = self.entry_at(key, now)
-            if entry is None:
+            found = self._entry_until(key, now)
+            if found is None:
                 continue
-            if self._in_scope(entry, base, scope) and evaluate(f, entry, self.allow) is True:
-                yield Hit(entry, pos)
-        per_cert = any(q.kind in ("cert", "serial") for q in p.queries)
-        if not per_cert and self._lean is not None:
-            yield from self._indexed_lean(p, base, scope, f, now, after)
-            return
+            if self._in_scope(found[0], base, scope) and evaluate(f, found[0], self.allow) is True:
+                yield Hit(found[0], pos, found[1])
+        per_cert = any(q.kind in ("cert", "serial") for q in queries)
         truncated = False
-        found: dict[int, CertRecord] = {}
-        for q in p.queries:
-            rows = self._run(q)
+        candidates: dict[int, tuple[str, CertRecord | None]] = {}
+        for q in queries:
+            rows = self._candidates(q, per_cert)
             truncated = truncated or len(rows) >= self.scan_limit
-            for c in rows:
-                found[c.id] = c
+            for cid, key, record in rows:
+                candidates[cid] = (key, record)
         yield None
-        groups: dict[str, list[CertRecord]] = {}
-        for c in sorted(found.values(), key=lambda c: c.id):
-            groups.setdefault(c.directory_key, []).append(c)
+        groups: dict[str, list[tuple[int, CertRecord | None]]] = {}
+        for cid in sorted(candidates):
+            key, record = candidates[cid]
+            groups.setdefault(key, []).append((cid, record))
         for key, hits in groups.items():
-            first = hits[0].id
+            first = hits[0][0]
             if after is not None and (1, first, "", 1 << 62) <= after:
                 continue
-            entry = self.entry_at(key, now)
-            if entry is None or entry.kind == "ca" and not per_cert:
+            found = self._entry_until(key, now)
+            if found is None or found[0].kind == "ca" and not per_cert:
                 continue
+            entry, until = found
             pos = (1, first, "", 0)
             if (entry.kind != "ca" and (after is None or pos > after)
                     and self._in_scope(entry, base, scope)
                     and evaluate(f, entry, self.allow) is True):
-                yield Hit(entry, pos)
+                yield Hit(entry, pos, until)
             if per_cert:
-                for child, c in zip(self.cert_children(entry, now, hits), hits, strict=True):
+                records = [r for _, r in hits if r is not None]
+                for child, c in zip(self.cert_children(entry, now, records), records, strict=True):
                     cpos = (1, first, "", c.id)
                     if ((after is None or cpos > after) and self._in_scope(child, base, scope)
                             and evaluate(f, child, self.allow) is True):
-                        yield Hit(child, cpos)
-        if truncated:
-            raise AdminLimitExceeded("too many candidate entries; refine the filter")
-
-    def _indexed_lean(self, p: Plan, base: Entry, scope: int, f: Filter, now: datetime,
-                      after: Position | None) -> Iterator[Hit | None]:
-        """_indexed for plans without certificate queries: the same hits, in the same order,
-        from (id, key) pairs and one read per entry."""
-        assert self._lean is not None
-        truncated = False
-        found: dict[int, str] = {}
-        for q in p.queries:
-            if q.kind == "eq":
-                pairs = self._lean.matching(q.attr, q.value, self.scan_limit)
-            else:
-                pairs = [(c.id, c.directory_key) for c in self._run(q)]
-            truncated = truncated or len(pairs) >= self.scan_limit
-            found.update(pairs)
-        yield None
-        firsts: dict[str, int] = {}
-        for cid in sorted(found):
-            firsts.setdefault(found[cid], cid)
-        for key, first in firsts.items():
-            if after is not None and (1, first, "", 1 << 62) <= after:
-                continue
-            entry = self.entry_at(key, now)
-            if entry is None or entry.kind == "ca":
-                continue
-            pos = (1, first, "", 0)
-            if ((after is None or pos > after) and self._in_scope(entry, base, scope)
-                    and evaluate(f, entry, self.allow) is True):
-                yield Hit(entry, pos)
+                        yield Hit(child, cpos, expiry_bound((c,), now))
         if truncated:
             raise AdminLimitExceeded("too many candidate entries; refine the filter")
 
     def _cert_hits(self, entry: Entry, f: Filter, now: datetime, phase: int,
                    after: Position | None) -> Iterator[Hit]:
-        for child in self.cert_children(entry, now):
+        if entry.kind not in ("subject", "ca"):
+            return
+        certs = self.store.certs_by_directory_key(entry.key)
+        for child, c in zip(self.cert_children(entry, now, certs), certs, strict=True):
             pos = (phase, 0, entry.key, _child_order(child))
             if (after is None or pos > after) and evaluate(f, child, self.allow) is True:
-                yield Hit(child, pos)
+                yield Hit(child, pos, expiry_bound((c,), now))
 
-    def _one_level(self, base: Entry, f: Filter, now: datetime,
-                   after: Position | None) -> Iterator[Hit | None]:
-        if base.kind == "dse":
+    def _walk(self, base: Entry, scope: int, f: Filter, now: datetime,
+              after: Position | None) -> Iterator[Hit | None]:
+        """The one scan loop without an index: the base's children (one level, phase 3) or
+        its subtree (phase 2) page by page in key order, at most ``scan_limit`` entries."""
+        if scope == ONE and base.kind == "dse":
             epoch = self._epoch
             rows = [e for e in self.store.roots() if after is None or (3, 0, e.key, 0) > after]
             for e in rows:
-                entry = self.materialise(e, now, epoch)
+                entry, until = self._materialise(e, now, epoch)
                 if evaluate(f, entry, self.allow) is True:
-                    yield Hit(entry, (3, 0, e.key, 0))
+                    yield Hit(entry, (3, 0, e.key, 0), until)
             return
-        yield from self._cert_hits(base, f, now, 2, after)
-        start = after[2] if after is not None and after[0] == 3 else ""
-        examined = 0
-        while True:
-            epoch = self._epoch
-            rows = self.store.children(base.key, PAGE, start)
-            for e in rows:
-                examined += 1
-                if examined > self.scan_limit:
-                    raise AdminLimitExceeded("too many entries to examine; refine the filter")
-                entry = self.materialise(e, now, epoch)
-                if evaluate(f, entry, self.allow) is True:
-                    yield Hit(entry, (3, 0, e.key, 0))
-            if len(rows) < PAGE:
-                return
-            start = rows[-1].key
-            yield None
-
-    def _subtree(self, base: Entry, f: Filter, now: datetime,
-                 after: Position | None) -> Iterator[Hit | None]:
         start = ""
-        if after is not None and after[0] == 2:
-            start = after[2]
-            # finish the certificate children of the entry the last page ended in
-            epoch = self._epoch
-            e = self.store.entry(start)
-            if e is not None:
-                yield from self._cert_hits(self.materialise(e, now, epoch), f, now, 2, after)
+        if scope == ONE:
+            yield from self._cert_hits(base, f, now, 2, after)
+            read: Callable[[str], list[DirectoryEntry]] = (
+                lambda start: self.store.children(base.key, PAGE, start))
+            phase = 3
+            if after is not None and after[0] == 3:
+                start = after[2]
+        else:
+            read = lambda start: self.store.subtree(base.key, PAGE, start)  # noqa: E731
+            phase = 2
+            if after is not None and after[0] == 2:
+                start = after[2]
+                # finish the certificate children of the entry the last page ended in
+                epoch = self._epoch
+                e = self.store.entry(start)
+                if e is not None:
+                    parent = self._materialise(e, now, epoch)[0]
+                    yield from self._cert_hits(parent, f, now, 2, after)
         examined = 0
         while True:
             epoch = self._epoch
-            rows = self.store.subtree(base.key, PAGE, start)
+            rows = read(start)
             for e in rows:
                 examined += 1
                 if examined > self.scan_limit:
                     raise AdminLimitExceeded("too many entries to examine; refine the filter")
-                entry = self.materialise(e, now, epoch)
+                entry, until = self._materialise(e, now, epoch)
                 if evaluate(f, entry, self.allow) is True:
-                    yield Hit(entry, (2, 0, e.key, 0))
-                yield from self._cert_hits(entry, f, now, 2, None)
+                    yield Hit(entry, (phase, 0, e.key, 0), until)
+                if scope == SUB:
+                    yield from self._cert_hits(entry, f, now, 2, None)
             if len(rows) < PAGE:
                 return
             start = rows[-1].key
@@ -503,4 +510,3 @@ class Directory:
 def _child_order(child: Entry) -> int:
     """Order of certificate entries below one subscriber: by serial number."""
     return int(str(child.values("certpubSerialNumber")[0]), 16) + 1
-

@@ -79,12 +79,15 @@ Truth = bool | None
 # --- RFC 4515 text, for logs ----------------------------------------------------------------
 
 
+_SPECIAL = re.compile(r"[*()\\\x00-\x1f]")
+
+
 def _esc(value: bytes) -> str:
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
         return "".join(f"\\{b:02x}" for b in value)
-    return "".join(f"\\{ord(c):02x}" if c in "*()\\\x00" or ord(c) < 0x20 else c for c in text)
+    return _SPECIAL.sub(lambda m: f"\\{ord(m.group()):02x}", text)
 
 
 def to_text(f: Filter, limit: int = 2048) -> str:

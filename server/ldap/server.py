@@ -1,10 +1,11 @@
 """The LDAP service as a Twisted factory: ``make_ldap_factory`` is what ``server/app.py`` calls.
 
 Strategy: the factory owns what every connection shares — the configuration, the virtual
-directory over the store, the TLS context for StartTLS, the clock — and enforces the connection
-limits (in total and per client address, ``server.limits``) before a protocol is built. The change feed drops the
-directory's caches when the importer commits. With a threaded ``StoreAccess`` the directory
-reads through the per-thread store proxy, and protocols send their store work to the pool.
+directory over the store, the pre-encoded answers, the TLS context for StartTLS, the clock,
+the store seam (``server.storeaccess``), the metrics — and enforces the connection limits (in
+total and per client address, ``server.limits``) before a protocol is built. The change feed
+drops the directory's caches and the answers an import changed when the importer commits.
+With a threaded ``StoreAccess`` the directory reads through the per-thread store proxy.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 
+from server.ldap.answers import AnswerCache
 from server.ldap.config import LdapConfig
 from server.ldap.directory import Directory, DirectoryStore
-from server.ldap.protocol import KNOWN_CONTROLS, STARTTLS, WHOAMI, LdapProtocol, info_enabled
+from server.ldap.errors import ResultCode
+from server.ldap.protocol import LdapProtocol, info_enabled
 from server.ldap.schema import Allowlist
+from server.ldap.session import KNOWN_CONTROLS, STARTTLS, WHOAMI
 from server.limits import ConnectionLimits, peer_host
 from server.storeaccess import StoreAccess
 
@@ -39,10 +43,17 @@ class LdapFactory(ServerFactory):
                  clock: Callable[[], datetime], *, timer: Callable[[], float] = time.monotonic,
                  cooperator: Cooperator | None = None,
                  call_later: Callable[..., Any] | None = None,
-                 access: StoreAccess | None = None) -> None:
+                 access: StoreAccess | None = None, answers: AnswerCache | None = None,
+                 metrics: Any = None) -> None:
         self.config = config
-        self.access = access  # None or inline: store calls run on the reactor thread
+        # the one seam every store read goes through (inline: on the reactor thread)
+        self.access = access if access is not None else StoreAccess("", 0, store=directory.store)
         self.directory = directory
+        # pre-encoded answers: only correct while a change feed invalidates them
+        self.answers = answers if answers is not None else AnswerCache(0)
+        self.metrics = metrics
+        self.feed: Any = None  # the change feed that keeps the answers current
+        self._counters: dict[tuple[str, int], Any] = {}
         self.tls = tls
         self.clock = clock
         self.timer = timer
@@ -73,6 +84,37 @@ class LdapFactory(ServerFactory):
         self._next_conn += 1
         return LdapProtocol(self, self._next_conn, f"{host}:{getattr(addr, 'port', '')}")
 
+    def record(self, operation: str, code: int, seconds: float) -> None:
+        """Count one finished operation (``certpub_requests{protocol="ldap"}``) and its time."""
+        if self.metrics is None:
+            return
+        pair = self._counters.get((operation, code))
+        if pair is None:
+            try:
+                result = ResultCode(code).name.lower()
+            except ValueError:
+                result = str(code)
+            pair = (self.metrics.requests.labels("ldap", operation, result),
+                    self.metrics.latency.labels("ldap", operation))
+            self._counters[(operation, code)] = pair
+        pair[0].inc()
+        pair[1].observe(seconds if seconds > 0 else 0.0)
+
+    def answers_current(self) -> bool:
+        """The change feed reads the store: no import can have committed unseen."""
+        feed = self.feed
+        if feed is not None and not feed.healthy:
+            if self.answers:
+                self.answers.clear()
+            return False
+        return True
+
+    def record_cache(self, hit: bool) -> None:
+        """Count one lookup of the pre-encoded answers."""
+        self.answers.count(hit)
+        if self.metrics is not None:
+            self.metrics.ldap_cache(hit)
+
     def connection_closed(self, peer: str) -> None:
         """The protocol of ``peer`` (``host:port``) lost its connection: free its slot."""
         self.limits.release(peer.rsplit(":", 1)[0])
@@ -86,18 +128,27 @@ class LdapFactory(ServerFactory):
 
 def make_ldap_factory(config: LdapConfig, store: DirectoryStore, feed: Any,
                       tls: Any | None, now: Callable[[], datetime],
-                      access: StoreAccess | None = None) -> LdapFactory:
+                      access: StoreAccess | None = None, metrics: Any = None) -> LdapFactory:
     """The LDAP service over a store; ``feed`` (a ChangeFeed or None) invalidates its caches;
-    ``access`` (threaded) makes the store calls run in its pool, through its store proxy."""
+    ``access`` (threaded) makes the store calls run in its pool, through its store proxy;
+    ``metrics`` (a ``server.metrics.Metrics``) counts operations and answer-cache lookups."""
     extensions = [WHOAMI] + ([STARTTLS] if tls is not None else [])
-    if access is not None:
+    if access is None:
+        access = StoreAccess("", 0, store=store)
+    else:
         store = access.store
     directory = Directory(
         store, Allowlist.of(config.attributes), naming_contexts=config.naming_contexts,
         scan_limit=config.scan_limit, controls=KNOWN_CONTROLS, extensions=extensions,
         version=VERSION,
     )
-    if feed is not None:  # the entry cache is only correct while the feed invalidates it
+    answers = AnswerCache(0)
+    if feed is not None:  # the caches are only correct while the feed invalidates them
         directory.entry_cache = ENTRY_CACHE
+        answers = AnswerCache(config.answer_cache_mib * 1024 * 1024)
         feed.subscribe(directory.invalidate)
-    return LdapFactory(config, directory, tls, now, access=access)
+        feed.subscribe(answers.invalidate)
+    factory = LdapFactory(config, directory, tls, now, access=access, answers=answers,
+                          metrics=metrics)
+    factory.feed = feed
+    return factory

@@ -97,18 +97,18 @@ def compare(mid: int, dn: str, attr: str, value: str) -> bytes:
 async def test_answers_leave_in_request_order(make: Any, ldap_store_path: Path,
                                               demo_pki: Any) -> None:
     good = next(c for c in demo_pki.certs if c.state == "good" and c.emails)
-    gate = Gate("certs_by_attribute")
+    gate = Gate("published_matches")
     conn, _ = make(gated(ldap_store_path, gate))
     gate.armed = True
     try:
         # a mail search that hangs in the store, then a bind and a root DSE search
         conn.proto.dataReceived(search(f"(mail={good.emails[0]})", mid=1) + bind(2) + dse(3))
         assert await wait_event(gate.entered)
-        await until(lambda: conn.proto._in_pool == 1)  # the root DSE search is done
+        await until(lambda: conn.proto.pending == 1)  # the root DSE search is done
         assert conn.transport.value() == b""  # ... and waits behind the first answer
     finally:
         gate.release.set()
-    await until(lambda: conn.proto._in_pool == 0)
+    await until(lambda: conn.proto.pending == 0)
     msgs = conn.messages()
     assert [(m.id, type(m.value).__name__) for m in msgs] == [
         (1, "LDAPSearchResultEntry"), (1, "LDAPSearchResultDone"), (2, "LDAPBindResponse"),
@@ -120,7 +120,7 @@ async def test_answers_leave_in_request_order(make: Any, ldap_store_path: Path,
 async def test_abandon_and_loss_while_in_the_pool_write_nothing(
         make: Any, ldap_store_path: Path, demo_pki: Any) -> None:
     good = next(c for c in demo_pki.certs if c.state == "good" and c.emails)
-    gate = Gate("certs_by_attribute")
+    gate = Gate("published_matches")
     conn, _ = make(gated(ldap_store_path, gate))
     gate.armed = True
     abandon = pureldap.LDAPMessage(pureldap.LDAPAbandonRequest(id=1), id=2).toWire()
@@ -130,13 +130,13 @@ async def test_abandon_and_loss_while_in_the_pool_write_nothing(
     finally:
         gate.armed = False
         gate.release.set()
-    await until(lambda: conn.proto._in_pool == 0)
+    await until(lambda: conn.proto.pending == 0)
     assert conn.transport.value() == b""  # RFC 4511 §4.11: no answer to an abandoned search
     conn.proto.dataReceived(dse(3))
-    await until(lambda: conn.proto._in_pool == 0 and conn.transport.value() != b"")
+    await until(lambda: conn.proto.pending == 0 and conn.transport.value() != b"")
     assert [m.id for m in conn.messages()] == [3, 3]
 
-    gate2 = Gate("certs_by_attribute")
+    gate2 = Gate("published_matches")
     lost, _ = make(gated(ldap_store_path, gate2))
     gate2.armed = True
     try:
@@ -145,7 +145,7 @@ async def test_abandon_and_loss_while_in_the_pool_write_nothing(
         lost.proto.connectionLost(None)
     finally:
         gate2.release.set()
-    await until(lambda: lost.proto._in_pool == 0)
+    await until(lambda: lost.proto.pending == 0)
     assert lost.transport.value() == b""
 
 
@@ -155,12 +155,12 @@ async def test_store_errors_in_the_pool_are_unavailable_and_a_full_queue_busy(
     conn, _ = make(BrokenStore)
     conn.proto.dataReceived(search("(mail=x@example.mo)", mid=1)
                             + compare(2, "cn=x,c=MO", "cn", "x") + dse(3))
-    await until(lambda: conn.proto._in_pool == 0 and len(conn.messages()) == 4)
+    await until(lambda: conn.proto.pending == 0 and len(conn.messages()) == 4)
     msgs = conn.messages()
     assert [(m.id, int(m.value.resultCode)) for m in msgs if hasattr(m.value, "resultCode")] == [
         (1, 52), (2, 52), (3, 0)]  # the root DSE of configured contexts reads no store
 
-    gate = Gate("certs_by_attribute")
+    gate = Gate("published_matches")
     busy, _ = make(gated(ldap_store_path, gate), max_outstanding=1)
     gate.armed = True
     good = next(c for c in demo_pki.certs if c.state == "good" and c.emails)
@@ -170,7 +170,7 @@ async def test_store_errors_in_the_pool_are_unavailable_and_a_full_queue_busy(
         busy.proto.dataReceived(compare(2, "c=MO", "c", "MO"))
     finally:
         gate.release.set()
-    await until(lambda: busy.proto._in_pool == 0)
+    await until(lambda: busy.proto.pending == 0)
     msgs = busy.messages()
     assert [(m.id, int(m.value.resultCode)) for m in msgs if hasattr(m.value, "resultCode")] == [
         (1, 0), (2, 51)]
