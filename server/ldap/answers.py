@@ -32,25 +32,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from server.ldap.codec import MAX_INT
+from server.ldap.codec import MAX_INT, tlv_header
 from store.model import Change
 
 OVERHEAD = 1150  # bytes of Python objects per answer besides its BER (measured: tracemalloc)
 MAX_ANSWER_BYTES = 256 * 1024  # a larger answer is not kept (it would evict many small ones)
 
 NormalKey = tuple[str, int, str, tuple[str, ...], bool, int]
-
-
-def _header(tag: int, n: int) -> bytes:
-    if n < 0x80:
-        return bytes((tag, n))
-    if n < 0x100:
-        return bytes((tag, 0x81, n))
-    if n < 0x10000:
-        return bytes((tag, 0x82, n >> 8, n & 0xFF))
-    if n < 0x1000000:
-        return bytes((tag, 0x83, n >> 16, (n >> 8) & 0xFF, n & 0xFF))
-    return bytes((tag, 0x84)) + n.to_bytes(4, "big")
 
 
 def message_id_bytes(message_id: int) -> bytes:
@@ -62,7 +50,7 @@ def message_id_bytes(message_id: int) -> bytes:
 def frame(message_id: int, op: bytes) -> bytes:
     """One LDAPMessage: messageID then the encoded protocolOp (and controls)."""
     mid = message_id_bytes(message_id)
-    return _header(0x30, len(mid) + len(op)) + mid + op
+    return tlv_header(0x30, len(mid) + len(op)) + mid + op
 
 
 def split_message_id(pdu: bytes) -> tuple[int, bytes] | None:
@@ -106,7 +94,7 @@ class Answer:
         """The answer's PDUs for a request with this messageID."""
         mid = message_id_bytes(message_id)
         n = len(mid)
-        return b"".join([_header(0x30, n + len(op)) + mid + op for op in self.ops])
+        return b"".join([tlv_header(0x30, n + len(op)) + mid + op for op in self.ops])
 
 
 class AnswerCache:

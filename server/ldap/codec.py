@@ -384,7 +384,8 @@ def _length(n: int) -> bytes:
     return bytes((0x80 | len(body),)) + body
 
 
-def _header(tag: int, n: int) -> bytes:
+def tlv_header(tag: int, n: int) -> bytes:
+    """The BER tag and definite length of an element of n content octets (X.690 §8.1.3)."""
     if n < 0x80:
         return bytes((tag, n))
     if n < 0x100:
@@ -395,7 +396,7 @@ def _header(tag: int, n: int) -> bytes:
 
 
 def tlv(tag: int, content: bytes) -> bytes:
-    return _header(tag, len(content)) + content
+    return tlv_header(tag, len(content)) + content
 
 
 def integer(value: int, tag: int = 0x02) -> bytes:
@@ -438,10 +439,10 @@ def entry_op(dn: str, attributes: Sequence[tuple[str, Sequence[bytes]]]) -> byte
     """The protocolOp of a SearchResultEntry (RFC 4511 §4.5.2), without the messageID."""
     parts = []
     for name, values in attributes:
-        vals = b"".join([_header(0x04, len(v)) + v for v in
+        vals = b"".join([tlv_header(0x04, len(v)) + v for v in
                          (v if isinstance(v, bytes) else v.encode("utf-8") for v in values)])
-        inner = octets(name) + _header(0x31, len(vals)) + vals
-        parts.append(_header(0x30, len(inner)) + inner)
+        inner = octets(name) + tlv_header(0x31, len(vals)) + vals
+        parts.append(tlv_header(0x30, len(inner)) + inner)
     attrs = b"".join(parts)
     return tlv(0x64, octets(dn) + tlv(0x30, attrs))
 
