@@ -18,15 +18,8 @@ from twisted.logger import capturedLogs
 from server.ldap import codec
 from server.ldap.server import LdapFactory, make_ldap_factory
 from store.sqlite import Store
+from tests.ldap.ber import DECODER
 from tests.ldap.conftest import ldap_config
-
-DECODER = pureldap.LDAPBERDecoderContext_TopLevel(
-    inherit=pureldap.LDAPBERDecoderContext_LDAPMessage(
-        fallback=pureldap.LDAPBERDecoderContext(fallback=pureber.BERDecoderContext()),
-        inherit=pureldap.LDAPBERDecoderContext(fallback=pureber.BERDecoderContext()),
-    )
-)
-
 
 class Client:
     """A protocol on a StringTransport, its cooperator pumped by a fake clock."""

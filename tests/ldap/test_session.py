@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ldaptor.protocols import pureber, pureldap
 
 from server.ldap import codec
 from server.ldap.answers import AnswerCache
@@ -21,30 +20,13 @@ from server.ldap.schema import Allowlist
 from server.ldap.session import Job, Reply, Session, outcome
 from store import names, open_store
 from store.sqlbase import StoreError
+from tests.ldap.ber import decode
 from tests.ldap.conftest import ldap_config
 from tests.ocsp.helpers import T0, fill_store, make_ca
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors" / "ldap"
-DECODER = pureldap.LDAPBERDecoderContext_TopLevel(
-    inherit=pureldap.LDAPBERDecoderContext_LDAPMessage(
-        fallback=pureldap.LDAPBERDecoderContext(fallback=pureber.BERDecoderContext()),
-        inherit=pureldap.LDAPBERDecoderContext(fallback=pureber.BERDecoderContext()),
-    )
-)
-
-
 def vector(name: str) -> bytes:
     return (VECTORS / name).read_bytes()
-
-
-def decode(data: bytes) -> list[Any]:
-    out = []
-    while data:
-        msg, used = pureber.berDecodeObject(DECODER, data)
-        assert msg is not None, data
-        out.append(msg)
-        data = data[used:]
-    return out
 
 
 class Log:

@@ -23,8 +23,9 @@ from twisted.internet.testing import StringTransport
 from server.ldap.server import make_ldap_factory
 from server.storeaccess import StoreAccess
 from store.sqlite import Store
+from tests.ldap.ber import decode
 from tests.ldap.conftest import ldap_config
-from tests.ldap.test_protocol import DECODER, search
+from tests.ldap.test_protocol import search
 from tests.test_storeaccess import WAIT, BrokenStore, Gate, GatedStore, wait_event
 
 
@@ -35,16 +36,6 @@ async def until(condition: Callable[[], bool]) -> None:
             return
         await deferLater(reactor, 0.01, lambda: None)
     raise AssertionError("condition not reached")
-
-
-def decode(data: bytes) -> list[Any]:
-    out = []
-    while data:
-        msg, used = pureber.berDecodeObject(DECODER, data)
-        assert msg is not None, data
-        out.append(msg)
-        data = data[used:]
-    return out
 
 
 class Conn:
