@@ -43,35 +43,13 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ocsp_bench import LUA_NONCE, LUA_POST, LUA_RESOLVE  # noqa: E402 - the same wrk scripts
 from slapd_env import free_port, stop_process  # noqa: E402 - the bench scripts' shared helpers
 
 from server.demo.hsm import SoftHsmToken, create_token  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 
-LUA_POST = """
-wrk.method = "POST"
-local f = assert(io.open(os.getenv("OCSP_BODY"), "rb"))
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = "application/ocsp-request"
-function wrk.resolve(host, service) wrk.addrs = wrk.lookup(host, service) end
-"""
-
-LUA_NONCE = """
-local f = assert(io.open(os.getenv("OCSP_BODY"), "rb"))
-local prefix = f:read("*a")
-f:close()
-local headers = {["Content-Type"] = "application/ocsp-request"}
-math.randomseed(os.time())
-local char, random, concat = string.char, math.random, table.concat
-request = function()
-  local t = {}
-  for i = 1, 32 do t[i] = char(random(0, 255)) end
-  return wrk.format("POST", "/", headers, prefix .. concat(t))
-end
-function wrk.resolve(host, service) wrk.addrs = wrk.lookup(host, service) end
-"""
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -307,8 +285,8 @@ def main() -> None:
              "post.lua": work / "post.lua", "nonce.lua": work / "nonce.lua"}
     files["plain"].write_bytes(plain)
     files["prefix"].write_bytes(prefix)
-    files["post.lua"].write_text(LUA_POST)
-    files["nonce.lua"].write_text(LUA_NONCE)
+    files["post.lua"].write_text(LUA_POST + LUA_RESOLVE)
+    files["nonce.lua"].write_text(LUA_NONCE + LUA_RESOLVE)
 
     table: list[str] = []
     for n, kind in enumerate(args.keys.split(","), start=1):
