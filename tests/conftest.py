@@ -68,14 +68,18 @@ def no_process_left_behind() -> Iterator[None]:
                     pytrace=False)
 
 
+def skip_or_fail(message: str) -> None:
+    """Skip a test whose tool or server is missing; under CI (CERTPUB_REQUIRE_CLIENTS=1), fail."""
+    if REQUIRE_CLIENTS:
+        pytest.fail(message + " (CERTPUB_REQUIRE_CLIENTS=1 forbids skipping)")
+    pytest.skip(message)
+
+
 def require_tool(name: str) -> str:
     """Path of an external client; skip when missing, fail instead under CI."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed"
-        if REQUIRE_CLIENTS:
-            pytest.fail(message + " (CERTPUB_REQUIRE_CLIENTS=1 forbids skipping)")
-        pytest.skip(message)
+        skip_or_fail(f"{name} is not installed")
     return path
 
 
@@ -119,10 +123,6 @@ def store_path(tmp_path: Path) -> Iterator[Path]:
 # --- PostgreSQL: a throwaway cluster per session, a fresh database per test ----------------
 
 
-def _skip_or_fail(message: str) -> None:
-    if REQUIRE_CLIENTS:
-        pytest.fail(message + " (CERTPUB_REQUIRE_CLIENTS=1 forbids skipping)")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -134,14 +134,14 @@ def pg_cluster():  # type: ignore[no-untyped-def]
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        _skip_or_fail("psycopg is not installed (pip install 'psycopg[binary]')")
+        skip_or_fail("psycopg is not installed (pip install 'psycopg[binary]')")
     url = os.environ.get("CERTPUB_TEST_PG_URL")
     if url:
         yield PgCluster.external(url)
         return
     bindir = find_bindir()
     if bindir is None:
-        _skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
+        skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
     assert bindir is not None
     cluster = PgCluster.start(bindir)
     try:

@@ -18,7 +18,7 @@ from twisted.logger import capturedLogs
 from server.ldap import codec
 from server.ldap.server import LdapFactory, make_ldap_factory
 from store.sqlite import Store
-from tests.ldap.ber import DECODER
+from tests.ldap.ber import DECODER, decode
 from tests.ldap.conftest import ldap_config
 
 class Client:
@@ -43,13 +43,7 @@ class Client:
             self.clock.advance(0)
         out = self.transport.value()
         self.transport.clear()
-        messages = []
-        while out:
-            msg, used = pureber.berDecodeObject(DECODER, out)
-            assert msg is not None, out
-            messages.append(msg)
-            out = out[used:]
-        return messages
+        return decode(out)
 
     @property
     def closed(self) -> bool:

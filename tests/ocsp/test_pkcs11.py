@@ -28,7 +28,7 @@ from twisted.logger import capturedLogs, formatEvent
 from server import app
 from server.config import Config, load_config
 from server.demo.hsm import SoftHsmToken, create_token, move_signer_keys, softhsm_module
-from tests.conftest import REQUIRE_CLIENTS, require_tool
+from tests.conftest import require_tool, skip_or_fail
 from tests.ocsp.helpers import ocsp_fetch
 
 pytestmark = pytest.mark.realclient
@@ -40,10 +40,7 @@ def require_softhsm() -> Path:
     require_tool("softhsm2-util")
     module = softhsm_module()
     if module is None:
-        message = "SoftHSM2's libsofthsm2.so is not installed"
-        if REQUIRE_CLIENTS:
-            pytest.fail(message + " (CERTPUB_REQUIRE_CLIENTS=1 forbids skipping)")
-        pytest.skip(message)
+        skip_or_fail("SoftHSM2's libsofthsm2.so is not installed")
     return module
 
 
