@@ -1,10 +1,10 @@
-"""Health check and the /healthz and /metrics resources (on the HTTP listener or their own).
+"""Health check and the /healthz and /metrics routes of the HTTP listener.
 
 Strategy: ``HealthCheck.check`` asks the store one indexed question (its generation) plus the
 short CA list, and reads the feed's and signers' state; every check runs on each request, so a
 store that comes back turns the answer to 200 without a restart. The body is short and names
 no paths or error texts (the endpoint may be public): details go to the log when the state
-changes. The resources are plain adapters; ``mount_ops`` puts them beside the OCSP tree.
+changes. ``OpsRoute`` is a plain adapter that ``server.http.site`` routes the two paths to.
 With a threaded ``StoreAccess`` the store reads of a check and a whole metrics scrape run in
 the store pool and the answer is written when they are done (a full pool: 503).
 """
@@ -20,9 +20,6 @@ from typing import Any, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.pages import notFound
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from server.metrics import CONTENT_TYPE, Metrics
 from store.model import CaRecord, Generation
@@ -171,90 +168,6 @@ class HealthCheck:
                 reasons.append(f"change feed stalled for {lag:.0f} s")
 
 
-def _respond(request: Request, code: int, content_type: str, data: bytes) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"Content-Type", content_type.encode())
-    request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"Content-Length", str(len(data)).encode())
-    return data
-
-
-class _GetOnly(Resource):
-    """A leaf answering GET and HEAD; any other method is a bare 405."""
-
-    isLeaf = True
-
-    def render(self, request: Any) -> Any:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            return _respond(request, 405, "text/plain; charset=utf-8", b"method not allowed\n")
-        return super().render(request)
-
-
-class HealthResource(_GetOnly):
-    """GET /healthz: 200 or 503 with a short JSON body."""
-
-    def __init__(self, health: HealthCheck) -> None:
-        super().__init__()
-        self.health = health
-
-    def render_GET(self, request: Request) -> Any:
-        if self.health.access is not None:
-            return _later(request, self.health.check_deferred(), self._answer)
-        result: tuple[bool, dict[str, Any]] | Failure
-        try:
-            result = self.health.check()
-        except Exception:
-            result = Failure()  # type: ignore[no-untyped-call]
-        return self._answer(request, result)
-
-    @staticmethod
-    def _answer(request: Request, result: tuple[bool, dict[str, Any]] | Failure) -> bytes:
-        code, data = health_answer(result)
-        return _respond(request, code, "application/json", data)
-
-
-class MetricsResource(_GetOnly):
-    """GET /metrics: the Prometheus text exposition."""
-
-    def __init__(self, metrics: Metrics, access: Any = None) -> None:
-        super().__init__()
-        self.metrics = metrics
-        self.access = access if access is not None and not access.inline else None
-
-    def render_GET(self, request: Request) -> Any:
-        if self.access is None:
-            return _respond(request, 200, CONTENT_TYPE, self.metrics.render())
-        if self.access.busy():
-            return _respond(request, 503, "text/plain; charset=utf-8", b"store threads busy\n")
-        return _later(request, self.access.run(self.metrics.render), self._answer)
-
-    @staticmethod
-    def _answer(request: Request, result: bytes | Failure) -> bytes:
-        if isinstance(result, Failure):
-            log.failure("metrics scrape failed", result)
-            return _respond(request, 500, "text/plain; charset=utf-8", b"scrape failed\n")
-        return _respond(request, 200, CONTENT_TYPE, result)
-
-
-def _later(request: Request, d: defer.Deferred[Any],
-           answer: Callable[[Request, Any], bytes]) -> Any:
-    """Answer request when d fires (unless the client left meanwhile): NOT_DONE_YET."""
-    gone: list[bool] = []
-    request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-    def done(result: Any) -> None:
-        if gone:
-            return
-        body = answer(request, result)
-        if request.method != b"HEAD":
-            request.write(body)  # type: ignore[no-untyped-call]
-        request.finish()  # type: ignore[no-untyped-call]
-
-    d.addBoth(done)
-    return NOT_DONE_YET
-
-
 def health_answer(result: tuple[bool, dict[str, Any]] | Failure) -> tuple[int, bytes]:
     """(status, JSON body) of a health check's result (a Failure: 503, logged)."""
     if isinstance(result, Failure):
@@ -331,51 +244,3 @@ class OpsRoute:
             return self._send(request, 200, ctype, result, "metrics", date)
 
         return self.access.run(self.metrics.render).addBoth(answer)
-
-
-class _OpsFront(Resource):
-    """Routes /healthz and /metrics, hands every other path to a leaf resource unchanged."""
-
-    def __init__(self, inner: Resource) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def getChild(self, path: bytes, request: Any) -> Resource:
-        request.postpath.insert(0, request.prepath.pop())  # the inner leaf sees the whole path
-        return self.inner
-
-    def render(self, request: Any) -> Any:
-        return self.inner.render(request)
-
-
-def mount_ops(root: Resource, health: HealthCheck, metrics: Metrics,
-              access: Any = None) -> Resource:
-    """Add /healthz and /metrics to root; serve the returned resource (root unless a leaf)."""
-    front = _OpsFront(root) if root.isLeaf else root
-    front.putChild(b"healthz", HealthResource(health))
-    front.putChild(b"metrics", MetricsResource(metrics, access))
-    return front
-
-
-class _OpsRoot(Resource):
-    """The root of a standalone ops site: its children, else 404."""
-
-    def getChild(self, path: bytes, request: Any) -> IResource:
-        return notFound()
-
-
-class _QuietSite(Site):
-    """A Site that writes no access log line per probe or scrape."""
-
-    def log(self, request: Any) -> None:
-        pass
-
-
-def make_ops_site(health: HealthCheck, metrics: Metrics, access: Any = None) -> Site:
-    """A standalone site serving /healthz and /metrics only (for a separate listener)."""
-    root = _OpsRoot()
-    mount_ops(root, health, metrics, access)
-    site = _QuietSite(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site

@@ -3,9 +3,8 @@
 Strategy: a factory asks ``admit(host)`` in ``buildProtocol`` and returns ``None`` when it is
 refused (Twisted then closes the socket at once, before reading anything); an admitted
 connection gets a ``Slot`` that its protocol releases when the connection is lost. A slot
-releases once however often it is asked to, so a connection whose ownership moves between
-protocol objects (the HTTP fast path handing over to twisted.web) can neither leak nor free
-its slot twice. Refusals come in floods: one warning per burst (at most one per
+releases once however often it is asked to, so a connection closed from both ends at once
+(a server-side close racing the client's) can neither leak nor free its slot twice. Refusals come in floods: one warning per burst (at most one per
 ``warn_interval`` seconds, saying how many were refused since the last one), never one per
 connection; ``refused`` counts them all.
 """

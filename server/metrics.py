@@ -5,7 +5,7 @@ backlog are updated by the protocol code through a handful of plain methods that
 Everything the store knows (generation, certificates by CA and status, imported files) and the
 signer expiries are computed when Prometheus scrapes, by one custom collector; the scan-ish
 per-CA counts are cached for ``STATS_TTL`` seconds; with a threaded store a scrape is
-rendered in a store thread (``MetricsResource``), as every collector and counter here is
+rendered in a store thread (``OpsRoute.scrape``), as every collector and counter here is
 thread-safe. The change-poll lag is measured by wrapping
 the feed's ``poll`` (see ``Metrics.watch``), so a poll loop that died shows up as a growing lag.
 The registry is not prometheus_client's global one, so tests and processes stay isolated.

@@ -1,4 +1,5 @@
-"""/healthz and /metrics: the checks, recovery without restart, headers, routing, a real listener."""
+"""/healthz and /metrics: the checks, recovery without restart, headers, and the live routes
+(``OpsRoute`` behind the HTTP listener) in memory and on a real listener."""
 
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
-from twisted.web.resource import Resource, getChildForRequest
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from server.feed import ChangeFeed
-from server.health import HealthCheck, HealthResource, MetricsResource, make_ops_site, mount_ops
+from server.health import HealthCheck, OpsRoute
+from server.http import wire
+from server.http.listener import HttpFactory
+from server.http.publication import send
+from server.limits import ConnectionLimits
 from server.metrics import Metrics
+from server.ocsp import publish
 from store.model import CaRecord, Generation
 from store.sqlite import Store, StoreError
 from tests.test_metrics import T0, FakeClock, make_store
@@ -34,19 +41,48 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def get(resource: Resource, path: bytes, method: bytes = b"GET") -> tuple[int, dict[str, str], bytes]:
-    """Route and render one request through a resource tree, as twisted.web does."""
-    request = DummyRequest([p for p in path.lstrip(b"/").split(b"/")])
-    request.method = method
-    leaf = getChildForRequest(resource, request)
-    body = leaf.render(request)
-    headers = {k.decode().lower(): v[0].decode()
-               for k, v in request.responseHeaders.getAllRawHeaders()}
-    return request.responseCode or 200, headers, body
+class OpsSite:
+    """The HTTP listener's routing of /healthz and /metrics (as ``HttpSite``), 404 elsewhere."""
+
+    def __init__(self, ops: OpsRoute) -> None:
+        self.ops = ops
+
+    def handle(self, request: wire.Request, date: bytes) -> Any:
+        if request.path == b"/healthz":
+            return self.ops.healthz(request, date)
+        if request.path == b"/metrics":
+            return self.ops.scrape(request, date)
+        return send(request, publish.not_found(), {"kind": "ocsp"}, date)
 
 
-def health_body(resource: Resource) -> tuple[int, dict[str, Any]]:
-    code, headers, body = get(resource, b"/healthz")
+def ops_factory(health: HealthCheck, metrics: Metrics | None = None, access: Any = None,
+                reactor: Any = None) -> HttpFactory:
+    """The HTTP listener serving only the two operations routes (in memory: a Clock)."""
+    limits = ConnectionLimits(64, 64, service="http")
+    return HttpFactory(OpsSite(OpsRoute(health, metrics or Metrics(FakeClock(), process=False),
+                                        access)),
+                       max_body=4096, timeout=30.0, reactor=reactor or Clock(), limits=limits)
+
+
+def parse(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, lower-cased headers, body) of one HTTP/1.1 response."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def get(factory: HttpFactory, path: bytes, method: bytes = b"GET") -> tuple[int, dict[str, str], bytes]:
+    """One request through the listener in memory; the answer parsed from the bytes written."""
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    return parse(transport.value())
+
+
+def health_body(factory: HttpFactory) -> tuple[int, dict[str, Any]]:
+    code, headers, body = get(factory, b"/healthz")
     assert headers["content-type"] == "application/json"
     assert headers["cache-control"] == "no-store"
     assert headers["content-length"] == str(len(body))
@@ -56,7 +92,7 @@ def health_body(resource: Resource) -> tuple[int, dict[str, Any]]:
 def test_healthy_store_answers_200_with_generation_and_signers(store: Store) -> None:
     health = HealthCheck(store, ChangeFeed(store), FakeClock(), lambda: SIGNER_OK,
                          max_import_age=3600)
-    code, body = health_body(HealthResource(health))
+    code, body = health_body(ops_factory(health))
     assert code == 200
     assert body["status"] == "ok" and body["reasons"] == []
     assert body["generation"] == int(store.generation())
@@ -66,7 +102,7 @@ def test_healthy_store_answers_200_with_generation_and_signers(store: Store) -> 
 
 
 def test_store_file_moved_away_then_back_fails_then_recovers(store: Store, tmp_path: Path) -> None:
-    resource = HealthResource(HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK))
+    resource = ops_factory(HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK))
     assert health_body(resource)[0] == 200
     aside = tmp_path / "aside.sqlite3"
     store.path.rename(aside)
@@ -77,7 +113,7 @@ def test_store_file_moved_away_then_back_fails_then_recovers(store: Store, tmp_p
 
 
 def test_store_file_replaced_needs_restart(store: Store, tmp_path: Path) -> None:
-    resource = HealthResource(HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK))
+    resource = ops_factory(HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK))
     replacement = make_store(tmp_path / "new.sqlite3")
     replacement.close()
     (tmp_path / "new.sqlite3").replace(store.path)
@@ -112,7 +148,7 @@ class FlakyStore:
 def test_store_error_gives_503_with_reason_then_200_without_restart(store: Store) -> None:
     flaky = FlakyStore(store)
     feed = ChangeFeed(flaky)
-    resource = HealthResource(HealthCheck(flaky, feed, FakeClock(), lambda: SIGNER_OK))
+    resource = ops_factory(HealthCheck(flaky, feed, FakeClock(), lambda: SIGNER_OK))
     assert health_body(resource)[0] == 200
     flaky.broken = True
     feed.poll()
@@ -175,7 +211,7 @@ def test_signer_source_failure_is_a_503_not_a_500(store: Store) -> None:
     def boom() -> dict[str, datetime]:
         raise RuntimeError("keys not loaded")
 
-    code, body = health_body(HealthResource(HealthCheck(store, None, FakeClock(), boom)))
+    code, body = health_body(ops_factory(HealthCheck(store, None, FakeClock(), boom)))
     assert code == 503 and body["reasons"] == ["signer expiries unavailable"]
 
 
@@ -183,7 +219,8 @@ def test_metrics_resource_serves_parseable_text(store: Store) -> None:
     metrics = Metrics(FakeClock(), process=False)
     metrics.watch(store=store)
     metrics.request("ocsp", "status", "successful", 0.001)
-    code, headers, body = get(MetricsResource(metrics), b"/metrics")
+    code, headers, body = get(ops_factory(HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK),
+                                          metrics), b"/metrics")
     assert code == 200
     assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert headers["content-length"] == str(len(body))
@@ -191,33 +228,14 @@ def test_metrics_resource_serves_parseable_text(store: Store) -> None:
     assert {"certpub_requests", "certpub_request_seconds", "certpub_store_generation"} <= names
 
 
-class Leaf(Resource):
-    """Stands in for an OCSP root that is a leaf and reads the whole path itself."""
-
-    isLeaf = True
-
-    def render_GET(self, request: Any) -> bytes:
-        return b"leaf:" + b"/".join(request.postpath)
-
-
-@pytest.mark.parametrize("root_is_leaf", [True, False])
-def test_mount_ops_beside_an_existing_root(store: Store, root_is_leaf: bool) -> None:
-    health = HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK)
-    metrics = Metrics(FakeClock(), process=False)
-    if root_is_leaf:
-        root: Resource = Leaf()
-    else:
-        root = Resource()
-        root.putChild(b"ocsp", Leaf())
-    served = mount_ops(root, health, metrics)
-    assert (served is root) is not root_is_leaf
-    assert health_body(served)[0] == 200
-    assert get(served, b"/metrics")[0] == 200
-    if root_is_leaf:
-        assert get(served, b"/MEQwQjBAMD4wPDAJBgUrDgMCGgUA")[2] == b"leaf:MEQwQjBAMD4wPDAJBgUrDgMCGgUA"
-        assert get(served, b"/")[2] == b"leaf:"
-    else:
-        assert get(served, b"/ocsp/abc")[2] == b"leaf:abc"
+def test_other_methods_and_paths(store: Store) -> None:
+    factory = ops_factory(HealthCheck(store, None, FakeClock(), lambda: SIGNER_OK))
+    for path in (b"/healthz", b"/metrics"):
+        code, headers, _ = get(factory, path, b"POST")
+        assert code == 405 and headers["allow"] == "GET, HEAD"
+        code, headers, body = get(factory, path, b"HEAD")
+        assert code == 200 and int(headers["content-length"]) > 0 and body == b""
+    assert get(factory, b"/healthz/x")[0] == 404
 
 
 def _fetch(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -236,8 +254,9 @@ async def test_ops_site_on_a_real_listener(store: Store) -> None:
     signers = dict(SIGNER_OK)
     metrics = Metrics(FakeClock(), process=False)
     metrics.watch(store=store, signer_expiries=lambda: signers)
-    site = make_ops_site(HealthCheck(store, None, FakeClock(), lambda: signers), metrics)
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    factory = ops_factory(HealthCheck(store, None, FakeClock(), lambda: signers), metrics,
+                          reactor=reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     base = f"http://127.0.0.1:{port.getHost().port}"
     try:
         code, headers, body = await threads.deferToThread(_fetch, base + "/healthz")

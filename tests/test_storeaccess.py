@@ -380,8 +380,8 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_health_503_and_metrics_from_a_failing_pool_store(ocsp_env: dict[str, Any]) -> None:
-    from server.health import make_ops_site
     from server.metrics import Metrics
+    from tests.test_health import ops_factory
 
     path = ocsp_env["path"]
     for opener, healthy in ((lambda: Store.open(path, create=False), True), (BrokenStore, False)):
@@ -389,7 +389,7 @@ async def test_health_503_and_metrics_from_a_failing_pool_store(ocsp_env: dict[s
         metrics = Metrics(Clock(), process=False)
         metrics.watch(store=access.store)
         health = HealthCheck(access.store, None, Clock(), dict, access=access)
-        port = reactor.listenTCP(0, make_ops_site(health, metrics, access),  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, ops_factory(health, metrics, access, reactor),  # type: ignore[attr-defined]
                                  interface="127.0.0.1")
         try:
             n = port.getHost().port
