@@ -68,9 +68,10 @@ def parse_serial(text: str) -> int | None:
 
 def parse_sha256(text: str) -> bytes | None:
     """A SHA-256 fingerprint: 64 hex digits, any case, with or without colons or spaces."""
-    t = _SEPARATORS.sub("", text.strip().lower())
+    t = text.strip().lower()
     if t.startswith("sha256:"):
         t = t[7:]
+    t = _SEPARATORS.sub("", t)
     if len(t) != 64 or not _HEX.match(t):
         return None
     return bytes.fromhex(t)
