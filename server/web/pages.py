@@ -12,6 +12,7 @@ status can change at any import).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -250,6 +251,9 @@ class WebPages:
         return "error_not_found", {"ca": ca_name, "serial": view.serial_display(serial)}
 
     def _view(self, rec: CertRecord, ca: CaRecord) -> view.CertView:
+        published = self.published().get(ca.name)
+        if published is not None:  # the CA's subject as its certificate spells it
+            ca = dataclasses.replace(ca, subject_dn=published.subject)
         return view.cert_view(rec, ca, self.allowed, self.now(),
                               crl_published=ca.name in self.published(),
                               ocsp_paths=self.ocsp_paths)
