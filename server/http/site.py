@@ -25,6 +25,7 @@ from server.http.accesslog import AccessLog
 from server.http.listener import HttpFactory, Reply
 from server.http.ocsp import OcspRoute
 from server.http.publication import PublicationRoute, not_allowed, send
+from server.ldap.config import DEFAULT_ATTRIBUTES
 from server.limits import ConnectionLimits
 from server.ocsp import publish
 from server.ocsp.service import REFRESH_EVERY, OcspService
@@ -109,10 +110,16 @@ class OcspHttpFactory(HttpFactory):
         self.http_site.ocsp.forget()
         self.http_site.ocsp.set_paths(config.http.ocsp_paths)
         if self.http_site.web is not None:
-            self.http_site.web.pages.configure(config.ldap.attributes, config.http.ocsp_paths)
+            self.http_site.web.pages.configure(public_attributes(config), config.http.ocsp_paths)
         self.max_body = config.http.max_request_bytes
         self.limits.set_limits(config.http.max_connections,
                                config.http.max_connections_per_address)
+
+
+def public_attributes(config: Any) -> tuple[str, ...]:
+    """The LDAP allowlist: what the search pages may search and show, as the directory."""
+    ldap = getattr(config, "ldap", None)
+    return tuple(ldap.attributes) if ldap is not None else DEFAULT_ATTRIBUTES
 
 
 def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[], datetime],
@@ -123,7 +130,7 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
     service.warn_expiring()
     if feed is not None:
         feed.subscribe(service.on_changes)
-    pages = WebPages(lambda: service.published, config.ldap.attributes, config.http.ocsp_paths,
+    pages = WebPages(lambda: service.published, public_attributes(config), config.http.ocsp_paths,
                      clock_now)
     site = HttpSite(OcspRoute(service, config.http.ocsp_paths),
                     PublicationRoute(service, store, access), WebRoute(pages, store, access))

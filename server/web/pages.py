@@ -175,12 +175,10 @@ class WebPages:
                                   ("ca", values["ca"]), ("page", str(n))])
 
         def short(r: view.CertSummary) -> str:
-            date = {"revoked": r.revoked_at, "on_hold": r.revoked_at,
-                    "not_yet_valid": ""}.get(r.state, r.not_after)
-            if r.state == "not_yet_valid" or not date:
-                return "" if r.state != "valid" or not r.not_after else t("short_valid",
-                                                                          date=r.not_after)
-            return t("short_" + r.state, date=date)
+            """The status line of a result, beside its badge."""
+            date = {"valid": r.not_after, "expired": r.not_after, "revoked": r.revoked_at,
+                    "on_hold": r.revoked_at, "not_yet_valid": r.not_before}.get(r.state, "")
+            return t("short_" + r.state, date=date) if date else ""
 
         title = (t("results_title_for", query=values["text"]) if values["searched"]
                  else t("search_title"))

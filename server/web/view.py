@@ -109,6 +109,7 @@ class CertSummary:
     url: str
     holder: Holder
     state: str
+    not_before: str
     not_after: str
     revoked_at: str
     reason: str  # RevocationReason value, "" when none
@@ -118,7 +119,8 @@ def summary(rec: CertRecord, ca_name: str, allowed: frozenset[str], now: datetim
     return CertSummary(
         ca=ca_name, serial=rec.serial, serial_hex=serial_display(rec.serial),
         url=cert_path(ca_name, rec.serial), holder=holder(rec, allowed),
-        state=state_of(rec, now), not_after=when(rec.not_after), revoked_at=when(rec.revoked_at),
+        state=state_of(rec, now), not_before=when(rec.not_before), not_after=when(rec.not_after),
+        revoked_at=when(rec.revoked_at),
         reason=rec.reason.value if rec.reason is not None else "",
     )
 
@@ -128,7 +130,6 @@ class CertView(CertSummary):
     """Everything the certificate page shows."""
 
     expired_too: bool  # revoked (or on hold) and past notAfter as well
-    not_before: str
     issuer_dn: str
     key: tuple[str, dict[str, str]]  # catalog key and its placeholders
     sha256: str
@@ -189,7 +190,7 @@ def cert_view(rec: CertRecord, ca: CaRecord, allowed: frozenset[str], now: datet
         **base.__dict__,
         expired_too=base.state in ("revoked", "on_hold") and rec.not_after is not None
         and rec.not_after < now,
-        not_before=when(rec.not_before), issuer_dn=ca.subject_dn, key=key,
+        issuer_dn=ca.subject_dn, key=key,
         sha256=sha256, sha1=sha1, held=rec.der is not None, ocsp_urls=tuple(ocsp),
         crl_url=f"/crl/{quote(ca.name, safe='')}.crl" if crl_published else "",
         downloads=rec.der is not None and "usercertificate" in allowed,

@@ -189,6 +189,10 @@ def test_a_revoked_certificate_is_marked(browser: Any, site: dict[str, Any]) -> 
     assert badge.value_of_css_property("background-color") == "rgba(164, 22, 26, 1)"
     assert box.value_of_css_property("border-top-color") == "rgba(164, 22, 26, 1)"
     shot(browser, site, "cert-revoked")
+    browser.get(f"{site['base']}/cert/{revoked.ca}/{revoked.serial:x}?lang=zh-Hant")
+    assert "已撤銷" in browser.find_element(By.CSS_SELECTOR, "div.status .badge").text
+    assert "私密金鑰已外洩" in browser.find_element(By.CSS_SELECTOR, "div.status").text
+    shot(browser, site, "cert-revoked-zh-Hant")
     # the results list marks it too
     search(browser, site, revoked.emails[0] if revoked.emails else f"{revoked.serial:x}")
     assert browser.find_elements(By.CSS_SELECTOR, "table.results .badge.s-revoked")

@@ -199,6 +199,9 @@ class OneRecordStore:
     def certs_by_serial(self, ca_ids: list[int], serial: int) -> list[CertRecord]:
         return [self.rec] if serial == self.rec.serial and self.ca.id in ca_ids else []
 
+    def certs_by_ids(self, ids: list[int]) -> list[CertRecord]:
+        return [self.rec] if self.rec.id in ids else []
+
 
 def _record(demo_store: Any, **changes: Any) -> tuple[Any, CertRecord]:
     ca = demo_store.cas()[0]
@@ -243,5 +246,11 @@ def test_every_status_and_reason_in_words(code: str, demo_store: Any, demo_pages
             words = t("reason_" + (rec.reason.value if rec.reason else "unspecified"))
             assert esc(words) in block
         # the result list says it too, with colour class and words
+        status, _, body = demo_pages.search_page(OneRecordStore(ca, rec), b"q=0x1234&type=serial",
+                                                 lang(code))
+        row = text_of(body).split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+        assert f'class="badge s-{state}">{esc(t("state_" + state))}</span>' in row
+        if state not in ("unknown",) and key != "status_revoked_undated":
+            assert esc(t.messages["short_" + state].split("{")[0]) in row, (state, row)
         summary = demo_pages._json_summary(rec, ca, demo_now)
         assert summary["status"] == state
