@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, urlencode
 import jinja2
 
 from store.model import CaRecord, CertRecord
-from store.sqlbase import serial_text
+from store.sqlbase import StoreError, serial_text
 from server.web import i18n, view
 from server.web.query import (
     KINDS, MAX_QUERY, MAX_RESULTS, PAGE_SIZE, QueryError, Search, parse_search,
@@ -144,13 +144,22 @@ class WebPages:
     # --- search -----------------------------------------------------------------------------
 
     def search_page(self, store: Any, query: bytes | None, lang: Lang) -> Answer:
+        """The search form, with the results of a search; without a search (and only then)
+        also without the store (``store`` None or unreadable: no CRL numbers)."""
         t = lang.t
         try:
             search: Search | None = parse_search(query)
             error = None
         except QueryError as exc:
             search, error = None, t(exc.key, **exc.args_)
-        cas = self.cas(store)
+        if search is not None and search.empty:
+            # the plain page stays up without the store: the form and the CA files
+            try:
+                cas = self.cas(store) if store is not None else {}
+            except StoreError:
+                cas = {}
+        else:
+            cas = self.cas(store)
         values: dict[str, Any] = {
             "text": "", "kind": "any", "ca": "", "searched": False, "error": error,
             "results": [], "total": 0, "truncated": False, "page": 1, "pages": 1,

@@ -75,6 +75,9 @@ class WebRoute:
         lang = self._lang(request)
         pages = self.pages
         if kind == "search":
+            if self.access is not None and self.access.busy() and b"q=" not in (request.query or b""):
+                return self._answer(request, fields, date,
+                                    pages.search_page(None, request.query, lang))
             return self._run(request, fields, date, lang, pages.search_page, request.query, lang)
         if kind == "cert":
             target = _cert_target(_segments(path, b"/cert/"))

@@ -254,3 +254,19 @@ def test_every_status_and_reason_in_words(code: str, demo_store: Any, demo_pages
             assert esc(t.messages["short_" + state].split("{")[0]) in row, (state, row)
         summary = demo_pages._json_summary(rec, ca, demo_now)
         assert summary["status"] == state
+
+
+def test_the_plain_page_stays_up_without_the_store(demo_config: Any, demo_now: datetime) -> None:
+    from store.sqlbase import StoreError
+
+    demo_pages = pages_for(demo_config, demo_now)  # its own: no CA list cached yet
+
+    class Broken:
+        def cas(self) -> list[Any]:
+            raise StoreError("gone")
+
+    for store in (None, Broken()):
+        status, _, body = demo_pages.search_page(store, None, lang())
+        assert status == 200 and 'href="/crl/rsa-ca.crl"' in text_of(body)
+    with pytest.raises(StoreError):  # a search needs it: the route answers 503
+        demo_pages.search_page(Broken(), b"q=a", lang())
