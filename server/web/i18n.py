@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup, escape
+
 LANGUAGES: tuple[str, ...] = ("en", "zh-Hant", "pt")
 DEFAULT = "en"
 NATIVE_NAMES = {"en": "English", "zh-Hant": "繁體中文", "pt": "Português"}
@@ -38,12 +40,20 @@ def placeholders(message: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(message) if name}
 
 
+@lru_cache(maxsize=None)
+def escaped(lang: str) -> dict[str, Markup]:
+    """The messages of one language escaped once for HTML (the templates' ``m.key`` for a
+    message without placeholders: no call and no escaping per page)."""
+    return {k: Markup(escape(v)) for k, v in catalog(lang).items()}
+
+
 class Translator:
     """The messages of one language, formatted with named values."""
 
     def __init__(self, lang: str) -> None:
         self.lang = lang
         self.messages = catalog(lang)
+        self.escaped = escaped(lang)
 
     def __call__(self, key: str, **values: Any) -> str:
         message = self.messages[key]

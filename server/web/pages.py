@@ -123,7 +123,7 @@ class WebPages:
     def _page(self, status: int, template: str, lang: Lang, title: str,
               **values: Any) -> Answer:
         body = self.env.get_template(template).render(
-            t=lang.t, lang=lang.code, languages=lang.switch(), url=lang.url, title=title,
+            t=lang.t, m=lang.t.escaped, lang=lang.code, languages=lang.switch(), url=lang.url, title=title,
             canonical=values.pop("canonical", ""), **values)
         return status, html_headers(), body.encode()
 
