@@ -245,17 +245,17 @@ class WebPages:
 
     # --- one certificate --------------------------------------------------------------------
 
-    def _lookup(self, store: Any, ca_name: str, serial: int
-                ) -> tuple[str, dict[str, object]] | tuple[CertRecord, CaRecord]:
+    def _lookup(self, store: Any, ca_name: str, serial: int) -> tuple[CertRecord, CaRecord]:
+        """The certificate of ``/cert/<ca>/<serial>``; raises QueryError (a 404) when none."""
         cas = self.cas(store)
         ca_id = self._ca_id(cas, ca_name)
         if ca_id is None:
-            return "error_unknown_ca", {"ca": ca_name}
+            raise QueryError("error_unknown_ca", ca=ca_name)
         if "certpubserialnumber" in self.allowed:
             found = store.certs_by_serial([ca_id], serial)
             if found:
                 return found[0], cas[ca_id]
-        return "error_not_found", {"ca": ca_name, "serial": view.serial_display(serial)}
+        raise QueryError("error_not_found", ca=ca_name, serial=view.serial_display(serial))
 
     def _view(self, rec: CertRecord, ca: CaRecord) -> view.CertView:
         published = self.published().get(ca.name)
@@ -267,11 +267,11 @@ class WebPages:
 
     def cert_page(self, store: Any, ca_name: str, serial: int, lang: Lang) -> Answer:
         t = lang.t
-        found = self._lookup(store, ca_name, serial)
-        if isinstance(found[0], str):
-            return self.message(404, lang, "error_not_found_title", found[0], **found[1])
-        rec, ca = found
-        v = self._view(rec, ca)  # type: ignore[arg-type]
+        try:
+            rec, ca = self._lookup(store, ca_name, serial)
+        except QueryError as exc:
+            return self.message(404, lang, "error_not_found_title", exc.key, **exc.args_)
+        v = self._view(rec, ca)
         reason = t("reason_" + (v.reason or "unspecified"))
         sentence = {
             "valid": lambda: t("status_valid", date=v.not_after),
@@ -289,14 +289,14 @@ class WebPages:
                           canonical=v.url)
 
     def api_cert(self, store: Any, ca_name: str, serial: int) -> Answer:
-        found = self._lookup(store, ca_name, serial)
-        if isinstance(found[0], str):
-            return self.api_error(404, found[0], **found[1])
-        rec, ca = found
-        v = self._view(rec, ca)  # type: ignore[arg-type]
-        doc = self._json_summary(rec, ca, self.now())  # type: ignore[arg-type]
+        try:
+            rec, ca = self._lookup(store, ca_name, serial)
+        except QueryError as exc:
+            return self.api_error(404, exc.key, **exc.args_)
+        v = self._view(rec, ca)
+        doc = self._json_summary(rec, ca, self.now())
         doc.update({
-            "issuer": ca.subject_dn,  # type: ignore[union-attr]
+            "issuer": v.issuer_dn,
             "sha256": v.sha256.replace(":", "").lower() or None,
             "sha1": v.sha1.replace(":", "").lower() or None,
             "key": {"kind": v.key[0].removeprefix("key_"), **v.key[1]},
@@ -306,13 +306,13 @@ class WebPages:
         return 200, api_headers(), json.dumps(doc, ensure_ascii=False, indent=1).encode() + b"\n"
 
     def download(self, store: Any, ca_name: str, serial: int, ext: str, lang: Lang) -> Answer:
-        found = self._lookup(store, ca_name, serial)
-        if isinstance(found[0], str):
-            return self.message(404, lang, "error_not_found_title", found[0], **found[1])
-        rec, ca = found
-        if rec.der is None or "usercertificate" not in self.allowed:  # type: ignore[union-attr]
+        try:
+            rec, _ = self._lookup(store, ca_name, serial)
+        except QueryError as exc:
+            return self.message(404, lang, "error_not_found_title", exc.key, **exc.args_)
+        if rec.der is None or "usercertificate" not in self.allowed:
             return self.message(404, lang, "error_not_found_title", "not_held")
-        der: bytes = rec.der  # type: ignore[union-attr]
+        der = rec.der
         if ext == "cer":
             body = der
         elif ext == "pem":
@@ -322,7 +322,7 @@ class WebPages:
             known += [p.der for p in self.published().values()]
             body = view.p7c(view.chain(der, known))
         safe_ca = re.sub(r"[^A-Za-z0-9._-]", "_", ca_name)
-        name = f"{safe_ca}-{serial_text(rec.serial)}.{ext}"  # type: ignore[union-attr]
+        name = f"{safe_ca}-{serial_text(rec.serial)}.{ext}"
         headers = other_headers(FILE_TYPES[ext]) + [
             (b"Content-Disposition", b'attachment; filename="%s"' % name.encode("ascii"))]
         return 200, headers, body

@@ -107,16 +107,22 @@ def shot(driver: Any, site: dict[str, Any], name: str) -> Path:
 
 
 def navigate(driver: Any, action: Any) -> None:
-    """Do action (a click, a key), then wait until the next page has replaced this one."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
+    """Do action (a click, a key), then wait until the next page has replaced this one (the
+    mark put on this page's window is gone, and the new page is loaded)."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    old = driver.find_element(By.TAG_NAME, "html")
+    driver.execute_script("window.certpubOldPage = true")
     action()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(old))
-    WebDriverWait(driver, 15).until(
-        lambda d: d.execute_script("return document.readyState") == "complete")
+
+    def loaded(d: Any) -> bool:
+        try:
+            return bool(d.execute_script(
+                "return window.certpubOldPage === undefined && document.readyState === 'complete'"))
+        except WebDriverException:  # between the two documents
+            return False
+
+    WebDriverWait(driver, 15).until(loaded)
 
 
 def click(driver: Any, element: Any) -> None:
