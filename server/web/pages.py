@@ -176,7 +176,7 @@ class WebPages:
                 values.update(
                     searched=True, total=found.total, truncated=found.truncated,
                     page=search.page, pages=found.pages,
-                    results=[view.summary(r, cas[r.ca_id].name, self.allowed, now)
+                    results=[view.summary(r, cas[r.ca_id].name, self.allowed, now, details=False)
                              for r in found.records if r.ca_id in cas])
 
         def page_url(n: int) -> str:

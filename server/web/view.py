@@ -115,10 +115,20 @@ class CertSummary:
     reason: str  # RevocationReason value, "" when none
 
 
-def summary(rec: CertRecord, ca_name: str, allowed: frozenset[str], now: datetime) -> CertSummary:
+def name_only(rec: CertRecord, allowed: frozenset[str]) -> Holder:
+    """What a result line shows of the holder: the public cn and e-mails, without parsing the
+    published DN (the cn the store keeps is the subject's, a public attribute type)."""
+    return Holder((), rec.emails if "mail" in allowed else (),
+                  rec.cn or "" if "cn" in allowed else "")
+
+
+def summary(rec: CertRecord, ca_name: str, allowed: frozenset[str], now: datetime, *,
+            details: bool = True) -> CertSummary:
+    """A result line; ``details=False``: the holder's name and e-mails only (``name_only``)."""
     return CertSummary(
         ca=ca_name, serial=rec.serial, serial_hex=serial_display(rec.serial),
-        url=cert_path(ca_name, rec.serial), holder=holder(rec, allowed),
+        url=cert_path(ca_name, rec.serial),
+        holder=holder(rec, allowed) if details else name_only(rec, allowed),
         state=state_of(rec, now), not_before=when(rec.not_before), not_after=when(rec.not_after),
         revoked_at=when(rec.revoked_at),
         reason=rec.reason.value if rec.reason is not None else "",
