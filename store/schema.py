@@ -20,6 +20,7 @@ Indexes, one per lookup a server makes (no request path scans ``certs``):
 - ``certs (ca_id, status, reason)`` — on-hold certificates a newer CRL may release.
 - ``changes (generation)`` — the change feed servers poll.
 - ``certs (not_after)`` — expired counts for ``certpub status`` (migration 2).
+- ``certs (sha256)`` — the search page's fingerprint lookup (migration 3).
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ MIGRATIONS: list[list[str]] = [
     # 2: expired counts without a scan of every row
     [
         "CREATE INDEX certs_not_after ON certs (ca_id, not_after)",
+    ],
+    # 3: the search page finds a certificate by its SHA-256 fingerprint
+    [
+        "CREATE INDEX certs_sha256 ON certs (sha256)",
     ],
 ]
 

@@ -422,6 +422,76 @@ class SqlStore(abc.ABC):
             found.update(int(r[0], 16) for r in rows)
         return found
 
+    # --- the search pages' reads (server/web): index lookups, bounded -------------------------
+
+    def attr_match_ids(self, attr: str, value: str, *, prefix: bool, limit: int,
+                       ca_id: int | None = None, scan: int = 2000) -> tuple[list[int], bool]:
+        """Ids of certificates whose normalised attr equals (or starts with) value, in value
+        order, at most limit distinct ids: one range of ``cert_attrs (attr, value, cert_id)``.
+        With ca_id, only that CA's, among the first ``scan`` index entries of the range; the
+        flag says the scan stopped there (there may be more)."""
+        if prefix:
+            cond, params = "a.value >= ? AND a.value < ?", (attr, value, value + TOP)
+        else:
+            cond, params = "a.value = ?", (attr, value)
+        # A certificate may hold several matching values (two e-mails, two cns): ask for a
+        # few rows more than limit and keep the first limit distinct ids.
+        inner = (f"SELECT a.cert_id, a.value FROM cert_attrs a WHERE a.attr = ? AND {cond}"
+                 " ORDER BY a.value, a.cert_id LIMIT ?")
+        if ca_id is None:
+            rows = self._query(inner, (*params, limit * 4))
+            more = False
+        else:
+            scanned = self._query(
+                f"SELECT m.cert_id, c.ca_id FROM ({inner}) m JOIN certs c ON c.id = m.cert_id"
+                " ORDER BY m.value, m.cert_id",
+                (*params, scan),
+            )
+            rows = [r for r in scanned if int(r[1]) == ca_id]
+            more = len(scanned) >= scan
+        ids: list[int] = []
+        seen: set[int] = set()
+        for row in rows:
+            cert_id = int(row[0])
+            if cert_id not in seen:
+                seen.add(cert_id)
+                ids.append(cert_id)
+                if len(ids) == limit:
+                    break
+        return ids, more
+
+    def certs_by_ids(self, ids: Sequence[int]) -> list[CertRecord]:
+        """The certificates with these ids (primary key lookups), in the order of ids."""
+        found: dict[int, CertRecord] = {}
+        for i in range(0, len(ids), IN_LIMIT):
+            part = list(ids[i:i + IN_LIMIT])
+            rows = self._query(f"SELECT {CERT_COLUMNS} FROM certs c WHERE c.id IN"
+                               f" ({','.join('?' * len(part))})", part)
+            for row in rows:
+                found[int(row[0])] = self._cert(row)
+        return [found[i] for i in ids if i in found]
+
+    def certs_by_serial(self, ca_ids: Sequence[int], serial: int) -> list[CertRecord]:
+        """The certificates with this serial among these CAs: one ``certs (ca_id, serial)``
+        lookup per CA (a serial alone is not the index's leading column)."""
+        if not ca_ids:
+            return []
+        part = list(ca_ids[:IN_LIMIT])
+        rows = self._query(
+            f"SELECT {CERT_COLUMNS} FROM certs c WHERE c.ca_id IN ({','.join('?' * len(part))})"
+            " AND c.serial = ? ORDER BY c.ca_id",
+            (*part, serial_text(serial)),
+        )
+        return [self._cert(r) for r in rows]
+
+    def certs_by_sha256(self, digest: bytes, limit: int = 10) -> list[CertRecord]:
+        """The certificates whose DER has this SHA-256 (``certs (sha256)``, migration 3)."""
+        rows = self._query(
+            f"SELECT {CERT_COLUMNS} FROM certs c WHERE c.sha256 = ? ORDER BY c.id LIMIT ?",
+            (digest, limit),
+        )
+        return [self._cert(r) for r in rows]
+
     # --- writes -----------------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -12,6 +12,7 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 MANIFEST = "demo.json"
 
@@ -59,7 +60,15 @@ def _pick(pki: Any) -> dict[str, Any]:
 
 def commands(m: dict[str, Any], ldap_port: int, http_port: int) -> str:
     q = shlex.quote
+    web = f"http://127.0.0.1:{http_port}"
     lines = [
+        f"The search page, in a browser: {web}/",
+        f"  by e-mail:        {web}/?q={quote(m['good']['email'])}",
+        f"  by name (CJK):    {web}/?q={quote('陳大文')}",
+        f"  by name (accent): {web}/?q={quote('João')}&lang=pt",
+        f"  a revoked one:    {web}/cert/{m['revoked']['ca']}/{m['revoked']['serial']:x}",
+        f"  as JSON:          {web}/api/v1/search?q={quote(m['good']['email'])}",
+        "",
         "Try these (copy and paste):",
         "",
         "# the certificate of a subscriber, by e-mail, as Thunderbird asks for it",
@@ -252,7 +261,8 @@ def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh
     )
     from server.serve import serve as serve_forever
 
-    print(f"Serving LDAP on 127.0.0.1:{ldap_port} and HTTP on 127.0.0.1:{http_port}; "
+    print(f"Serving LDAP on 127.0.0.1:{ldap_port} and HTTP on 127.0.0.1:{http_port} "
+          f"(search page http://127.0.0.1:{http_port}/); "
           f"import daemon watching {m['spool']}. Ctrl-C stops.", flush=True)
     daemon.start()
     try:

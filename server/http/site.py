@@ -1,5 +1,5 @@
 """The HTTP listener's routes and its factory: OCSP, ``/ca/``, ``/crl/``, ``/``, ``/healthz``,
-``/metrics``.
+``/metrics``, and the search pages (``server.web``: ``/``, ``/search``, ``/cert/``, ``/api/``).
 
 Strategy: ``HttpSite.handle`` routes a parsed request on its method and raw path (so a
 base64 request containing ``/`` stays whole) to a small route object — ``OcspRoute`` first,
@@ -25,9 +25,12 @@ from server.http.accesslog import AccessLog
 from server.http.listener import HttpFactory, Reply
 from server.http.ocsp import OcspRoute
 from server.http.publication import PublicationRoute, not_allowed, send
+from server.ldap.config import DEFAULT_ATTRIBUTES
 from server.limits import ConnectionLimits
 from server.ocsp import publish
 from server.ocsp.service import REFRESH_EVERY, OcspService
+from server.web.pages import WebPages
+from server.web.route import WebRoute
 
 log = Logger(namespace="server.http")
 
@@ -35,9 +38,11 @@ log = Logger(namespace="server.http")
 class HttpSite:
     """Routes one request to the OCSP, publication or operations route."""
 
-    def __init__(self, ocsp: OcspRoute, publication: PublicationRoute) -> None:
+    def __init__(self, ocsp: OcspRoute, publication: PublicationRoute,
+                 web: WebRoute | None = None) -> None:
         self.ocsp = ocsp
         self.publication = publication
+        self.web = web  # the search pages; without them ``/`` is the CA files page
         self.ops: Any = None  # server.health.OpsRoute, mounted by the composition root
 
     def handle(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
@@ -54,6 +59,9 @@ class HttpSite:
         method, path = request.method, request.path
         if path.startswith((b"/ca/", b"/crl/")):
             return self.publication.file(request, date)
+        web = self.web
+        if web is not None and web.wants(path):
+            return web.handle(request, date)
         ops = self.ops
         if ops is not None and path == b"/healthz":
             return ops.healthz(request, date)  # type: ignore[no-any-return]
@@ -101,9 +109,17 @@ class OcspHttpFactory(HttpFactory):
         self.service.reload(config)
         self.http_site.ocsp.forget()
         self.http_site.ocsp.set_paths(config.http.ocsp_paths)
+        if self.http_site.web is not None:
+            self.http_site.web.pages.configure(public_attributes(config), config.http.ocsp_paths)
         self.max_body = config.http.max_request_bytes
         self.limits.set_limits(config.http.max_connections,
                                config.http.max_connections_per_address)
+
+
+def public_attributes(config: Any) -> tuple[str, ...]:
+    """The LDAP allowlist: what the search pages may search and show, as the directory."""
+    ldap = getattr(config, "ldap", None)
+    return tuple(ldap.attributes) if ldap is not None else DEFAULT_ATTRIBUTES
 
 
 def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[], datetime],
@@ -114,8 +130,10 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
     service.warn_expiring()
     if feed is not None:
         feed.subscribe(service.on_changes)
+    pages = WebPages(lambda: service.published, public_attributes(config), config.http.ocsp_paths,
+                     clock_now)
     site = HttpSite(OcspRoute(service, config.http.ocsp_paths),
-                    PublicationRoute(service, store, access))
+                    PublicationRoute(service, store, access), WebRoute(pages, store, access))
     limits = ConnectionLimits(config.http.max_connections, config.http.max_connections_per_address,
                               service="http", log=log)
     return OcspHttpFactory(site, service, max_body=config.http.max_request_bytes,

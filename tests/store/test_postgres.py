@@ -89,10 +89,10 @@ def test_migration_from_v1_and_manual_mode(pki: MiniPki, pg_url: str) -> None:
                      " '\\x00'::bytea, 0, 1)")
         conn.execute("INSERT INTO certs (ca_id, serial, status, imported_at, source, generation,"
                      " not_after) VALUES (1, '80', 'good', 0, 'v1', 1, 100)")
-    with pytest.raises(StoreSchemaError, match=r"schema version 1, .*needs 2: run `certpub migrate`"):
+    with pytest.raises(StoreSchemaError, match=r"schema version 1, .*needs 3: run `certpub migrate`"):
         open_store(pg_url, migrate=False)
-    assert migrate_store(pg_url) == (1, 2)
-    assert migrate_store(pg_url) == (2, 2)
+    assert migrate_store(pg_url) == (1, 3)
+    assert migrate_store(pg_url) == (3, 3)
     s = open_store(pg_url, migrate=False)
     try:
         rec = s.cert(1, 0x80)

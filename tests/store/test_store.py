@@ -133,12 +133,12 @@ def test_migration_from_v1(pki: MiniPki, tmp_path: Path) -> None:
     conn.close()
     store = Store.open(path)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
         rec = store.cert(1, 0x80)
         assert rec is not None and rec.status is CertStatus.GOOD and rec.source == "v1"
         assert store.stats(NOW)[0].expired == 1
         indexes = {r[0] for r in store._query("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert "certs_not_after" in indexes
+        assert "certs_not_after" in indexes and "certs_sha256" in indexes
     finally:
         store.close()
     Store.open(path).close()  # opening again is a no-op
