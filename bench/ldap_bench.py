@@ -5,7 +5,7 @@ Usage:
       && certpub import --config DATA/certpub.toml DATA/crl.pem && python bench/gen_ldif.py DATA
   python bench/ldap_bench.py DATA [--connections 1,16,64] [--rounds 3] [--seconds 3]
                              [--window 8] [--clients 2] [--kinds mail,base] [--json OUT]
-                             [--distinct 4096]
+                             [--distinct 4096] [--cold]
 
 Two searches, both asking for ``userCertificate;binary`` only:
   mail  base c=MO, scope sub, (mail=user<random i>@bench.example)  — one entry
@@ -32,6 +32,15 @@ load. "machine" is the CPU use of everything on the machine during the window (/
 so a round disturbed by other work shows. Memory: VmRSS/VmHWM of the server's process tree
 (certpub's supervisor and workers, slapd's one process) when idle, after a warm-up (1 s of
 each search at 16 connections) and at the end.
+
+Page cache: slapadd has just written slapd's database, so its pages are in the OS page cache
+when the rounds start, while certpub's store may be anywhere between cold and hot (at 1,000,000
+certificates a search that misses the answers reads ~5 random pages of a 1.7 GB file). So
+before the warm-up the bench reads certpub's SQLite store (and WAL) once (a PostgreSQL store
+from ``bench/pg_env.py`` was just copied in, like slapd's) and prints how much of the servers'
+data files is resident at the start, after that read and at the end (``fincore``; slapd's
+mdb file is sparse, its size is the configured maximum);
+``--cold`` skips the read, to measure a store that is not cached.
 
 More certpub servers in the same rounds: ``--certpub-config NAME=CONFIG`` (repeatable) starts one
 from CONFIG instead of DATA/certpub.toml, e.g. the PostgreSQL variant written by
@@ -127,7 +136,7 @@ def client(port: int, conns: int, kind: str, users: int, window: int, t_meas: fl
         batch = []
         for _ in range(window):
             sent[next_id] = now()
-            batch.append(message(next_id, ops[k & 4095]))
+            batch.append(message(next_id, ops[k % distinct]))
             next_id += 1
             k += 1
         s.sendall(b"".join(batch))
@@ -188,7 +197,7 @@ def client(port: int, conns: int, kind: str, users: int, window: int, t_meas: fl
                             errors += 1
                     if t_done < t_end:
                         sent[next_id] = t_done
-                        batch.append(message(next_id, ops[k & 4095]))
+                        batch.append(message(next_id, ops[k % distinct]))
                         next_id += 1
                         k += 1
                 pos += total
@@ -267,6 +276,40 @@ def memory_mib(pid: int) -> dict[str, Any]:
                     out["rss_each"].append(round(int(m.group(1)) / 1024, 1))
         out["processes"] += 1
     return out
+
+
+def data_files(server: str, obj: Any) -> list[Path]:
+    """The files a server's answers are read from: certpub's SQLite store (with its WAL),
+    slapd's mdb; none for a PostgreSQL store (its cluster was just loaded: in memory)."""
+    if server == "slapd":
+        return sorted((obj.dir / "db").glob("*.mdb"))
+    m = re.search(r'^\s*path\s*=\s*"([^"]+)"', obj.config.read_text(), re.MULTILINE)
+    if m is None:
+        return []
+    store = Path(m.group(1))
+    return [f for f in (store, Path(f"{store}-wal")) if f.exists()]
+
+
+def warm(files: list[Path]) -> None:
+    """Read files once, so their pages are in the OS page cache (as slapadd leaves slapd's)."""
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(1 << 20):
+                pass
+
+
+def resident(files: list[Path]) -> dict[str, float]:
+    """MiB of files in the OS page cache and in all (fincore, util-linux); {} without it."""
+    if not files or shutil.which("fincore") is None:
+        return {}
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE",
+                          *map(str, files)], capture_output=True, text=True, check=False).stdout
+    res = size = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            res, size = res + int(parts[0]), size + int(parts[1])
+    return {"resident_mib": res / 2**20, "size_mib": size / 2**20}
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
@@ -388,6 +431,8 @@ def main() -> None:
                     help="distinct requests each client process cycles through (drawn at random"
                          " from all users); more than certpub's answer cache holds measures"
                          " its miss path")
+    ap.add_argument("--cold", action="store_true",
+                    help="do not read the servers' data files into the page cache first")
     ap.add_argument("--servers", default="certpub,slapd")
     ap.add_argument("--log-level", default="warn", help="certpub's [log] level")
     ap.add_argument("--certpub-arg", action="append", default=[],
@@ -406,6 +451,7 @@ def main() -> None:
     with open(data / "index.txt") as index:
         users = sum(1 for _ in index)
     servers: dict[str, tuple[int, int]] = {}
+    files: dict[str, list[Path]] = {}
     closers = []
     report: dict[str, object] = {
         "machine": {"nproc": os.cpu_count(), "cpu": next(
@@ -421,15 +467,18 @@ def main() -> None:
                          args.certpub_pythonpath)
             closers.append(cp.close)
             servers["certpub"] = (cp.port, cp.pid)
+            files["certpub"] = data_files("certpub", cp)
         for spec in args.certpub_config:
             name, _, config = spec.partition("=")
             cp = Certpub(Path(config), args.log_level, args.certpub_arg, args.certpub_pythonpath)
             closers.append(cp.close)
             servers[name] = (cp.port, cp.pid)
+            files[name] = data_files(name, cp)
         if "slapd" in names:
             sl = Slapd(data / "bench.ldif").__enter__()
             closers.append(lambda: sl.__exit__(None, None, None))
             servers["slapd"] = (sl.port, sl.pid)
+            files["slapd"] = data_files("slapd", sl)
             report["slapadd"] = sl.slapadd
             a = sl.slapadd
             print(f"slapadd: {a['entries']:.0f} entries in {a['seconds']:.2f} s = "
@@ -438,6 +487,14 @@ def main() -> None:
             name, _, db = spec.partition("=")
             DB_PIDS[servers[name][1]] = int(db)
         report["db_pids"] = args.db_pid
+        cache: dict[str, dict[str, dict[str, float]]] = {
+            n: {"start": resident(f)} for n, f in files.items()}
+        if not args.cold:
+            for name, f in files.items():
+                if name != "slapd":  # slapadd just wrote it (and its file is sparse: 8 GiB)
+                    warm(f)
+                    cache[name]["warmed"] = resident(f)
+        report["page_cache"] = cache
         mem: dict[str, dict[str, dict[str, Any]]] = {}
         for name, (port, pid) in servers.items():
             mem[name] = {"idle": memory_mib(pid)}
@@ -468,6 +525,8 @@ def main() -> None:
                                               for n, v in rounds.items()}
         for name, (_port, pid) in servers.items():
             mem[name]["end"] = memory_mib(pid)
+        for name, f in files.items():
+            cache[name]["end"] = resident(f)
         report["results"] = results
         report["memory_mib"] = mem
     finally:
@@ -498,6 +557,9 @@ def main() -> None:
         print(f"{name} memory MiB: " + ", ".join(
             f"{k} RSS {v['rss']:.0f} (HWM {v['hwm']:.0f}; per process {v['rss_each']})"
             for k, v in m.items()))
+    for name, c in report.get("page_cache", {}).items():  # type: ignore[union-attr]
+        print(f"{name} data in the page cache (MiB resident/size): " + ", ".join(
+            f"{k} {v['resident_mib']:.0f}/{v['size_mib']:.0f}" for k, v in c.items() if v))
     bad = [(k, n, v["median"]["errors"], v["median"]["entries_per_search"])
            for k, per in results.items() for n, v in per.items()
            if v["median"]["errors"] or abs(v["median"]["entries_per_search"] - 1) > 0.05]

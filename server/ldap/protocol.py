@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from server.ldap import codec
 from server.ldap.errors import ProtocolError, ResultCode
 from server.ldap.session import Job, Reply, Session, clean
+from server.logs import LevelFilter
 
 if TYPE_CHECKING:
     from server.ldap.server import LdapFactory
@@ -35,12 +36,18 @@ log = Logger(namespace="certpub.ldap")
 
 
 def info_enabled(namespace: str = "certpub.ldap") -> bool:
-    """False only when every global log observer is a filter that drops info events here."""
+    """False only when every global log observer is a filter that drops info events here
+    (``server.logs.LevelFilter`` at warn or error, or a ``FilteringLogObserver`` whose
+    predicate refuses them): then the session skips its per-operation lines altogether."""
     observers = getattr(globalLogPublisher, "_observers", None)
     if not observers:
         return True
     probe = {"log_level": LogLevel.info, "log_namespace": namespace, "log_format": ""}
     for observer in observers:
+        if isinstance(observer, LevelFilter):  # what ``certpub serve`` installs
+            if LogLevel.info in observer.levels:
+                return True
+            continue
         should = getattr(observer, "_shouldLogEvent", None)
         if not isinstance(observer, FilteringLogObserver) or should is None:
             return True

@@ -272,6 +272,26 @@ def test_log_lines_look_like_slapd(make: Any) -> None:
     assert any("ACCEPT from IP=192.0.2.7:40000" in line for line in lines)
 
 
+@pytest.mark.parametrize(("levels", "wanted"), [
+    (("warn",), False), (("error",), False), (("info",), True), (("debug",), True),
+    (("warn", "info"), True), (("warn", None), True)])
+def test_info_lines_probed_through_certpubs_level_filter(monkeypatch: Any, levels: tuple[Any, ...],
+                                                         wanted: bool) -> None:
+    """``certpub serve`` installs ``server.logs.LevelFilter``: at warn the session writes no
+    per-operation info lines (it formatted two per search, dropped by the filter); any other
+    observer, or one filter that lets info through, keeps them."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from server.ldap.protocol import info_enabled
+    from server.logs import LevelFilter
+
+    observers = [(lambda e: None) if lv is None else LevelFilter(lambda e: None,
+                                                                  LogLevel.levelWithName(lv))
+                 for lv in levels]
+    monkeypatch.setattr(globalLogPublisher, "_observers", observers)
+    assert info_enabled() is wanted
+
+
 def test_connection_limits(store: Store, demo_now: datetime) -> None:
     factory = make_ldap_factory(ldap_config(max_connections_per_address=2), store, None, None,
                                 lambda: demo_now)
