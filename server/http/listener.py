@@ -41,7 +41,8 @@ Reply = tuple[bytes, int, int, dict[str, Any]]
 
 
 class Handler(TypingProtocol):
-    def handle(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]: ...
+    def handle(self, request: wire.Request, date: bytes,
+               client: str = "-") -> Reply | Deferred[Reply]: ...
 
 
 _date_memo: list[Any] = [-1, b""]
@@ -182,7 +183,7 @@ class HttpChannel(Protocol):
     def _request(self, request: wire.Request, date: bytes) -> None:
         started = time.perf_counter()
         try:
-            reply = self.site.handle(request, date)
+            reply = self.site.handle(request, date, self.client)
         except Exception:  # noqa: BLE001 - a bug: logged with its traceback, answered 500
             reply = failed_reply(request, Failure())  # type: ignore[no-untyped-call]
         if type(reply) is tuple:
