@@ -348,7 +348,8 @@ class OcspService:
         unknown = never_issued(result)
         if unknown and not sign_unknown:
             return Signed(Outcome(encode_error("try_later"), "try_later", "-",
-                                  reason="never-issued serials over this address's rate"))
+                                  reason="never-issued serials over this address's rate"),
+                          unknown=True)
         signed = self.sign(result)
         validity = result.policy.validity
         entry = CachedResponse(
