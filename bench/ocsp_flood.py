@@ -23,7 +23,8 @@ answer to what it asked), ``presigned`` (shed: the certificate's pre-signed answ
 the nonce), ``tryLater`` (shed, or never-issued serials over the per-address rate); wrk's
 socket errors and timeouts show requests left unanswered. Figures are medians over rounds.
 
-LDAP: ``(mail=x)`` searches (4 connections, 8 outstanding each, bench/ldap_bench.py's client)
+LDAP: ``(mail=x)`` searches (4 connections, 8 outstanding each, bench/ldap_bench.py's client,
+``[store] threads = --ldap-store-threads``, default 2)
 alone and while 16 connections send unindexed ``(cn=*e*)`` searches (size limit 100, as
 Thunderbird's autocomplete asks; one outstanding per connection); the ratio of the two
 rates is the figure (issue: ≥ 0.16×, slapd 0.17×).
@@ -273,7 +274,11 @@ def _request(kind: str, i: int) -> bytes:
 def ldap_part(args: argparse.Namespace) -> list[str]:
     ldap_bench.request = _request  # the client processes (fork) build (cn=*e*) with it
     users = sum(1 for _ in open(args.data / "index.txt"))  # noqa: SIM115
-    target = ldap_bench.Certpub(args.data / "certpub.toml", "warn", [])
+    config = Path(tempfile.mkdtemp(prefix="ocsp-flood-ldap-")) / "certpub.toml"
+    text = (args.data / "certpub.toml").read_text()
+    config.write_text(re.sub(r"(?m)^\[store\]\n",
+                             f"[store]\nthreads = {args.ldap_store_threads}\n", text))
+    target = ldap_bench.Certpub(config, "warn", [])
     rows = []
     try:
         pid = target.pid
@@ -297,7 +302,7 @@ def ldap_part(args: argparse.Namespace) -> list[str]:
     finally:
         target.close()
     x = statistics.median(lo["rate"] / qu["rate"] for qu, lo, _ in rows)
-    return [f"LDAP (mail=x), 4 conns x 8: quiet {statistics.median(q['rate'] for q, _, _ in rows):.0f}/s"
+    return [f"LDAP ([store] threads = {args.ldap_store_threads}) (mail=x), 4 conns x 8: quiet {statistics.median(q['rate'] for q, _, _ in rows):.0f}/s"
             f" p99 {statistics.median(q['p99_ms'] for q, _, _ in rows):.2f} ms; under 16 conns of"
             f" (cn=*e*): {statistics.median(lo['rate'] for _, lo, _ in rows):.0f}/s p99"
             f" {statistics.median(lo['p99_ms'] for _, lo, _ in rows):.2f} ms ->"
@@ -318,7 +323,10 @@ def main() -> None:
     p.add_argument("--store-threads", type=int, default=None,
                    help="[store] threads (with --set signing_processes=0: sign in threads)")
     p.add_argument("--ldap-seconds", type=float, default=3.0)
+    p.add_argument("--ldap-store-threads", type=int, default=2,
+                   help="[store] threads of the LDAP run (0: scans cooperate on the reactor)")
     p.add_argument("--no-ldap", action="store_true")
+    p.add_argument("--no-ocsp", action="store_true")
     p.add_argument("--work", type=Path, default=None)
     args = p.parse_args()
     args.data = args.data.resolve()
@@ -328,8 +336,9 @@ def main() -> None:
     print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
     print(f"# well-behaved: wrk -t1 -c4 GET (cached), {args.duration:g}s; flood: wrk -t1"
           f" -c{args.flood_connections} POST; medians of {args.rounds} rounds")
-    for line in ocsp_part(args, work):
-        print(line, flush=True)
+    if not args.no_ocsp:
+        for line in ocsp_part(args, work):
+            print(line, flush=True)
     if not args.no_ldap:
         for line in ldap_part(args):
             print(line, flush=True)

@@ -140,7 +140,9 @@ class OcspService:
         self.now = now
         self.max_certids = config.http.max_certids
         self.cache = ResponseCache(config.http.cache_entries)
-        # signed answers about never-issued serials, apart so they cannot evict real ones
+        # signed answers about never-issued serials, apart so they cannot evict real ones;
+        # invalidated and cleared together with the cache, so that its epoch moves with the
+        # cache's and ``settle`` checks either against the one read before the store reads
         self.unknown = ResponseCache(getattr(config.http, "unknown_cache_entries", 10_000))
         self.signing: Any = None  # server.ocsp.signing.SigningQueue, set by the HTTP factory
         self.presigned = 0  # responses signed ahead of any request for them
