@@ -417,6 +417,7 @@ class ProcessSigners(Executor):
         self._next_id = 0
         self._delays = [RESTART_DELAY] * count
         self._stopping = False
+        self._stopped: defer.DeferredList[Any] | None = None
         self.started = 0  # processes started so far (restarts included)
         self._trigger = reactor.addSystemEventTrigger("before", "shutdown", self.stop)
         for i in range(count):
@@ -495,9 +496,14 @@ class ProcessSigners(Executor):
                 child.send(("reload", config, self.now()))
 
     def stop(self) -> Any:
-        """Close the children's pipes (they exit), kill those still alive after a while."""
+        """Close the children's pipes (they exit), kill those still alive after a while;
+        a Deferred fired once every signing process has ended (on every call)."""
         if self._stopping:
-            return None
+            if self._stopped is None or self._stopped.called:
+                return defer.succeed(None)
+            later: defer.Deferred[None] = defer.Deferred()
+            self._stopped.addBoth(lambda r: (later.callback(None), r)[1])
+            return later
         self._stopping = True
         try:
             self.reactor.removeSystemEventTrigger(self._trigger)
@@ -520,7 +526,8 @@ class ProcessSigners(Executor):
             kill = self.reactor.callLater(STOP_TIMEOUT, _kill, child)
             d.addBoth(lambda r, kill=kill: kill.cancel() if kill.active() else None)
             waits.append(d)
-        return defer.DeferredList(waits) if waits else None
+        self._stopped = defer.DeferredList(waits) if waits else None
+        return self._stopped
 
 
 def _kill(child: _Child) -> None:

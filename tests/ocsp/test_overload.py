@@ -68,14 +68,14 @@ class HeldSigners(Executor):
 
 
 def _serve(tmp_path: Path, *, processes: int = 0, threads_: int = 0,
-           **http: Any) -> dict[str, Any]:
+           location: str | None = None, **http: Any) -> dict[str, Any]:
     from store import open_store
 
     clock = WallClock()
     ca = make_ca(tmp_path / "pki", "web", at=clock.now)
     for serial in (1, 2, 3):
         ca.subscriber(serial)
-    location = str(tmp_path / "store.sqlite3")
+    location = location or str(tmp_path / "store.sqlite3")
     store = open_store(location)
     fill_store(store, ca, clock.now - timedelta(seconds=30))
     access = StoreAccess(location, threads_, store=store)
@@ -106,6 +106,7 @@ def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 async def _stop(e: dict[str, Any]) -> None:
     await e["listening"].stopListening()
+    await defer.maybeDeferred(e["queue"].stop)  # the signing processes have ended
     e["access"].stop()
     e["store"].close()
 
@@ -348,11 +349,14 @@ async def test_never_issued_answers_cached_apart_and_rate_limited(tmp_path: Path
 
 
 @pytest_twisted.ensureDeferred
-async def test_flood_on_signing_processes_is_always_answered(tmp_path: Path) -> None:
-    """Real signing processes; a flood of nonces and made-up serials beyond the queue's size:
-    every request gets an answer (signed, pre-signed or tryLater), none hangs, and a cached
-    answer is served meanwhile."""
-    e = _serve(tmp_path, processes=1, signing_queue=8, signing_queue_per_address=6)
+async def test_flood_on_signing_processes_is_always_answered(tmp_path: Path,
+                                                             store_location: str) -> None:
+    """Real signing processes (each with its own SQLite or PostgreSQL connection); a flood of
+    nonces and made-up serials beyond the queue's size: every request gets an answer (signed,
+    pre-signed or tryLater), none hangs, and a cached answer is served meanwhile."""
+    pg = store_location.startswith("postgresql")
+    e = _serve(tmp_path, processes=1, signing_queue=8, signing_queue_per_address=6,
+               location=store_location if pg else None, threads_=2 if pg else 0)
     queue: SigningQueue = e["queue"]
     assert isinstance(queue.executor, ProcessSigners)
     try:
@@ -383,7 +387,6 @@ async def test_flood_on_signing_processes_is_always_answered(tmp_path: Path) -> 
         assert queue.executor.started == 1  # no signing process died
     finally:
         await _stop(e)
-        await _sleep(0.5)
     assert all(c is None or c.ended for c in queue.executor.children)  # none outlives
 
 
