@@ -407,3 +407,36 @@ def test_config_keys_parse_and_refuse_bad_values() -> None:
         parse_http(Section({"signing_queue": 10, "signing_queue_per_address": 11}, "http"))
     with pytest.raises(ConfigError, match="signing_processes"):
         parse_http(Section({"signing_processes": -1}, "http"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_signing_process_that_dies_is_replaced_and_nothing_hangs(
+        tmp_path: Path) -> None:
+    import signal
+
+    e = _serve(tmp_path, processes=1)
+    queue: SigningQueue = e["queue"]
+    try:
+        ca, port = e["ca"], e["port"]
+        first = response(await in_thread(exchange, port, nonce_der(ca, 1)))
+        assert first.response_status == c_ocsp.OCSPResponseStatus.SUCCESSFUL
+        child = queue.executor.children[0]  # type: ignore[attr-defined]
+        with capturedLogs() as events:
+            os.kill(child.transport.pid, signal.SIGKILL)
+            # answered all the same: tryLater while no signer is up, then signed again
+            answers = [response(await in_thread(exchange, port, nonce_der(ca, 2)))
+                       for _ in range(3)]
+            assert all(a.response_status in (c_ocsp.OCSPResponseStatus.SUCCESSFUL,
+                                             c_ocsp.OCSPResponseStatus.TRY_LATER)
+                       for a in answers)
+            for _ in range(100):
+                if queue.executor.started == 2 and queue.executor.free():  # type: ignore[attr-defined]
+                    break
+                await _sleep(0.1)
+            again = response(await in_thread(exchange, port, nonce_der(ca, 2)))
+            assert again.response_status == c_ocsp.OCSPResponseStatus.SUCCESSFUL
+            assert nonce_of(again) is not None
+        assert any("signing process 0 ended" in str(ev.get("log_format", "")) or
+                   "ended (exit" in str(ev.get("log_format", "")) for ev in events)
+    finally:
+        await _stop(e)
