@@ -22,9 +22,10 @@ it, a request found to be about never-issued serials is answered ``tryLater`` un
 Who signs (``Executor``): ``ProcessSigners`` — child processes (``server.ocsp.signworker``,
 spawned with ``reactor.spawnProcess`` and talking length-prefixed pickles over pipes), each
 with its own store connection and signers, run at a lower CPU priority than the server so
-that the kernel, too, serves cheap work first. ``cryptography`` holds the GIL while it signs
-and the rest of a miss (parsing, the store read, encoding) is Python, so signing threads
-would take the server's GIL away from its reactor: docs/performance.md has the measurement.
+that the kernel, too, serves cheap work first. Not threads: ``cryptography`` (50) releases the
+GIL around the OpenSSL signature itself, but with a P-256 key that is ~24 of a miss's ~126 µs;
+the rest (parsing, the store read, DER building) is Python holding the GIL, so signing
+threads take the interpreter away from the reactor: docs/performance.md has the measurement.
 ``LocalSigners`` (``signing_processes = 0``) signs in the server process — in the store
 threads when the store is threaded, else on the reactor one request per turn.
 """
