@@ -231,6 +231,7 @@ class SigningQueue:
         else:
             self.shed_try_later += 1
             out = try_later("signing queue full" if self.held >= self.capacity
+                            else "store threads busy" if self.executor.refuses()
                             else "signing queue share of this address full")
         self._shed_log.shed(client, out)
         return out
