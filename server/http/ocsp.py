@@ -66,6 +66,8 @@ def reply_fields(out: Outcome) -> dict[str, Any]:
               "ocsp": RFC_STATUS.get(out.status, out.status)}
     if out.reason:
         fields["reason"] = out.reason
+    if out.backoff:
+        fields["backoff"] = out.backoff  # the listener reads this connection later
     return fields
 
 

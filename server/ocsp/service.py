@@ -70,6 +70,7 @@ class Outcome:
     this_update: datetime | None = None
     next_update: datetime | None = None
     reason: str | None = None  # why an error, for the log
+    backoff: float = 0.0  # shed: seconds before the connection's next request is read
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ own each turn. When a request does not fit, it is shed at once: a nonce request 
 certificate has a pre-signed response gets that response without the nonce (RFC 5019 §2.1
 lets a responder leave the nonce out; ``shed_nonce_with_presigned``), anything else
 ``tryLater`` (RFC 6960 §2.3). Shed requests are counted (``/metrics``) and logged at most
-once per second per address, with the count since the last line. A request waiting longer
+once per second per address, with the count since the last line; the connection of a shed
+request reads its next request only ``SHED_BACKOFF`` later (the answer itself leaves at
+once), so that clients asking again at once cannot turn shedding into a flood of cheap
+answers that crowds out everyone's cached ones. A request waiting longer
 than ``MAX_WAIT`` is answered ``tryLater`` too: a flood is always answered, never left
 hanging.
 
@@ -39,7 +42,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -60,6 +63,10 @@ RESTART_DELAY = 0.5  # first restart delay of a signing process that died, doubl
 MAX_RESTART_DELAY = 30.0
 STOP_TIMEOUT = 5.0  # seconds a signing process has to exit once its pipe is closed
 ADDRESSES = 10_000  # per-address state (token buckets, log times) kept at most
+# A shed answer leaves at once, but the connection's next request is read this much later:
+# shed answers cost as little as cached ones, so a client asking again at once on many
+# connections would otherwise compete with everybody's cached answers at full speed.
+SHED_BACKOFF = 0.1
 _FRAME = struct.Struct(">I")
 FORWARDED_METRICS = frozenset({"signer_unavailable"})  # counted by a signing process
 
@@ -234,7 +241,7 @@ class SigningQueue:
                             else "store threads busy" if self.executor.refuses()
                             else "signing queue share of this address full")
         self._shed_log.shed(client, out)
-        return out
+        return replace(out, backoff=SHED_BACKOFF)
 
     def _dispatch(self) -> None:
         executor, ring, waiting = self.executor, self._ring, self._waiting

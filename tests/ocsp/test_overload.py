@@ -440,3 +440,54 @@ async def test_a_signing_process_that_dies_is_replaced_and_nothing_hangs(
                    "ended (exit" in str(ev.get("log_format", "")) for ev in events)
     finally:
         await _stop(e)
+
+
+def two_on_one_connection(port: int, first: bytes, second: bytes) -> tuple[bytes, bytes, float]:
+    """Send first, read its answer, then send second on the same connection: (answers, the
+    time the second took)."""
+    import time
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.sendall(post_bytes(first))
+        a = _read_one(s)
+        t0 = time.monotonic()
+        s.sendall(post_bytes(second))
+        b = _read_one(s)
+        return a, b, time.monotonic() - t0
+    finally:
+        s.close()
+
+
+def _read_one(s: socket.socket) -> bytes:
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+        if sep and m and len(body) >= int(m.group(1)):
+            return body[:int(m.group(1))]
+        chunk = s.recv(65536)
+        assert chunk, "connection closed"
+        data += chunk
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shed_connection_is_read_again_only_after_a_backoff(
+        env: dict[str, Any]) -> None:
+    from server.ocsp.signing import SHED_BACKOFF
+
+    ca, port = env["ca"], env["port"]
+    plain = request_der(ca, [1])
+    await signed_once(env, plain)
+    waiting = await fill(env, 3)
+    waiting += await fill(env, 1, PEER_B)
+    # a cached request after a cached one: no wait
+    _, _, quick = await in_thread(two_on_one_connection, port, plain, plain)
+    # a cached request after a shed one on the same connection: read SHED_BACKOFF later
+    shed, cached, slow = await in_thread(two_on_one_connection, port, nonce_der(ca, 2), plain)
+    assert response(shed).response_status == c_ocsp.OCSPResponseStatus.TRY_LATER
+    assert response(cached).response_status == c_ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert slow >= SHED_BACKOFF * 0.9 > quick, (slow, quick)
+    env["held"].release()
+    for s in waiting:
+        await in_thread(read_reply, s)
