@@ -21,7 +21,8 @@ The well-behaved client's rate and p99 are compared with the quiet run of the sa
 ``response`` hook, so its own rate is somewhat lower than a bare wrk's): ``signed`` (a signed
 answer to what it asked), ``presigned`` (shed: the certificate's pre-signed answer without
 the nonce), ``tryLater`` (shed, or never-issued serials over the per-address rate); wrk's
-socket errors and timeouts show requests left unanswered. Figures are medians over rounds.
+socket errors (connect/read/write, e.g. connections over ``max_connections_per_address``
+closed at once) and timeouts (a request left unanswered for 10 s) are shown apart. Figures are medians over rounds.
 
 LDAP: ``(mail=x)`` searches (4 connections, 8 outstanding each, bench/ldap_bench.py's client,
 ``[store] threads = --ldap-store-threads``, default 2)
@@ -146,6 +147,7 @@ def wrk_result(proc: subprocess.Popen[bytes]) -> dict[str, float]:
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
                      out)
     r["errors"] = sum(int(x) for x in errs.groups()) if errs else 0
+    r["timeouts"] = int(errs.group(4)) if errs else 0  # requests left unanswered 10 s
     counts = re.search(r"COUNTS try_later=(\d+) presigned=(\d+) signed=(\d+)", out)
     total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     if counts and total:
@@ -210,7 +212,7 @@ def ocsp_part(args: argparse.Namespace, work: Path) -> list[str]:
     lines = []
     header = (f"{'workers':>7} {'scenario':<8} {'good/s':>8} {'p99 ms':>7} {'× rate':>6}"
               f" {'× p99':>6} {'srv cpu':>7} | {'flood/s':>8} {'signed/s':>8}"
-              f" {'presig/s':>8} {'tryLtr/s':>8} {'unansw':>6}")
+              f" {'presig/s':>8} {'tryLtr/s':>8} {'sockerr':>7} {'timeout':>7}")
     lines.append(header)
     for workers in args.workers:
         target = Certpub(data, work, workers, name=f"certpub-w{workers}", config=config)
@@ -243,7 +245,8 @@ def ocsp_part(args: argparse.Namespace, work: Path) -> list[str]:
                 f" {median(good, 'p99') * 1e3:>7.2f} {x_rate:>6.2f} {x_p99:>6.2f}"
                 f" {median(good, 'server_cpu'):>7.2f} | {median(fl, 'rps'):>8.0f}"
                 f" {median(fl, 'signed'):>8.0f} {median(fl, 'presigned'):>8.0f}"
-                f" {median(fl, 'try_later'):>8.0f} {median(fl, 'errors'):>6.0f}")
+                f" {median(fl, 'try_later'):>8.0f} {median(fl, 'errors'):>7.0f}"
+                f" {median(fl, 'timeouts'):>7.0f}")
     return lines
 
 

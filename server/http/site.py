@@ -28,7 +28,8 @@ from server.http.publication import PublicationRoute, not_allowed, send
 from server.limits import ConnectionLimits
 from server.ocsp import publish
 from server.ocsp.service import REFRESH_EVERY, OcspService
-from server.ocsp.signing import LocalSigners, ProcessSigners, SigningQueue
+from server.ocsp.signing import LocalSigners, SigningQueue
+from server.ocsp.signprocs import ProcessSigners
 
 log = Logger(namespace="server.http")
 

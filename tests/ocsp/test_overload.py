@@ -29,7 +29,8 @@ from twisted.logger import capturedLogs
 from server.configtools import ConfigError, Section
 from server.http.site import make_http_factory
 from server.ocsp.config import parse_http
-from server.ocsp.signing import Executor, LocalSigners, ProcessSigners, SigningQueue
+from server.ocsp.signing import Executor, LocalSigners, SigningQueue
+from server.ocsp.signprocs import ProcessSigners
 from server.storeaccess import StoreAccess
 from tests.conftest import require_tool
 from tests.ocsp.helpers import WallClock, config_for, fill_store, make_ca, request_der
