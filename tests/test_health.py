@@ -47,7 +47,7 @@ class OpsSite:
     def __init__(self, ops: OpsRoute) -> None:
         self.ops = ops
 
-    def handle(self, request: wire.Request, date: bytes) -> Any:
+    def handle(self, request: wire.Request, date: bytes, client: str = "-") -> Any:
         if request.path == b"/healthz":
             return self.ops.healthz(request, date)
         if request.path == b"/metrics":

@@ -41,7 +41,8 @@ Reply = tuple[bytes, int, int, dict[str, Any]]
 
 
 class Handler(TypingProtocol):
-    def handle(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]: ...
+    def handle(self, request: wire.Request, date: bytes,
+               client: str = "-") -> Reply | Deferred[Reply]: ...
 
 
 _date_memo: list[Any] = [-1, b""]
@@ -85,7 +86,8 @@ class HttpChannel(Protocol):
         self._idle: Any = None
         self._deadline: Any = None
         self._abort: Any = None
-        self._paused = 0  # bit 1: transport asked us to pause; bit 2: too many pending
+        self._paused = 0  # bit 1: transport asked us to pause; 2: too many pending; 4: backoff
+        self._backoff: Any = None
 
     # --- connection ------------------------------------------------------------------------
 
@@ -97,10 +99,10 @@ class HttpChannel(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True  # answers still being computed are dropped unwritten
-        for call in (self._idle, self._deadline, self._abort):
+        for call in (self._idle, self._deadline, self._abort, self._backoff):
             if call is not None and call.active():
                 call.cancel()
-        self._idle = self._deadline = self._abort = None
+        self._idle = self._deadline = self._abort = self._backoff = None
         if self.slot is not None:
             self.slot.release()
 
@@ -123,6 +125,16 @@ class HttpChannel(Protocol):
             self._paused &= ~why
             if not self._paused and not self._lost:
                 self.transport.resumeProducing()
+
+    def _back_off(self, seconds: float) -> None:
+        """Read this connection's next request ``seconds`` later (its answer is sent)."""
+        if self._backoff is None:
+            self._pause(4)
+            self._backoff = self.factory.reactor.callLater(seconds, self._backed_off)
+
+    def _backed_off(self) -> None:
+        self._backoff = None
+        self._resume(4)
 
     def _idle_check(self) -> None:
         """No byte for ``timeout`` seconds: close (re-armed while bytes keep coming)."""
@@ -182,7 +194,7 @@ class HttpChannel(Protocol):
     def _request(self, request: wire.Request, date: bytes) -> None:
         started = time.perf_counter()
         try:
-            reply = self.site.handle(request, date)
+            reply = self.site.handle(request, date, self.client)
         except Exception:  # noqa: BLE001 - a bug: logged with its traceback, answered 500
             reply = failed_reply(request, Failure())  # type: ignore[no-untyped-call]
         if type(reply) is tuple:
@@ -193,6 +205,8 @@ class HttpChannel(Protocol):
                 self.transport.write(data)
             self.access.record(self.client, request.method, fields, status, sent,
                                time.perf_counter() - started)
+            if "backoff" in fields:  # a shed request (server.ocsp.signing)
+                self._back_off(fields["backoff"])
             return
         slot = [False, b""]
         if self._pending is None:

@@ -11,7 +11,9 @@ cache has seen no change-feed invalidation since (``ResponseCache.epoch``); othe
 request goes back through ``OcspService.lookup``, which knows what is current. Everything
 else (a first request, a nonce, a conditional GET with other validators, errors) is answered
 through ``OcspService.respond_to`` — the one call that may need a signature and may return
-a Deferred (store threads): that is the seam where a signing queue goes (issue 18).
+a Deferred: it goes through the bounded, per-address fair signing queue
+(``server.ocsp.signing``), which answers at once (``tryLater`` or a pre-signed response)
+when that queue is full, so a flood of requests to sign never delays a hit.
 A POST is parsed whatever its Content-Type: RFC 6960 A.1 asks for
 ``application/ocsp-request``, but some clients send none, and the bytes either decode as an
 OCSPRequest or get ``malformedRequest`` anyway.
@@ -64,6 +66,8 @@ def reply_fields(out: Outcome) -> dict[str, Any]:
               "ocsp": RFC_STATUS.get(out.status, out.status)}
     if out.reason:
         fields["reason"] = out.reason
+    if out.backoff:
+        fields["backoff"] = out.backoff  # the listener reads this connection later
     return fields
 
 
@@ -163,15 +167,17 @@ class OcspRoute:
 
     # --- requests -----------------------------------------------------------------------
 
-    def post(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
+    def post(self, request: wire.Request, date: bytes,
+             client: str = "-") -> Reply | Deferred[Reply]:
         hot = self._post_hot.get(request.body)
         if hot is not None:
             reply = self._hot_reply(hot, request, date)
             if reply is not None:
                 return reply
-        return self._answer(request, request.body, date, get=False)
+        return self._answer(request, request.body, date, client, get=False)
 
-    def get(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
+    def get(self, request: wire.Request, date: bytes,
+            client: str = "-") -> Reply | Deferred[Reply]:
         """GET (or HEAD) of ``prefix/<base64 DER>``; ``is_get(path)`` is true."""
         hot = self._get_hot.get(request.path)
         if hot is not None:
@@ -186,7 +192,7 @@ class OcspRoute:
                 out = Outcome(encode_error("malformed_request"), "malformed_request", "-",
                               reason=str(exc))
                 return self._reply(out, request, date, None)
-        return self._answer(request, der, date, get=True)
+        return self._answer(request, der, date, client, get=True)
 
     def _get_der(self, path: bytes) -> bytes:
         for p in self.get_prefixes:
@@ -240,7 +246,7 @@ class OcspRoute:
                              version=request.version, keep_alive=request.keep_alive,
                              date=date, head=request.method == b"HEAD")
 
-    def _answer(self, request: wire.Request, der: bytes, date: bytes, *,
+    def _answer(self, request: wire.Request, der: bytes, date: bytes, client: str, *,
                 get: bool) -> Reply | Deferred[Reply]:
         service = self.service
         now = service.now()
@@ -257,7 +263,7 @@ class OcspRoute:
                 return reply
             return self._reply(service.outcome(entry, "hit"), request, date,
                                now if get else None)
-        outcome = service.respond_to(der, now)
+        outcome = service.respond_to(der, now, client)
         if isinstance(outcome, Deferred):
             return outcome.addCallback(self._reply, request, date, now if get else None)
         return self._reply(outcome, request, date, now if get else None)

@@ -31,6 +31,8 @@ from server.ocsp import publish
 from server.ocsp.service import REFRESH_EVERY, OcspService
 from server.web.pages import WebPages
 from server.web.route import WebRoute
+from server.ocsp.signing import LocalSigners, SigningQueue
+from server.ocsp.signprocs import ProcessSigners
 
 log = Logger(namespace="server.http")
 
@@ -45,14 +47,15 @@ class HttpSite:
         self.web = web  # the search pages; without them ``/`` is the CA files page
         self.ops: Any = None  # server.health.OpsRoute, mounted by the composition root
 
-    def handle(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
+    def handle(self, request: wire.Request, date: bytes,
+               client: str = "-") -> Reply | Deferred[Reply]:
         method, path = request.method, request.path
         ocsp = self.ocsp
         if method == b"POST":
             if path in ocsp.post_paths:
-                return ocsp.post(request, date)
+                return ocsp.post(request, date, client)
         elif (method == b"GET" or method == b"HEAD") and ocsp.is_get(path):
-            return ocsp.get(request, date)
+            return ocsp.get(request, date, client)
         return self._other(request, date)
 
     def _other(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
@@ -102,6 +105,8 @@ class OcspHttpFactory(HttpFactory):
             if loop.running:
                 loop.stop()
         self._loops = []
+        if self.service.signing is not None:
+            self.service.signing.stop()
         super().stopFactory()
 
     def reload(self, config: Any) -> None:
@@ -128,6 +133,7 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
     (a threaded StoreAccess) runs its store reads in the store threads."""
     service = OcspService(config, store, clock_now, access=access)
     service.warn_expiring()
+    service.signing = make_signing_queue(config, service, store, access, reactor, clock_now)
     if feed is not None:
         feed.subscribe(service.on_changes)
     pages = WebPages(lambda: service.published, public_attributes(config), config.http.ocsp_paths,
@@ -139,3 +145,22 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
     return OcspHttpFactory(site, service, max_body=config.http.max_request_bytes,
                            timeout=getattr(config.http, "idle_timeout", 30.0), reactor=reactor,
                            limits=limits)
+
+
+def make_signing_queue(config: Any, service: OcspService, store: Any, access: Any,
+                       reactor: Any, clock_now: Callable[[], datetime]) -> SigningQueue | None:
+    """The bounded signing queue and its signers: ``[http] signing_processes`` child
+    processes when the store is a file or a database they can open, else in-process."""
+    if reactor is None:
+        return None
+    from twisted.internet.interfaces import IReactorProcess
+
+    location = access.location if access is not None else getattr(store, "path", None)
+    executor: Any
+    if (config.http.signing_processes > 0 and location and str(location) != ":memory:"
+            and IReactorProcess.providedBy(reactor)):
+        executor = ProcessSigners(config, str(location), config.http.signing_processes,
+                                  reactor, clock_now)
+    else:
+        executor = LocalSigners(service, access, reactor)
+    return SigningQueue(service, executor, config, reactor=reactor)

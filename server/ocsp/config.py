@@ -31,6 +31,16 @@ class HttpConfig:
     # Signed OCSP requests (RFC 6960 §4.1.2): "ignore" | "verify" | "require"
     # (see server.ocsp.requestor).
     request_signatures: str = "ignore"
+    # Overload (server.ocsp.signing). Requests that need a fresh signature are signed by
+    # this many processes per worker; 0 signs in the server process (inline or in the store
+    # threads). parse_http defaults to 1; a config built in code (tests, embedding) asks.
+    signing_processes: int = 0
+    signing_queue: int = 256  # requests waiting for or being signed, per worker
+    signing_queue_per_address: int = 64  # of those, from one client address
+    shed_nonce_with_presigned: bool = True  # a full queue answers a nonce request with
+    #                                         its certificate's pre-signed response
+    unknown_cache_entries: int = 10_000  # signed answers about never-issued serials kept
+    unknown_per_address: float = 20.0  # such answers signed per second per address
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,19 @@ def parse_http(sec: Section) -> HttpConfig:
                                             MAX_CONNECTIONS_PER_ADDRESS, min=1, max=1_000_000),
         request_signatures=sec.str("request_signatures", "ignore",
                                    choices=("ignore", "verify", "require")),
+        signing_processes=sec.int("signing_processes", 1, min=0, max=64),
+        signing_queue=sec.int("signing_queue", 256, min=1, max=100_000),
+        signing_queue_per_address=sec.int("signing_queue_per_address", 64, min=1,
+                                          max=100_000),
+        shed_nonce_with_presigned=sec.bool("shed_nonce_with_presigned", True),
+        unknown_cache_entries=sec.int("unknown_cache_entries", 10_000, min=1,
+                                      max=10_000_000),
+        unknown_per_address=sec.float("unknown_per_address", 20.0, min=0.1, max=1e6),
     )
+    if cfg.signing_queue_per_address > cfg.signing_queue:
+        raise ConfigError(sec.key("signing_queue_per_address"),
+                          f"expected at most signing_queue ({cfg.signing_queue}); got"
+                          f" {cfg.signing_queue_per_address}")
     sec.done()
     return cfg
 

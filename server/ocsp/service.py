@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from server.ocsp.cache import CachedResponse, ResponseCache, certids_key, raw_key
 from server.ocsp.codec import (
+    EXTENDED_REVOKE_TIME,
     OcspError,
     OcspRequest,
     encode_error,
@@ -69,6 +70,25 @@ class Outcome:
     this_update: datetime | None = None
     next_update: datetime | None = None
     reason: str | None = None  # why an error, for the log
+    backoff: float = 0.0  # shed: seconds before the connection's next request is read
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A response computed for a cache miss, with what ``OcspService.settle`` keeps of it."""
+
+    outcome: Outcome
+    entry: CachedResponse | None = None  # to cache under keys (None: nothing to keep)
+    keys: tuple[bytes, ...] = ()
+    unknown: bool = False  # every CertID names a serial the store does not know
+
+
+def never_issued(result: OcspAnswer) -> bool:
+    """Whether every status of an answer is about a serial the CA never issued: ``unknown``,
+    or the RFC 6960 §2.2 extended "revoked, certificateHold, 1970-01-01"."""
+    return all(s.status == "unknown" or (s.status == "revoked" and result.extended_revoke
+                                         and s.revoked_at == EXTENDED_REVOKE_TIME)
+               for s in result.singles)
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,11 @@ class OcspService:
         self.now = now
         self.max_certids = config.http.max_certids
         self.cache = ResponseCache(config.http.cache_entries)
+        # signed answers about never-issued serials, apart so they cannot evict real ones;
+        # invalidated and cleared together with the cache, so that its epoch moves with the
+        # cache's and ``settle`` checks either against the one read before the store reads
+        self.unknown = ResponseCache(getattr(config.http, "unknown_cache_entries", 10_000))
+        self.signing: Any = None  # server.ocsp.signing.SigningQueue, set by the HTTP factory
         self.presigned = 0  # responses signed ahead of any request for them
         self.presign_backlog = 0  # requests queued for pre-signing, not signed yet (metrics)
         self._backlog_lock = threading.Lock()  # pre-signing runs in the store threads too
@@ -142,12 +167,16 @@ class OcspService:
         signers = load_signers(config, self.now())
         self._install(config, signers)
         self.cache.clear()
+        self.unknown.clear()
+        if self.signing is not None:
+            self.signing.reload(config)
         self.warn_expiring()
 
     def on_changes(self, changes: Sequence[Change]) -> None:
         """Change-feed subscriber: void the cached responses a batch touched, and re-sign
         at once those of certificates whose status changed (not waiting for a request)."""
         voided: list[CachedResponse] = []
+        self.unknown.invalidate(changes)  # a serial issued now is no longer unknown
         dropped = self.cache.invalidate(changes, voided)
         if dropped:
             log.debug("ocsp cache: {dropped} responses voided", dropped=dropped)
@@ -232,7 +261,11 @@ class OcspService:
         """The live pre-signed response to exactly these request bytes (counted hit or miss)."""
         if len(der) > CACHEABLE_REQUEST_BYTES or self.requestors.mode == "require":
             return None  # "require": every request is signed, none is under its raw bytes
-        return self.cache.get(raw_key(der), now)
+        key = raw_key(der)
+        entry = self.cache.get(key, now)
+        if entry is None and len(self.unknown):
+            entry = self.unknown.get(key, now)
+        return entry
 
     def respond_later(self, der: bytes) -> Outcome | defer.Deferred[Outcome]:
         """``respond``, with a miss answered by ``miss`` (a Deferred when threaded)."""
@@ -242,10 +275,14 @@ class OcspService:
             return self.outcome(entry, "hit")
         return self.respond_to(der, now)
 
-    def respond_to(self, der: bytes, now: datetime) -> Outcome | defer.Deferred[Outcome]:
-        """The answer to a request ``lookup`` did not find: ``respond_miss`` inline, or in a
-        store thread (a Deferred that never fails). The one call on the request path that
-        may read the store and sign: where a bounded signing queue goes."""
+    def respond_to(self, der: bytes, now: datetime,
+                   client: str = "-") -> Outcome | defer.Deferred[Outcome]:
+        """The answer to a request ``lookup`` did not find (client: its address): through
+        the signing queue when there is one (``server.ocsp.signing``), else ``respond_miss``
+        inline or in a store thread (a Deferred that never fails). The one call on the
+        request path that may read the store and sign."""
+        if self.signing is not None:
+            return self.signing.submit(der, now, client)  # type: ignore[no-any-return]
         if self.access is None:
             return self.respond_miss(der, now)
         if self.access.busy():
@@ -274,23 +311,48 @@ class OcspService:
 
     def _respond(self, der: bytes, request: OcspRequest, now: datetime, *,
                  fresh: bool = False) -> Outcome:
+        epoch = self.cache.epoch  # before any store read: see ResponseCache.put
+        return self.settle(self.compute_parsed(der, request, now, peek=not fresh), epoch)
+
+    def compute(self, der: bytes, now: datetime, *, sign_unknown: bool = True,
+                peek: bool = True) -> Signed:
+        """The response to a request ``lookup`` did not find, not yet kept in any cache
+        (``settle`` does that where the caches live); never raises. A signing process runs
+        this with ``peek=False`` (it has no cache: its parent looked already)."""
+        try:
+            request = parse_request(der, self.max_certids)
+            return self.compute_parsed(der, request, now, sign_unknown=sign_unknown,
+                                       peek=peek)
+        except OcspError as exc:
+            return Signed(Outcome(encode_error(exc.status), exc.status, "-", reason=str(exc)))
+        except Exception:  # noqa: BLE001 - a bug: internalError, traceback in the log
+            log.failure("OCSP request failed")
+            return Signed(Outcome(encode_error("internal_error"), "internal_error", "-",
+                                  reason="internal error"))
+
+    def compute_parsed(self, der: bytes, request: OcspRequest, now: datetime, *,
+                       sign_unknown: bool = True, peek: bool = True) -> Signed:
+        """``compute`` for a parsed request; raises OcspError."""
         # Before any cache: a response cached for the same CertIDs goes to authorized
         # requestors only. A checked signed request is never cached under its raw bytes (its
         # requestor certificate may expire or be revoked meanwhile), so a raw hit is always
         # an unsigned request, which needs no check.
-        epoch = self.cache.epoch  # before any store read: see ResponseCache.put
         self.requestors.check(request, now, self.store)
         cacheable = (request.nonce is None and len(request.cert_ids) <= CACHEABLE_CERTIDS
                      and len(der) <= CACHEABLE_REQUEST_BYTES)
-        keys = [] if request.signed and self.requestors.active else [raw_key(der)]
+        keys = () if request.signed and self.requestors.active else (raw_key(der),)
         ckey = certids_key(c.der for c in request.cert_ids)
-        if cacheable and not fresh:
-            entry = self.cache.peek(ckey, now)
-            if entry is not None:
-                if keys:
-                    self.cache.put(keys, entry, epoch)
-                return self.outcome(entry, "hit")
+        if cacheable and peek:
+            found = self.peek_certids(ckey, now)
+            if found is not None:
+                entry, unknown = found
+                return Signed(self.outcome(entry, "hit"), entry, keys, unknown)
         result = answer(request, self.store, now, self.policy)
+        unknown = never_issued(result)
+        if unknown and not sign_unknown:
+            return Signed(Outcome(encode_error("try_later"), "try_later", "-",
+                                  reason="never-issued serials over this address's rate"),
+                          unknown=True)
         signed = self.sign(result)
         validity = result.policy.validity
         entry = CachedResponse(
@@ -300,13 +362,58 @@ class OcspService:
             refresh_at=min(result.produced_at + validity / 2, result.next_update),
             serials=result.serials,
             summary=tuple((s.cert_id.serial, s.status) for s in result.singles),
-            request=der if keys else b"",
+            request=der if keys and not unknown else b"",
         )
         if cacheable:
-            self.cache.put([*keys, ckey], entry, epoch)
-            return self.outcome(entry, "miss")
-        return self.outcome(entry, "nonce" if request.nonce is not None else "miss",
-                                nonce=request.nonce is not None)
+            return Signed(self.outcome(entry, "miss"), entry, (*keys, ckey), unknown)
+        return Signed(self.outcome(entry, "nonce" if request.nonce is not None else "miss",
+                                   nonce=request.nonce is not None), None, (), unknown)
+
+    def peek_certids(self, ckey: bytes, now: datetime) -> tuple[CachedResponse, bool] | None:
+        """The live response cached for these CertIDs, and whether it is a never-issued one."""
+        entry = self.cache.peek(ckey, now)
+        if entry is not None:
+            return entry, False
+        entry = self.unknown.peek(ckey, now)
+        return (entry, True) if entry is not None else None
+
+    def settle(self, signed: Signed, epoch: int) -> Outcome:
+        """Keep what ``compute`` signed: real answers in the response cache, answers about
+        never-issued serials in their own bounded cache (so that a flood of made-up serials
+        cannot evict real answers); ``epoch`` as in ``ResponseCache.put``."""
+        if signed.entry is not None and signed.keys:
+            cache = self.unknown if signed.unknown else self.cache
+            cache.put(signed.keys, signed.entry, epoch)
+        return signed.outcome
+
+    def cached_answer(self, der: bytes, request: OcspRequest, now: datetime) -> Outcome | None:
+        """The answer cached for the CertIDs of a request the raw-bytes lookup missed (a
+        request spelled otherwise), when it needs no requestor check; else None."""
+        if (request.nonce is not None or len(request.cert_ids) > CACHEABLE_CERTIDS
+                or len(der) > CACHEABLE_REQUEST_BYTES or not self.checked_without_store(request)):
+            return None
+        found = self.peek_certids(certids_key(c.der for c in request.cert_ids), now)
+        if found is None:
+            return None
+        entry, unknown = found
+        keys = () if request.signed and self.requestors.active else (raw_key(der),)
+        return self.settle(Signed(self.outcome(entry, "hit"), entry, keys, unknown),
+                           self.cache.epoch)
+
+    def presigned_answer(self, request: OcspRequest, now: datetime) -> Outcome | None:
+        """For a nonce request shed under overload: the pre-signed response to its CertIDs,
+        without the nonce (RFC 5019 §2.1 lets a responder leave it out); None if none."""
+        if len(request.cert_ids) > CACHEABLE_CERTIDS or not self.checked_without_store(request):
+            return None
+        found = self.peek_certids(certids_key(c.der for c in request.cert_ids), now)
+        if found is None:
+            return None
+        return replace(self.outcome(found[0], "shed"), reason="overload: pre-signed, no nonce")
+
+    def checked_without_store(self, request: OcspRequest) -> bool:
+        """Whether a cached answer may go to this request without a requestor check."""
+        mode = self.requestors.mode
+        return mode == "ignore" or (mode == "verify" and not request.signed)
 
     def sign(self, result: OcspAnswer) -> bytes:
         """Encode and sign an answer with its CA's signer."""

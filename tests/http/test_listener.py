@@ -303,10 +303,10 @@ def test_deferred_answers_keep_request_order(env: dict[str, Any]) -> None:
     pending: list[Deferred[Any]] = []
     real = site.service.respond_to
 
-    def later(der: bytes, now: Any) -> Deferred[Any]:
+    def later(der: bytes, now: Any, *client: str) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         pending.append(d)
-        d.addCallback(lambda _: real(der, now))
+        d.addCallback(lambda _: real(der, now, *client))
         return d
 
     site.service.respond_to = later
@@ -324,10 +324,10 @@ def test_lost_connection_drops_pending_answers(env: dict[str, Any]) -> None:
     pending: list[Deferred[Any]] = []
     real = site.service.respond_to
 
-    def later(der: bytes, now: Any) -> Deferred[Any]:
+    def later(der: bytes, now: Any, *client: str) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         pending.append(d)
-        return d.addCallback(lambda _: real(der, now))
+        return d.addCallback(lambda _: real(der, now, *client))
 
     site.service.respond_to = later
     proto.dataReceived(post(b"/ocsp", request_der(env["ca"], [2])))
