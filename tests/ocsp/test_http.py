@@ -212,6 +212,7 @@ async def test_one_log_line_per_request_without_the_body(server: dict[str, Any])
     der = request_der(server["ca"], [2], nonce=b"q" * 32)
     with capturedLogs() as events:
         await call(server["port"], "POST", "/ocsp", der)
+        server["site"].access.flush()  # lines are written in batches, FLUSH_DELAY apart
     lines = access_lines(events)
     assert len(lines) == 1
     e = lines[0]
