@@ -1,6 +1,7 @@
 """The Python cost of one cached OCSP answer on the HTTP listener (issue 12), in process.
 
-Usage: python bench/http_hit_bench.py DATA [-n 100000] [--rounds 3] [--batch 8] [--profile OUT]
+Usage: python bench/http_hit_bench.py DATA [-n 100000] [--rounds 3] [--batch 8] [--no-memo]
+                                           [--profile OUT]
 
 DATA is a directory written by ``bench/gen_certs.py`` and imported (as for
 ``bench/ocsp_bench.py``). The listener's factory is built from DATA/certpub.toml as ``certpub
@@ -12,8 +13,9 @@ The access log is flushed every ``--batch`` requests (the requests one reactor t
 16 connections), so each figure holds the whole Python of a hit: parse, route, lookup, write
 call, the access record and its share of the batched line and metrics. What it leaves out is
 the reactor's own part (epoll, recv, send), which ``bench/ocsp_floor.py`` measures in
-``bench/ocsp_bench.py``. Prints CPU µs per request, the median over the rounds; never asserts
-on time.
+``bench/ocsp_bench.py``. ``--no-memo`` turns the listener's memo of whole reads off, so every
+request is parsed and routed (what a read seen for the first time costs). Prints CPU µs per
+request, the median over the rounds; never asserts on time.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 
 from ocsp_bench import make_requests  # noqa: E402
 from server.config import load_config  # noqa: E402
+from server.http import listener  # noqa: E402
 from server.http.site import make_http_factory  # noqa: E402
 from server.logs import start_logging  # noqa: E402
 from server.metrics import Metrics, set_metrics  # noqa: E402
@@ -117,8 +120,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--no-memo", action="store_true")
     parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
+    if args.no_memo:
+        listener.MEMO_READ_BYTES = -1
     data = args.data.resolve()
     config = load_config(data / "certpub.toml")
     tmp = Path(tempfile.mkdtemp(prefix="http-hit-"))
@@ -137,7 +143,8 @@ def main() -> None:
     }
     addr = IPv4Address("TCP", "127.0.0.1", 40000)
     print(f"{args.n} requests per round over {args.connections} connections, access log flushed"
-          f" every {args.batch}; CPU µs per request, median of {args.rounds} rounds")
+          f" every {args.batch}{', no memo' if args.no_memo else ''}; CPU µs per request, median"
+          f" of {args.rounds} rounds")
     for name, raw in shapes.items():
         chans = []
         for _ in range(args.connections):
