@@ -27,6 +27,10 @@ latency distribution. The load generator's CPU (wrk user+sys from wait4) and eac
 CPU (/proc/PID/stat, its whole process tree) are reported per run: the machine's cores are
 shared by the servers and the load generator.
 
+``--targets`` picks among certpub, floor (``bench/ocsp_floor.py``), floor-direct (the same with
+the answer sent at once while nothing is buffered, as certpub's listener does), nginx and
+openssl (default: all but floor-direct).
+
 ``--certpub-config NAME=CONFIG`` (repeatable) adds a certpub target started from CONFIG instead
 of DATA/certpub.toml (e.g. ``bench/pg_env.py``'s PostgreSQL variant), in the same rotation;
 ``--db-pid NAME=PID`` adds PID's process tree (that PostgreSQL server) to NAME's server CPU and
@@ -299,13 +303,16 @@ class Floor(Target):
 
     name = "floor"
 
-    def __init__(self, work: Path, get: bytes, post: bytes) -> None:
+    def __init__(self, work: Path, get: bytes, post: bytes, *, direct: bool = False) -> None:
         self.port = free_port()
+        if direct:  # answers sent at once while nothing is buffered, as certpub does
+            self.name = "floor-direct"
         (work / "floor-get.http").write_bytes(get)
         (work / "floor-post.http").write_bytes(post)
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "ocsp_floor.py"), str(self.port),
-             str(work / "floor-get.http"), str(work / "floor-post.http")],
+             str(work / "floor-get.http"), str(work / "floor-post.http"),
+             *(["--direct"] if direct else [])],
             stdout=open(work / "floor.out", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
         wait_port(self.port, self.proc)
 
@@ -449,11 +456,14 @@ def main() -> None:
         code, presigned = http_exchange(certpub.port, post)
         assert code == 200
         check_response(presigned)
-        if "floor" in wanted:  # certpub's own keep-alive answers, as the floor's fixed bytes
-            get_req = b"GET " + get_path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-            _, get_bytes, _ = http_raw(certpub.port, get_req)
+        if "floor" in wanted or "floor-direct" in wanted:  # certpub's own keep-alive answers,
+            get_req = b"GET " + get_path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"  # as the
+            _, get_bytes, _ = http_raw(certpub.port, get_req)  # floor's fixed bytes
             _, post_bytes, _ = http_raw(certpub.port, post)
-            targets.append(Floor(work, get_bytes, post_bytes))
+            if "floor" in wanted:
+                targets.append(Floor(work, get_bytes, post_bytes))
+            if "floor-direct" in wanted:
+                targets.append(Floor(work, get_bytes, post_bytes, direct=True))
         if "nginx" in wanted:
             targets.append(Nginx(work, presigned))
         if "openssl" in wanted:
@@ -465,7 +475,7 @@ def main() -> None:
             code, der = http_exchange(t.port, b"GET " + get_path.encode() + b" HTTP/1.0\r\n\r\n")
             assert code == 200, (t.name, code)
             check_response(der)
-            if t.name not in ("nginx", "floor"):
+            if t.name not in ("nginx", "floor", "floor-direct"):
                 code, der = http_exchange(
                     t.port, b"POST / HTTP/1.0\r\nContent-Type: application/ocsp-request\r\n"
                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -476,7 +486,7 @@ def main() -> None:
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for t in order:
                 for sc in scenarios:
-                    if t.name in ("nginx", "floor") and sc == "nonce":
+                    if t.name in ("nginx", "floor", "floor-direct") and sc == "nonce":
                         continue
                     res = run_wrk(t, sc, files, args)
                     runs.append({"round": r, "target": t.name, "scenario": sc, **res})

@@ -279,35 +279,45 @@ def _fragment(fields: Any, msg: str) -> str:
 def _render_batch(event: dict[str, Any], batch: Any, fmt: str) -> str:
     """The lines of a batch event: one per item of ``log_batch``, each item a sequence of
     field mappings written in order after the event's time, level, system and message (the
-    HTTP access log: a route's fields are one mapping shared by many lines, encoded once)."""
+    HTTP access log: a route's fields are one mapping shared by many lines, encoded once;
+    an item shared by several lines is rendered once)."""
     when = _when(event)
     level = event.get("log_level", LogLevel.info).name
     system, system_part = _system(str(event.get("log_namespace", "")))
     msg, _ = _message(event)
     lines = []
     if fmt == "json":
+        known: dict[int, str] = {}
         for item in batch:
-            fields = dict(_GLOBAL_FIELDS)
-            for mapping in item:
-                fields.update(mapping)
-            fields = _fields(fields)
-            lines.append(json.dumps({"time": when, "level": level, "system": system,
-                                     "msg": msg, **fields}, ensure_ascii=False, default=str))
+            line = known.get(id(item))
+            if line is None:
+                fields = dict(_GLOBAL_FIELDS)
+                for mapping in item:
+                    fields.update(mapping)
+                fields = _fields(fields)
+                line = known[id(item)] = json.dumps(
+                    {"time": when, "level": level, "system": system, "msg": msg, **fields},
+                    ensure_ascii=False, default=str)
+            lines.append(line)
         return "\n".join(lines)
     head = ["time=" + when, "level=" + level, system_part, "msg=" + json.dumps(msg)]
     if _GLOBAL_FIELDS:
         head.append(_fragment(_GLOBAL_FIELDS, msg))
     start = " ".join(head)
     done: dict[int, str] = {}  # id of a mapping -> its pairs (the batch keeps it alive)
+    rendered: dict[int, str] = {}  # id of an item (one several lines share) -> its line
     for item in batch:
-        parts = [start]
-        for mapping in item:
-            fragment = done.get(id(mapping))
-            if fragment is None:
-                fragment = done[id(mapping)] = _fragment(mapping, msg)
-            if fragment:
-                parts.append(fragment)
-        lines.append(" ".join(parts))
+        line = rendered.get(id(item))
+        if line is None:
+            parts = [start]
+            for mapping in item:
+                fragment = done.get(id(mapping))
+                if fragment is None:
+                    fragment = done[id(mapping)] = _fragment(mapping, msg)
+                if fragment:
+                    parts.append(fragment)
+            line = rendered[id(item)] = " ".join(parts)
+        lines.append(line)
     return "\n".join(lines)
 
 

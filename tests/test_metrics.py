@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from server import metrics as metrics_module
 from server.feed import ChangeFeed
 from server.limits import ConnectionLimits
-from server.metrics import STATS_TTL, Metrics, get_metrics, set_metrics
+from server.metrics import LATENCY_BUCKETS, STATS_TTL, Metrics, get_metrics, set_metrics
 from store.model import Generation
 from store.sqlite import Store, StoreError
 
@@ -273,3 +273,20 @@ def test_presign_and_spool_backlogs(tmp_path: Path) -> None:
     f = families(m)
     assert value(f, "certpub_import_spool_files", spool=str(spool)) == 0
     assert value(f, "certpub_import_spool_oldest_seconds", spool=str(spool)) == 0
+
+
+def test_a_tally_counts_as_its_observations() -> None:
+    """requests_tallied (the access log's fold of a batch) gives what observe() would."""
+    from server.metrics import latency_bucket
+
+    seconds = [0.0, 0.00005, 0.0001, 0.00011, 0.003, 0.3, 1.0, 7.5]
+    a, b = Metrics(process=False), Metrics(process=False)
+    for s in seconds:
+        a.request("http", "crl", "ok", s)
+    buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+    for s in seconds:
+        buckets[latency_bucket(s)] += 1
+    b.requests_tallied("http", "crl", "ok", len(seconds), sum(seconds), buckets)
+    fa, fb = families(a), families(b)
+    assert fa["certpub_requests"] == fb["certpub_requests"]
+    assert fa["certpub_request_seconds"] == fb["certpub_request_seconds"]

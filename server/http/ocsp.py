@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -117,10 +119,19 @@ def not_modified(if_none_match: bytes | None, if_modified_since: bytes | None,
     return False
 
 
-class _Hot:
-    """A pre-signed response as complete HTTP bytes, per variant, for the current second."""
+_NEVER = datetime.min.replace(tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
 
-    __slots__ = ("entry", "epoch", "fields", "get", "second", "variants", "etag")
+
+class _Hot:
+    """A pre-signed response as complete HTTP bytes, per variant, for the current second.
+
+    The variants hold while the Date is the same and the service's clock is inside
+    ``[lo, hi)``: before the refresh time and, for a GET, while ``max-age`` (whole seconds
+    to nextUpdate) keeps its value; so a hit compares, and does no date arithmetic."""
+
+    __slots__ = ("entry", "epoch", "fields", "get", "date", "lo", "hi", "variants", "etag",
+                 "size")
 
     def __init__(self, entry: CachedResponse, epoch: int, get: bool) -> None:
         self.entry = entry
@@ -128,8 +139,46 @@ class _Hot:
         self.get = get
         self.fields = reply_fields(OcspService.outcome(entry, "hit"))
         self.etag = entry.etag.encode()
-        self.second: Any = b""
+        self.size = len(entry.der)
+        self.date = b""
+        self.lo = self.hi = _NEVER
         self.variants: dict[tuple[bytes, bool, bool], bytes] = {}
+
+    def answer(self, service: OcspService, key: tuple[bytes, bool, bool], not_mod: bool,
+               date: bytes) -> Reply | None:
+        """The reply of variant key (version, keep-alive, no body) at date; None when this
+        answer is no longer live (a change-feed invalidation, its refresh time)."""
+        if self.epoch != service.cache.epoch:
+            return None
+        now = service.now()
+        if date != self.date or not self.lo <= now < self.hi:
+            entry = self.entry
+            if now >= entry.refresh_at:
+                return None
+            self.variants.clear()
+            self.date = date
+            self.lo, self.hi = _NEVER, entry.refresh_at
+            if self.get:  # max-age = int(next_update - now) stays m on (next - m - 1, next - m]
+                m = max(0, int((entry.next_update - now).total_seconds()))
+                if m:
+                    self.lo = max(self.lo, entry.next_update - (m + 1) * _SECOND
+                                  + timedelta(microseconds=1))
+                    self.hi = min(self.hi, entry.next_update - m * _SECOND
+                                  + timedelta(microseconds=1))
+        service.cache.hits += 1
+        data = self.variants.get(key)
+        if data is None:
+            data = self.variants[key] = self._bytes(key, not_mod, date, now)
+        return data, 304 if not_mod else 200, 0 if key[2] else self.size, self.fields
+
+    def _bytes(self, key: tuple[bytes, bool, bool], not_mod: bool, date: bytes,
+               now: datetime) -> bytes:
+        entry = self.entry
+        headers = [(b"Content-Type", OCSP_RESPONSE)]
+        if self.get:
+            headers += get_headers(OcspService.outcome(entry, "hit"), now)
+        return wire.response(304 if not_mod else 200, headers, entry.der, version=key[0],
+                             keep_alive=key[1], date=date, head=key[2])
 
 
 class OcspRoute:
@@ -205,46 +254,38 @@ class OcspRoute:
                 return der
         raise MalformedRequest("not an OCSP path")  # is_get said it was: a bug
 
-    def _hot_reply(self, hot: _Hot, request: wire.Request, date: bytes) -> Reply | None:
-        """The hot answer to request, or None when it is no longer live (or not for it)."""
-        service = self.service
+    @staticmethod
+    def _variant(hot: _Hot, request: wire.Request) -> tuple[tuple[bytes, bool, bool], bool] | None:
+        """(variant key, 304?) of the hot answer to request; None when the request carries
+        validators only the general path decides."""
         headers = request.headers
         not_mod = False
         if hot.get and (b"if-none-match" in headers or b"if-modified-since" in headers):
             if headers.get(b"if-none-match") != hot.etag:
                 return None  # other validators: answered the general way
-            not_mod = True
-        elif not hot.get and b"if-none-match" in headers:
-            pass  # a POST is never answered 304
-        entry = hot.entry
-        if hot.epoch != service.cache.epoch:
-            return None
-        now = service.now()
-        if now >= entry.refresh_at:
-            return None
-        service.cache.hits += 1
-        # Date and a GET's max-age move each second (max-age by the service's clock)
-        stamp: Any = date if not hot.get else (date, int((entry.next_update - now)
-                                                          .total_seconds()))
-        if hot.second != stamp:
-            hot.second = stamp
-            hot.variants.clear()
-        key = (request.version, request.keep_alive, request.method == b"HEAD" or not_mod)
-        data = hot.variants.get(key)
-        if data is None:
-            data = hot.variants[key] = self._hot_bytes(hot, request, date, now, not_mod)
-        return data, 304 if not_mod else 200, 0 if key[2] else len(entry.der), hot.fields
+            not_mod = True  # (a POST is never answered 304)
+        return (request.version, request.keep_alive, request.method == b"HEAD" or not_mod), not_mod
 
-    @staticmethod
-    def _hot_bytes(hot: _Hot, request: wire.Request, date: bytes, now: datetime,
-                   not_mod: bool) -> bytes:
-        entry = hot.entry
-        headers = [(b"Content-Type", OCSP_RESPONSE)]
-        if hot.get:
-            headers += get_headers(OcspService.outcome(entry, "hit"), now)
-        return wire.response(304 if not_mod else 200, headers, entry.der,
-                             version=request.version, keep_alive=request.keep_alive,
-                             date=date, head=request.method == b"HEAD")
+    def _hot_reply(self, hot: _Hot, request: wire.Request, date: bytes) -> Reply | None:
+        """The hot answer to request, or None when it is no longer live (or not for it)."""
+        variant = self._variant(hot, request)
+        if variant is None:
+            return None
+        return hot.answer(self.service, variant[0], variant[1], date)
+
+    def replay(self, request: wire.Request) -> Callable[[bytes], Reply | None] | None:
+        """How to answer the same request again from its hot answer (the listener's memo of
+        whole requests), or None when it has none."""
+        if request.method == b"POST":
+            hot = self._post_hot.get(request.body)
+        else:
+            hot = self._get_hot.get(request.path)
+        if hot is None:
+            return None
+        variant = self._variant(hot, request)
+        if variant is None:
+            return None
+        return partial(hot.answer, self.service, variant[0], variant[1])
 
     def _answer(self, request: wire.Request, der: bytes, date: bytes, client: str, *,
                 get: bool) -> Reply | Deferred[Reply]:

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from server.http import wire
 from server.http.accesslog import AccessLog
-from server.http.listener import HttpFactory, Reply
+from server.http.listener import HttpFactory, Replay, Reply
 from server.http.ocsp import OcspRoute
 from server.http.publication import PublicationRoute, not_allowed, send
 from server.ldap.config import DEFAULT_ATTRIBUTES
@@ -57,6 +57,15 @@ class HttpSite:
         elif (method == b"GET" or method == b"HEAD") and ocsp.is_get(path):
             return ocsp.get(request, date, client)
         return self._other(request, date)
+
+    def replay(self, request: wire.Request) -> Replay | None:
+        """How to answer the same request bytes again (an OCSP cache hit), else None."""
+        method, path = request.method, request.path
+        ocsp = self.ocsp
+        if (path in ocsp.post_paths if method == b"POST"
+                else (method == b"GET" or method == b"HEAD") and ocsp.is_get(path)):
+            return ocsp.replay(request)
+        return None
 
     def _other(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
         method, path = request.method, request.path
@@ -112,6 +121,7 @@ class OcspHttpFactory(HttpFactory):
     def reload(self, config: Any) -> None:
         """SIGHUP: new signers and CA files; raises (keeping the old ones) when bad."""
         self.service.reload(config)
+        self.memo.clear()
         self.http_site.ocsp.forget()
         self.http_site.ocsp.set_paths(config.http.ocsp_paths)
         if self.http_site.web is not None:

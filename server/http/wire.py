@@ -116,6 +116,12 @@ class Connection:
         return (bool(self._buf) or self._chunked is not None) and not self._done
 
     @property
+    def fresh(self) -> bool:
+        """Whether the next byte starts a new request (nothing buffered, not closed): then the
+        same bytes always parse the same way."""
+        return not self._buf and self._chunked is None and not self._done
+
+    @property
     def closed(self) -> bool:
         """Whether the connection ends after the requests parsed so far."""
         return self._done

@@ -345,3 +345,145 @@ def test_expect_100_continue(env: dict[str, Any]) -> None:
     assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
     proto.dataReceived(der)
     assert statuses(transport.value()) == [c_ocsp.OCSPCertStatus.GOOD]
+
+
+def test_a_request_read_again_is_answered_from_the_memo(env: dict[str, Any]) -> None:
+    """A read that was one whole keep-alive request answered from the hot table is answered
+    again without parsing or routing, on any connection; its access line and hit count are
+    the same as the parsed path's."""
+    site = env["site"]()
+    der = request_der(env["ca"], [1])
+    g, p = get(b"/ocsp/" + b64(der)), post(b"/ocsp", der)
+    proto, transport = connect(site)
+    for _ in range(2):  # a miss (signed), then a hit from the hot table: remembered
+        proto.dataReceived(g)
+        proto.dataReceived(p)
+    assert set(site.memo) == {g, p}
+    expected = normal(transport.value())
+    routed: list[Any] = []
+    handle = site.site.handle
+    site.site.handle = lambda *a: routed.append(a) or handle(*a)  # type: ignore[method-assign]
+    hits = site.service.cache.hits
+    other, other_transport = connect(site)
+    with capturedLogs() as events:
+        for chan in (proto, other):
+            chan.dataReceived(g)
+            chan.dataReceived(p)
+    assert routed == [] and site.service.cache.hits == hits + 4
+    assert normal(other_transport.value()) == expected.split(b"HTTP/1.1 200 OK")[0] + b"".join(
+        b"HTTP/1.1 200 OK" + part for part in expected.split(b"HTTP/1.1 200 OK")[3:])
+    lines = access_lines(events)
+    assert [(e["method"], e["cache"], e["status"]) for e in lines] == [
+        ("GET", "hit", 200), ("POST", "hit", 200)] * 2
+    # a read that is not a whole request alone is parsed: two requests, half a request
+    proto.dataReceived(p + p)
+    proto.dataReceived(p[:10])
+    assert len(routed) == 2
+    proto.dataReceived(p[10:])
+    assert len(routed) == 3 and set(site.memo) == {g, p}
+
+
+def test_the_memo_follows_the_clock_the_change_feed_and_reload(env: dict[str, Any]) -> None:
+    site, store = env["site"](), env["store"]
+    feed = ChangeFeed(store)
+    feed.prime()
+    feed.subscribe(site.service.on_changes)
+    der = request_der(env["ca"], [2])
+    g = get(b"/ocsp/" + b64(der))
+    proto, transport = connect(site)
+    proto.dataReceived(g)
+    proto.dataReceived(g)
+    assert g in site.memo
+    transport.clear()
+    env["clock"].now += timedelta(seconds=100)  # max-age moves with the service's clock
+    proto.dataReceived(g)
+    env["clock"].now += timedelta(seconds=1)
+    proto.dataReceived(g)
+    ages = [int(x) for x in re.findall(rb"max-age=(\d+)", transport.value())]
+    assert ages[0] == ages[1] + 1
+    transport.clear()
+    env["clock"].now += timedelta(hours=13)  # past half the validity: re-signed
+    with capturedLogs() as events:
+        proto.dataReceived(g)
+    assert [e["cache"] for e in access_lines(events)] == ["miss"]
+    now = env["clock"].now
+    proto.dataReceived(g)  # remembered again
+    assert g in site.memo
+    with store.batch(now) as b:
+        b.revoke(CaId(env["ca_id"]), Serial(2), now, RevocationReason.KEY_COMPROMISE, "t", "t")
+    feed.poll()  # the generation changed: the remembered answer is no longer served
+    transport.clear()
+    proto.dataReceived(g)
+    proto.dataReceived(g)
+    assert [s for s in re.findall(rb"HTTP/1.1 (\d+)", transport.value())] == [b"200", b"200"]
+    body = transport.value().split(b"\r\n\r\n", 1)[1]
+    assert c_ocsp.load_der_ocsp_response(body[:body.find(b"HTTP/1.1")]).certificate_status == \
+        c_ocsp.OCSPCertStatus.REVOKED
+    assert g in site.memo
+    site.reload(config_for(env["ca"]))  # new signers: nothing remembered is served
+    assert not site.memo
+
+
+def test_a_remembered_request_waits_behind_a_pending_answer(env: dict[str, Any]) -> None:
+    site = env["site"]()
+    der1, der2 = request_der(env["ca"], [1]), request_der(env["ca"], [2])
+    proto, transport = connect(site)
+    proto.dataReceived(post(b"/ocsp", der1))
+    proto.dataReceived(post(b"/ocsp", der1))
+    assert post(b"/ocsp", der1) in site.memo
+    transport.clear()
+    pending: list[Deferred[Any]] = []
+    real = site.service.respond_to
+
+    def later(der: bytes, now: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append(d)
+        return d.addCallback(lambda _: real(der, now))
+
+    site.service.respond_to = later
+    proto.dataReceived(post(b"/ocsp", der2))
+    proto.dataReceived(post(b"/ocsp", der1))
+    assert transport.value() == b""
+    pending[0].callback(None)
+    data = transport.value()
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+    first = data.split(b"\r\n\r\n", 1)[1]
+    response = c_ocsp.load_der_ocsp_response(first[:first.find(b"HTTP/1.1")])
+    assert response.serial_number == 2  # der2's answer first, as asked
+
+
+def test_access_lines_of_a_batch(env: dict[str, Any]) -> None:
+    """With a reactor, lines wait FLUSH_DELAY for their batch; alike requests share an item
+    rendered once, and every request still has its line and its count in the metrics."""
+    from server.http.accesslog import FLUSH_DELAY
+    from server.logs import render
+
+    site = env["site"]()
+    reactor = env["reactor"]
+    site.access.reactor = reactor
+    der = request_der(env["ca"], [3])
+    metrics = Metrics(process=False)
+    set_metrics(metrics)
+    try:
+        with capturedLogs() as events:
+            proto, _ = connect(site)
+            for _ in range(6):
+                proto.dataReceived(post(b"/ocsp", der))
+            proto.dataReceived(get(b"/nothing"))
+            assert access_lines(events) == []
+            reactor.advance(FLUSH_DELAY)
+        value = metrics.registry.get_sample_value
+        assert value("certpub_requests_total", {"protocol": "ocsp", "operation": "status",
+                                                "result": "successful"}) == 6
+        assert value("certpub_request_seconds_count", {"protocol": "ocsp",
+                                                       "operation": "status"}) == 6
+        assert value("certpub_ocsp_cache_total", {"result": "hit"}) == 5
+    finally:
+        set_metrics(None)
+    lines = access_lines(events)
+    assert [(e["cache"] if "cache" in e else "-", e["status"]) for e in lines] == [
+        ("miss", 200)] + [("hit", 200)] * 5 + [("-", 404)]
+    batch = [e for e in events if "log_batch" in e]
+    assert len(batch) == 1
+    text = render(batch[0], "logfmt").split("\n")
+    assert len(text) == 7 and all("client=127.0.0.1" in t and "duration=" in t for t in text)

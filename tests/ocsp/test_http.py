@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import http.client
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -189,6 +191,50 @@ async def test_http10_keep_alive_and_http11_pipelining(server: dict[str, Any]) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_client_that_reads_late_gets_every_answer_in_order(
+        server: dict[str, Any]) -> None:
+    """Answers go to the socket at once while nothing is buffered (listener.direct_send),
+    else through the transport's buffer: a client that sends thousands of pipelined
+    requests before reading any answer (its receive buffer small) gets them all, whole and
+    in order."""
+    ders = [request_der(server["ca"], [1]), request_der(server["ca"], [2])]
+    for der in ders:  # signed, then hot: from here on every answer is one write
+        for _ in range(2):
+            assert (await call(server["port"], "POST", "/ocsp", der))[0] == 200
+    count = 20_000
+
+    def exchange() -> bytes:
+        heads = [b"POST /ocsp HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(d) + d
+                 for d in ders]
+        last = b"POST /ocsp HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(
+            ders[0]) + ders[0]  # the server closes after answering it
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(30)
+            s.connect(("127.0.0.1", server["port"]))
+            sender = threading.Thread(target=s.sendall, args=(
+                b"".join(heads[j % 2] for j in range(count)) + last,))
+            sender.start()
+            time.sleep(0.5)  # nothing read yet: the kernel's buffers fill, then the server's
+            chunks = []
+            while chunk := s.recv(1 << 20):
+                chunks.append(chunk)
+            sender.join()
+            return b"".join(chunks)
+
+    data = await threads.deferToThread(exchange)
+    answers = data.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert len(answers) == count + 1
+    serials = []
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        n = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        assert len(body) == n
+        serials.append(c_ocsp.load_der_ocsp_response(body).serial_number)
+    assert serials == [1, 2] * (count // 2) + [1]
+
+
+@pytest_twisted.ensureDeferred
 async def test_publication(server: dict[str, Any]) -> None:
     port, ca = server["port"], server["ca"]
     code, headers, body = await call(port, "GET", "/ca/web.crt")
@@ -213,6 +259,7 @@ async def test_one_log_line_per_request_without_the_body(server: dict[str, Any])
     der = request_der(server["ca"], [2], nonce=b"q" * 32)
     with capturedLogs() as events:
         await call(server["port"], "POST", "/ocsp", der)
+        server["site"].access.flush()  # lines are written in batches, FLUSH_DELAY apart
     lines = access_lines(events)
     assert len(lines) == 1
     e = lines[0]

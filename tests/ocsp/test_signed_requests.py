@@ -331,7 +331,7 @@ def live(tmp_path: Path) -> Iterator[dict[str, Any]]:
     cert = issue(name("Live requestor"), key.public_key(), (ca.cert, ca.key), serial=0x60,
                  not_before=now - DAY, not_after=now + DAY)
     yield {"ca": ca, "port": port.getHost().port, "cert": cert, "key": key,
-           "folder": tmp_path}
+           "folder": tmp_path, "site": site}
     pytest_twisted.blockon(port.stopListening())
     store.close()
 
@@ -363,6 +363,7 @@ async def test_http_listener_checks_signatures_and_logs_the_reason(live: dict[st
         ok = await threads.deferToThread(post, port, good)
         refused = await threads.deferToThread(post, port, bad)
         unsigned = await threads.deferToThread(post, port, request_der(ca, [1]))
+        live["site"].access.flush()  # lines are written in batches, FLUSH_DELAY apart
     assert statuses(ok) == [c_ocsp.OCSPCertStatus.GOOD]
     assert response_status(refused) == "unauthorized"
     assert response_status(unsigned) == "sign_required"
