@@ -435,10 +435,10 @@ def test_a_remembered_request_waits_behind_a_pending_answer(env: dict[str, Any])
     pending: list[Deferred[Any]] = []
     real = site.service.respond_to
 
-    def later(der: bytes, now: Any) -> Deferred[Any]:
+    def later(der: bytes, now: Any, client: str = "-") -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         pending.append(d)
-        return d.addCallback(lambda _: real(der, now))
+        return d.addCallback(lambda _: real(der, now, client))
 
     site.service.respond_to = later
     proto.dataReceived(post(b"/ocsp", der2))
