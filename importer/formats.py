@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 from pathlib import Path
 
@@ -155,6 +156,27 @@ def extract(data: bytes) -> list[tuple[str, bytes]]:
     return out
 
 
+
+
+def read_file(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """A file's bytes, at most limit + 1 of them (more than limit means "too large").
+
+    Plain ``os.read`` calls: ``open(path, "rb").read(limit + 1)`` allocates a buffer of
+    limit + 1 bytes first (256 MiB, ~20 µs of page mapping for every small file).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        total = 0
+        while total <= limit:
+            part = os.read(fd, min(1 << 16 if not parts else 1 << 22, limit + 1 - total))
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def read_ca_certificate(path: Path) -> bytes:
