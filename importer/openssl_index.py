@@ -84,7 +84,21 @@ class IndexContent:
     incomplete_tail: bool  # the last line had no newline yet
 
 
+_TIMES: dict[str, datetime] = {}  # a CA's expiry and revocation times repeat
+
+
 def parse_time(text: str) -> datetime:
+    """``_parse_time``, remembered (datetimes are immutable)."""
+    when = _TIMES.get(text)
+    if when is None:
+        when = _parse_time(text)
+        if len(_TIMES) >= 65536:
+            _TIMES.clear()
+        _TIMES[text] = when
+    return when
+
+
+def _parse_time(text: str) -> datetime:
     """UTCTime YYMMDDHHMMSSZ (RFC 5280 §4.1.2.5.1 century rule) or GeneralizedTime."""
     if _UTC_TIME.match(text):
         yy = int(text[:2])

@@ -115,8 +115,29 @@ def _ava(name_der: bytes, r: int, oe: int, ava_end: int) -> names.AVA:
         except UnicodeDecodeError:
             pass
         else:
-            return names.AVA(oid, names.prep_value(text), text)
+            return names.AVA(oid, _prep(text), text)
     return _reference_ava(oid, name_der[oe:ve])
+
+
+def _prep(value: str) -> str:
+    """``names.prep_value``; for ASCII (NFKC and case folding are then ``lower``, and
+    ``str.split`` splits on what ``\\s`` matches) without the normalisation and the regex."""
+    if value.isascii():
+        return " ".join(value.lower().split())
+    return names.prep_value(value)
+
+
+_HOSTS: dict[bytes, str] = {}  # mail host -> its IDNA decoding (a CA's mail hosts repeat)
+
+
+def _host(raw: bytes) -> str:
+    host = _HOSTS.get(raw)
+    if host is None:
+        host = raw.decode("idna")
+        if len(_HOSTS) >= 4096:
+            _HOSTS.clear()
+        _HOSTS[raw] = host
+    return host
 
 
 def _ava_key(a: names.AVA) -> tuple[str, str]:
@@ -248,7 +269,7 @@ def _san_emails_der(tbs: bytes, p: int, end: int) -> list[str]:
                     out.append(raw.decode("ascii"))
                 else:
                     mailbox, host = raw.rsplit(b"@", 1)
-                    out.append(mailbox.decode("ascii") + "@" + host.decode("idna"))
+                    out.append(mailbox.decode("ascii") + "@" + _host(host))
     return out
 
 
@@ -365,7 +386,7 @@ def _fields(cert: x509.Certificate, tbs: bytes) -> tuple[Any, ...]:
             seen.add(value.lower())
             emails.append(value)
     attrs = set(parent.attrs)
-    attrs.update(("mail", names.prep_value(e)) for e in emails)
+    attrs.update(("mail", _prep(e)) for e in emails)
     for a in pub:
         attr = INDEXED_ATTRIBUTES.get(a.oid)
         if attr is not None and not a.norm.startswith("#"):
