@@ -85,6 +85,17 @@ class Batch:
     def _exec(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Any:
         return self._store._execute(sql, params)
 
+    def _insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Rows that are certainly new (no conflict clause): COPY on PostgreSQL."""
+        if not rows:
+            return
+        if self._store.engine == "postgresql":
+            self._store._copy(table, columns, rows)  # type: ignore[attr-defined]
+        else:
+            self._store._executemany(
+                f"INSERT INTO {table} ({', '.join(columns)})"
+                f" VALUES ({', '.join('?' * len(columns))})", rows)
+
     def _change(self, kind: str, ca_id: int, serial: int | None = None, key: str | None = None) -> None:
         self._changes.append((kind, ca_id, None if serial is None else serial_text(serial), key))
 
@@ -102,12 +113,9 @@ class Batch:
             self._entries = {}
         if not self.result.changed:
             return
-        self._store._executemany(
-            "INSERT INTO changes (generation, kind, ca_id, serial, directory_key)"
-            " VALUES (?, ?, ?, ?, ?)",
-            [(self.generation, kind, ca_id, serial, key)
-             for kind, ca_id, serial, key in self._changes],
-        )
+        self._insert("changes", ("generation", "kind", "ca_id", "serial", "directory_key"),
+                     [(self.generation, kind, ca_id, serial, key)
+                      for kind, ca_id, serial, key in self._changes])
         self._exec("UPDATE meta SET value = ? WHERE key = 'generation'", (str(self.generation),))
         self.result.generation = self.generation
 
@@ -292,7 +300,7 @@ class Batch:
             if row is None:
                 new = [None, cert.ca_id, st, cert.der, cert.sha256, cert.subject_dn,
                        cert.directory_dn, key, cert.emails, cert.cn, cert.not_before,
-                       cert.not_after, now, source, generation]
+                       cert.not_after, "good", now, source, generation]
                 inserts.append(new)
                 rows[cert.serial] = known_row = [None, cert.sha256, "good", None, key]
                 attrs.append((new, cert.attributes))
@@ -318,12 +326,10 @@ class Batch:
             for new, id_ in zip(inserts, self._reserve_cert_ids(len(inserts)), strict=True):
                 new[0] = id_
                 new.pop()[0] = id_  # the known row
-            self._store._executemany(
-                "INSERT INTO certs (id, ca_id, serial, der, sha256, subject_dn, directory_dn,"
-                " directory_key, emails, cn, not_before, not_after, status, imported_at, source,"
-                " generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'good', ?, ?, ?)",
-                inserts,
-            )
+            self._insert("certs", ("id", "ca_id", "serial", "der", "sha256", "subject_dn",
+                                   "directory_dn", "directory_key", "emails", "cn",
+                                   "not_before", "not_after", "status", "imported_at",
+                                   "source", "generation"), inserts)
         if updates:
             self._store._executemany(
                 "UPDATE certs SET der = ?, sha256 = ?, subject_dn = ?, directory_dn = ?,"
@@ -331,8 +337,12 @@ class Batch:
                 " imported_at = ?, source = ?, generation = ? WHERE id = ?",
                 updates,
             )
-        attr_rows = [(ref if isinstance(ref, int) else ref[0], a, v)
-                     for ref, pairs in attrs for a, v in pairs]
+        # A new certificate's id is new: its rows cannot clash (its pairs are unique).
+        self._insert("cert_attrs", ("cert_id", "attr", "value"),
+                     [(ref[0], a, v) for ref, pairs in attrs if not isinstance(ref, int)
+                      for a, v in pairs])
+        attr_rows = [(ref, a, v) for ref, pairs in attrs if isinstance(ref, int)
+                     for a, v in pairs]
         if attr_rows:
             self._store._executemany(
                 "INSERT INTO cert_attrs (cert_id, attr, value) VALUES (?, ?, ?)"
