@@ -1,12 +1,13 @@
-"""Certificates into the store's ``CertInput``, read with ``cryptography``'s Rust parser.
+"""Certificates into the store's rows (``CertRow``) and ``CertInput``, without asn1crypto.
 
 Strategy: ``store.certparse.cert_input`` (asn1crypto, strict) is the reference reading and
 costs ~300 µs a certificate; this module gets the same values from the already parsed
-``cryptography`` certificate plus a small walk over the DER of the subject Name (~30 µs).
-Only the common string types (UTF8String, PrintableString, IA5String) are decoded here, with
-the reference's codecs; any other value, an extension ``cryptography`` refuses, or anything
-unexpected falls back to the reference, so both readings always agree (tests/importer/
-test_parse.py compares them).
+``cryptography`` certificate plus one walk over the TBSCertificate's DER (subject Name and
+the SubjectAltName extension), ~20 µs: the RDNs above the leaf are read once per distinct
+parent and cached, since a CA's certificates share them. Only the common string types
+(UTF8String, PrintableString, IA5String) are decoded here, with the reference's codecs; any
+other value, a repeated extension, or anything unexpected falls back to the reference, so
+both readings always agree (tests/importer/test_parse.py compares them).
 """
 
 from __future__ import annotations
