@@ -14,7 +14,6 @@ recognised and changes nothing; moving files away is the caller's job, after the
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -148,10 +147,10 @@ class Importer:
         for item in chunk:
             if isinstance(item, FileLoad):
                 objects = item.objects
-            elif isinstance(item, tuple):  # (Verified | None, notes) of an index record
-                objects = [] if item[0] is None else [item[0]]
-            else:
+            elif isinstance(item, Verified):
                 objects = [item]
+            else:  # (Verified | None, notes) of an index record
+                objects = [] if item[0] is None else [item[0]]
             n += sum(1 for v in objects if v.kind != "crl")
         self.progress.tick(0, n)
 
@@ -279,7 +278,7 @@ class Importer:
                 if v.cert is None:
                     continue
                 key = (v.cert.ca_id, v.cert.serial)
-                sha = hashlib.sha256(v.cert.der).digest()
+                sha = v.cert.sha256
                 known = claimed.get(key)
                 if known is not None and known != sha:
                     why.append(f"certificate serial 0x{v.cert.serial:X} differs from the"
@@ -310,7 +309,7 @@ class Importer:
                     o.certs += 1
                     items.append((v.cert, o.name))
         if items:
-            batch.add_certs(items)
+            batch.add_cert_rows(items)
         crls = [(v.crl, o) for o in files for v in o.objects if v.crl is not None]
         crls.sort(key=lambda c: (c[0].ca_id, c[0].is_delta,
                                  -1 if c[0].number is None else c[0].number,

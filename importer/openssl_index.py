@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 
 from importer.batch import AHEAD
-from store.model import CertInput, IndexLine, RevocationReason, Serial
+from store.model import IndexLine, RevocationReason, Serial
+from store.writer import CertRow
 
 if TYPE_CHECKING:
     from importer.batch import Importer
@@ -83,7 +84,21 @@ class IndexContent:
     incomplete_tail: bool  # the last line had no newline yet
 
 
+_TIMES: dict[str, datetime] = {}  # a CA's expiry and revocation times repeat
+
+
 def parse_time(text: str) -> datetime:
+    """``_parse_time``, remembered (datetimes are immutable)."""
+    when = _TIMES.get(text)
+    if when is None:
+        when = _parse_time(text)
+        if len(_TIMES) >= 65536:
+            _TIMES.clear()
+        _TIMES[text] = when
+    return when
+
+
+def _parse_time(text: str) -> datetime:
     """UTCTime YYMMDDHHMMSSZ (RFC 5280 §4.1.2.5.1 century rule) or GeneralizedTime."""
     if _UTC_TIME.match(text):
         yy = int(text[:2])
@@ -346,7 +361,7 @@ def _finish(importer: Importer, db: OpensslDatabase, tracker: IndexTracker, chun
     ca_id = importer.ca_ids[db.ca]
     found = [] if chunk.job is None else importer.pool.results(chunk.job,
                                                                importer._count_verified)
-    certs: list[tuple[CertInput, str]] = []
+    certs: list[tuple[CertRow, str]] = []
     source = f"index:{db.index}"
     for p, (v, notes) in zip(chunk.owners, found, strict=True):
         for path in notes:
@@ -366,7 +381,7 @@ def _finish(importer: Importer, db: OpensslDatabase, tracker: IndexTracker, chun
         return
     with store.batch(importer.now()) as batch:
         if certs:
-            batch.add_certs(certs)
+            batch.add_cert_rows(certs)
         if status and lines:
             batch.apply_index_lines(ca_id, [p.line for p in lines], source)
         if chunk.sha is not None:

@@ -17,7 +17,7 @@ import hashlib
 import os
 import signal
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -26,7 +26,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from importer.formats import MAX_FILE_BYTES, FileRejected, extract
+from importer.formats import MAX_FILE_BYTES, FileRejected, extract, read_file
 from importer.verify import Anchor, Verified, Verifier
 
 log = Logger()
@@ -52,8 +52,7 @@ def load_files(verifier: Verifier, paths: Sequence[str]) -> list[FileLoad]:
         load = FileLoad()
         out.append(load)
         try:
-            with open(path, "rb") as fh:
-                data = fh.read(MAX_FILE_BYTES + 1)
+            data = read_file(path)
         except OSError as exc:
             load.state, load.reason = "skipped", f"cannot read: {exc.strerror or exc}"
             continue
@@ -91,7 +90,7 @@ def load_certificate_files(verifier: Verifier, items: Sequence[Sequence[str]]
         found: Verified | None = None
         for path in candidates:
             try:
-                data = Path(path).read_bytes()
+                data = read_file(path)
             except OSError:
                 continue
             try:
@@ -146,6 +145,10 @@ class Job:
     task: str
     items: Sequence[Any]
     futures: list[Future[list[Any]]] = field(default_factory=list)
+    stolen: dict[int, list[Any]] = field(default_factory=dict)  # chunks done in-process
+
+    def chunk(self, i: int) -> Sequence[Any]:
+        return self.items[i * CHUNK:(i + 1) * CHUNK]
 
 
 class WorkerPool:
@@ -156,6 +159,7 @@ class WorkerPool:
         self.anchors = list(anchors)
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
+        self._jobs: list[Job] = []  # submitted to the workers, results not taken yet
 
     def submit(self, task: str, items: Sequence[Any]) -> Job:
         """Start a job (in the workers when it pays off); ``results`` waits for it."""
@@ -169,6 +173,7 @@ class WorkerPool:
                     )
                 job.futures = [self._pool.submit(run_task, task, c)
                                for c in _chunks(items, CHUNK)]
+                self._jobs.append(job)
             except (BrokenProcessPool, RuntimeError, OSError):
                 self._failed()
         return job
@@ -177,14 +182,29 @@ class WorkerPool:
         """The job's results, in item order (tick is called with each chunk's results)."""
         out: list[Any] = []
         try:
-            for future in job.futures:
-                chunk = future.result()
+            for i, future in enumerate(job.futures):
+                while True:
+                    chunk = job.stolen.pop(i, None)
+                    if chunk is not None:
+                        break
+                    if future.done():
+                        chunk = future.result()
+                        break
+                    if future.cancel():  # no worker took it yet: do it here
+                        chunk = TASKS[job.task](self.verifier, job.chunk(i))
+                        break
+                    if not self._steal():
+                        chunk = future.result()
+                        break
                 out.extend(chunk)
                 if tick is not None:
                     tick(chunk)
-        except BrokenProcessPool:
+        except (BrokenProcessPool, CancelledError):  # cancelled: by _failed, for another job
             self._failed()
             out = []
+        finally:
+            if job in self._jobs:
+                self._jobs.remove(job)
         if len(out) != len(job.items):
             out = []
             for c in _chunks(job.items, CHUNK):
@@ -193,6 +213,16 @@ class WorkerPool:
                 if tick is not None:
                     tick(chunk)
         return out
+
+    def _steal(self) -> bool:
+        """While a worker finishes the chunk awaited, do the newest chunk no worker has
+        taken yet in this process (the importer's otherwise idle time); False if none."""
+        for job in reversed(self._jobs):
+            for i in range(len(job.futures) - 1, -1, -1):
+                if i not in job.stolen and job.futures[i].cancel():
+                    job.stolen[i] = TASKS[job.task](self.verifier, job.chunk(i))
+                    return True
+        return False
 
     def _failed(self) -> None:
         # A worker died (out of memory, killed) or cannot start: carry on in this process.
@@ -203,6 +233,7 @@ class WorkerPool:
 
     def close(self) -> None:
         """Stop the worker processes, if any."""
+        self._jobs.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

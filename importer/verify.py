@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -20,9 +20,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import SignatureAlgorithmOID as Sig
 
-from importer.parse import _tlv, fast_cert_input
+from importer.parse import fast_cert_row, tbs_of, tbs_parts
 from store.certparse import ParseError, crl_input
-from store.model import CaId, CertInput, CrlInput
+from store.model import CaId, CrlInput
+from store.writer import CertRow
 
 _ECDSA = {Sig.ECDSA_WITH_SHA256: hashes.SHA256, Sig.ECDSA_WITH_SHA384: hashes.SHA384,
           Sig.ECDSA_WITH_SHA512: hashes.SHA512, Sig.ECDSA_WITH_SHA224: hashes.SHA224}
@@ -39,12 +40,12 @@ class Anchor:
     der: bytes
 
 
-@dataclass(frozen=True)
-class Verified:
-    """One object after verification: what to write, or why not (``error``)."""
+class Verified(NamedTuple):
+    """One object after verification: what to write, or why not (``error``). A tuple, so
+    that the workers' results pickle small."""
 
     kind: str  # cert | ca | crl | bad
-    cert: CertInput | None = None  # for "ca": the CA certificate as its issuer's certificate
+    cert: CertRow | None = None  # for "ca": the CA certificate as its issuer's certificate
     crl: CrlInput | None = None
     ca_name: str | None = None
     ca_der: bytes | None = None
@@ -53,19 +54,8 @@ class Verified:
 
 def names_and_key(tbs: bytes) -> tuple[bytes, bytes, bytes]:
     """(issuer Name, subject Name, SubjectPublicKeyInfo) of a TBSCertificate, as DER."""
-    _, p, _ = _tlv(tbs, 0)
-    tag, _, e = _tlv(tbs, p)
-    if tag == 0xA0:  # [0] version
-        p = e
-    _, _, p = _tlv(tbs, p)  # serialNumber
-    _, _, p = _tlv(tbs, p)  # signature
-    _, _, e = _tlv(tbs, p)
-    issuer = tbs[p:e]
-    _, _, p = _tlv(tbs, e)  # validity
-    _, _, e = _tlv(tbs, p)
-    subject = tbs[p:e]
-    _, _, e2 = _tlv(tbs, e)
-    return issuer, subject, tbs[e:e2]
+    i0, i1, s0, s1, k0, k1, _ = tbs_parts(tbs)
+    return tbs[i0:i1], tbs[s0:s1], tbs[k0:k1]
 
 
 def _describe(cert: x509.Certificate) -> str:
@@ -92,19 +82,24 @@ class _Ca:
         self.cert = x509.load_der_x509_certificate(anchor.der)
         self.key: Any = self.cert.public_key()
         _, self.subject_der, self.spki_der = names_and_key(self.cert.tbs_certificate_bytes)
+        # signature algorithm -> the arguments of key.verify after (signature, data), made once
+        key = self.key
+        self._args: dict[Any, tuple[Any, ...]] = {}
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            self._args = {oid: (ec.ECDSA(h()),) for oid, h in _ECDSA.items()}
+        elif isinstance(key, rsa.RSAPublicKey):
+            self._args = {oid: (padding.PKCS1v15(), h()) for oid, h in _PKCS1.items()}
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            self._args = {Sig.ED25519: ()}
+        elif isinstance(key, ed448.Ed448PublicKey):
+            self._args = {Sig.ED448: ()}
 
     def signed(self, cert: x509.Certificate, tbs: bytes) -> bool:
         """Did this CA sign cert? (Its issuer name is this CA's subject, byte for byte.)"""
-        oid = cert.signature_algorithm_oid
-        key = self.key
         try:
-            if isinstance(key, ec.EllipticCurvePublicKey) and oid in _ECDSA:
-                key.verify(cert.signature, tbs, ec.ECDSA(_ECDSA[oid]()))
-            elif isinstance(key, rsa.RSAPublicKey) and oid in _PKCS1:
-                key.verify(cert.signature, tbs, padding.PKCS1v15(), _PKCS1[oid]())
-            elif isinstance(key, ed25519.Ed25519PublicKey) and oid == Sig.ED25519 \
-                    or isinstance(key, ed448.Ed448PublicKey) and oid == Sig.ED448:
-                key.verify(cert.signature, tbs)
+            args = self._args.get(cert.signature_algorithm_oid)
+            if args is not None:
+                self.key.verify(cert.signature, tbs, *args)
             else:
                 cert.verify_directly_issued_by(self.cert)
         except (ValueError, TypeError, InvalidSignature):
@@ -138,7 +133,10 @@ class Verifier:
             issuer_der = names_and_key(tbs)[0]
         except Exception:  # noqa: BLE001 - the reference decides below
             issuer_der = b""
-        tried = self._by_subject.get(issuer_der, [])
+        return self._issuer(cert, tbs, issuer_der)
+
+    def _issuer(self, cert: x509.Certificate, tbs: bytes, issuer_der: bytes) -> Anchor | None:
+        tried = self._by_subject.get(issuer_der, ())
         for ca in tried:
             if ca.signed(cert, tbs):
                 return ca.anchor
@@ -158,16 +156,17 @@ class Verifier:
         try:
             cert = x509.load_der_x509_certificate(der)
             key = cert.public_key()
-            tbs = cert.tbs_certificate_bytes
         except ValueError as exc:
             return Verified("bad", error=f"a certificate that cannot be parsed ({exc})")
         except Exception as exc:  # noqa: BLE001 - an unsupported key type: this file's problem
             return Verified("bad", error=f"a certificate with an unusable key ({exc})")
-        issuer = self.issuer_of(cert)
         try:
-            _, subject_der, spki_der = names_and_key(tbs)
+            tbs = tbs_of(der)  # the bytes signed (cryptography's copy is re-encoded: slower)
+            issuer_der, subject_der, spki_der = names_and_key(tbs)
         except Exception:  # noqa: BLE001 - then compare every CA the reference way
-            subject_der = spki_der = None
+            tbs = cert.tbs_certificate_bytes
+            issuer_der, subject_der, spki_der = b"", None, None
+        issuer = self._issuer(cert, tbs, issuer_der)
         for ca in self._cas:
             if subject_der is not None and ca.subject_der != subject_der \
                     and ca.spki_der != spki_der:
@@ -177,7 +176,7 @@ class Verifier:
         if issuer is None:
             return Verified("bad", error=f"{_describe(cert)} is not signed by any configured CA"
                             f" ({self._names})")
-        inp = self._input(cert, der, issuer)
+        inp = self._input(cert, der, issuer, tbs)
         return inp if isinstance(inp, Verified) else Verified("cert", cert=inp)
 
     def _ca_cert(self, cert: x509.Certificate, der: bytes, anchor: Anchor,
@@ -187,7 +186,7 @@ class Verifier:
             return Verified("bad", error=f"{_describe(cert)} matches CA {anchor.name} but"
                             f" is signed neither by itself nor by a configured CA"
                             f" ({self._names})")
-        as_issued: CertInput | None = None
+        as_issued: CertRow | None = None
         if issuer is not None and issuer.name != anchor.name:
             inp = self._input(cert, der, issuer)
             if isinstance(inp, Verified):
@@ -196,9 +195,10 @@ class Verifier:
         return Verified("ca", cert=as_issued, ca_name=anchor.name, ca_der=der)
 
     @staticmethod
-    def _input(cert: x509.Certificate, der: bytes, issuer: Anchor) -> CertInput | Verified:
+    def _input(cert: x509.Certificate, der: bytes, issuer: Anchor,
+               tbs: bytes | None = None) -> CertRow | Verified:
         try:
-            return fast_cert_input(cert, der, issuer.ca_id)
+            return fast_cert_row(cert, der, issuer.ca_id, tbs)
         except ParseError as exc:
             return Verified("bad", error=f"a certificate of {issuer.name} that cannot be read"
                             f" ({exc})")

@@ -293,6 +293,19 @@ class PostgresStore(SqlStore):
             self._failed(conn)
             raise self._error("store write failed", exc) from None
 
+    def _copy(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """New rows into table with COPY (the bulk path of ``Batch``: several times faster
+        than INSERT statements, even pipelined); inside the open write transaction."""
+        conn = self._connection()
+        try:
+            with conn.cursor() as cur, \
+                    cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(adapt_params(row))
+        except psycopg.Error as exc:
+            self._failed(conn)
+            raise self._error("store write failed", exc) from None
+
     def _begin_write(self) -> None:
         conn = self._connection()
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from store.model import (
     HASH_ALGORITHMS,
@@ -36,6 +36,34 @@ REVOKED = CertStatus.REVOKED.value
 _KIND_RANK = {"glue": 0, "subject": 1, "ca": 2}
 
 
+class CertRow(NamedTuple):
+    """A verified certificate as ``add_cert_rows`` writes it: ``CertInput`` with the values
+    computed that the rows need (the importer's workers build these, so the one writer
+    process does little more than hand them to the database)."""
+
+    ca_id: int
+    serial: int
+    der: bytes
+    sha256: bytes
+    subject_dn: str
+    directory_dn: str
+    directory_key: str
+    emails: str  # newline-separated, as stored
+    cn: str | None
+    not_before: int | None  # Unix seconds
+    not_after: int | None
+    attributes: tuple[tuple[str, str], ...]  # (attr, normalised value), sorted, no repeats
+    directory_ancestors: tuple[tuple[str, str], ...]
+
+
+def cert_row(cert: CertInput) -> CertRow:
+    """The row of a parsed certificate."""
+    return CertRow(cert.ca_id, cert.serial, cert.der, hashlib.sha256(cert.der).digest(),
+                   cert.subject_dn, cert.directory_dn, cert.directory_key,
+                   "\n".join(cert.emails), cert.cn, ts(cert.not_before), ts(cert.not_after),
+                   tuple(sorted(set(cert.attributes))), cert.directory_ancestors)
+
+
 class Batch:
     """One atomic, idempotent write to the store."""
 
@@ -57,6 +85,17 @@ class Batch:
     def _exec(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Any:
         return self._store._execute(sql, params)
 
+    def _insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Rows that are certainly new (no conflict clause): COPY on PostgreSQL."""
+        if not rows:
+            return
+        if self._store.engine == "postgresql":
+            self._store._copy(table, columns, rows)  # type: ignore[attr-defined]
+        else:
+            self._store._executemany(
+                f"INSERT INTO {table} ({', '.join(columns)})"
+                f" VALUES ({', '.join('?' * len(columns))})", rows)
+
     def _change(self, kind: str, ca_id: int, serial: int | None = None, key: str | None = None) -> None:
         self._changes.append((kind, ca_id, None if serial is None else serial_text(serial), key))
 
@@ -74,12 +113,9 @@ class Batch:
             self._entries = {}
         if not self.result.changed:
             return
-        self._store._executemany(
-            "INSERT INTO changes (generation, kind, ca_id, serial, directory_key)"
-            " VALUES (?, ?, ?, ?, ?)",
-            [(self.generation, kind, ca_id, serial, key)
-             for kind, ca_id, serial, key in self._changes],
-        )
+        self._insert("changes", ("generation", "kind", "ca_id", "serial", "directory_key"),
+                     [(self.generation, kind, ca_id, serial, key)
+                      for kind, ca_id, serial, key in self._changes])
         self._exec("UPDATE meta SET value = ? WHERE key = 'generation'", (str(self.generation),))
         self.result.generation = self.generation
 
@@ -224,49 +260,76 @@ class Batch:
     def add_certs(self, items: Sequence[tuple[CertInput, str]]) -> list[str]:
         """``add_cert`` for many (certificate, source) pairs, in order, with a few statements
         for all of them: the same outcomes, rows and changes as one call per pair."""
+        return self.add_cert_rows([(cert_row(c), s) for c, s in items])
+
+    def _reserve_cert_ids(self, n: int) -> list[int]:
+        """n ids for new ``certs`` rows, unused by any other writer (this batch holds the
+        store's write lock: SQLite's BEGIN IMMEDIATE, PostgreSQL's sequence)."""
+        if self._store.engine == "postgresql":
+            rows = self._exec("SELECT nextval(pg_get_serial_sequence('certs', 'id'))"
+                              " FROM generate_series(1, ?)", (n,)).fetchall()
+            return [int(r[0]) for r in rows]
+        top = int(self._one("SELECT coalesce(max(id), 0) FROM certs")[0])
+        return list(range(top + 1, top + 1 + n))
+
+    def add_cert_rows(self, items: Sequence[tuple[CertRow, str]]) -> list[str]:
+        """``add_certs`` for certificates already turned into rows (by the importer's
+        workers): outcomes "new", "updated", "unchanged" or "conflict", in order."""
         known: dict[int, dict[int, list[Any] | None]] = {}
         for ca_id in {c.ca_id for c, _ in items}:
             known[ca_id] = self.known_certs(ca_id, [c.serial for c, _ in items if c.ca_id == ca_id])
-        inserts: list[tuple[Any, ...]] = []
+        inserts: list[list[Any]] = []
         updates: list[tuple[Any, ...]] = []
-        attrs: list[tuple[CertInput, int | None]] = []
+        attrs: list[tuple[list[Any] | int, tuple[tuple[str, str], ...]]] = []
         outcomes: list[str] = []
+        now, generation = self._now_ts, self.generation
+        changes = self._changes
+        entries = self._entries
         for cert, source in items:
-            sha = hashlib.sha256(cert.der).digest()
             rows = known[cert.ca_id]
             row = rows.get(cert.serial)
             if row is not None and row[1] is not None:
-                if row[1] == sha:
+                if row[1] == cert.sha256:
                     self.result.certs_unchanged += 1
                     outcomes.append("unchanged")
                 else:
                     outcomes.append("conflict")
                 continue
-            cols = (cert.der, sha, cert.subject_dn, cert.directory_dn, cert.directory_key,
-                    "\n".join(cert.emails), cert.cn, ts(cert.not_before), ts(cert.not_after))
+            st = serial_text(cert.serial)
+            key = cert.directory_key
             if row is None:
-                inserts.append((cert.ca_id, serial_text(cert.serial), *cols, self._now_ts,
-                                source, self.generation))
-                rows[cert.serial] = [None, sha, "good", None, cert.directory_key]
-                attrs.append((cert, None))
+                new = [None, cert.ca_id, st, cert.der, cert.sha256, cert.subject_dn,
+                       cert.directory_dn, key, cert.emails, cert.cn, cert.not_before,
+                       cert.not_after, "good", now, source, generation]
+                inserts.append(new)
+                rows[cert.serial] = known_row = [None, cert.sha256, "good", None, key]
+                attrs.append((new, cert.attributes))
+                new.append(known_row)  # gets its id below; dropped before the insert
                 outcomes.append("new")
                 self.result.certs_new += 1
             else:
-                updates.append((*cols, self._now_ts, source, self.generation, row[0]))
-                row[1] = sha
-                attrs.append((cert, row[0]))
+                updates.append((cert.der, cert.sha256, cert.subject_dn, cert.directory_dn, key,
+                                cert.emails, cert.cn, cert.not_before, cert.not_after, now,
+                                source, generation, row[0]))
+                row[1] = cert.sha256
+                attrs.append((row[0], cert.attributes))
                 outcomes.append("updated")
                 self.result.certs_updated += 1
-            self._add_entries(cert.directory_key, cert.directory_dn, cert.directory_ancestors,
-                              "subject")
-            self._change("cert", cert.ca_id, cert.serial, cert.directory_key)
+            if key and key not in entries:
+                self._add_entries(key, cert.directory_dn, cert.directory_ancestors, "subject")
+            elif key:
+                known_entry = entries[key]
+                if known_entry[2] == "glue":
+                    known_entry[2] = "subject"
+            changes.append(("cert", cert.ca_id, st, key))
         if inserts:
-            self._store._executemany(
-                "INSERT INTO certs (ca_id, serial, der, sha256, subject_dn, directory_dn,"
-                " directory_key, emails, cn, not_before, not_after, status, imported_at, source,"
-                " generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'good', ?, ?, ?)",
-                inserts,
-            )
+            for new, id_ in zip(inserts, self._reserve_cert_ids(len(inserts)), strict=True):
+                new[0] = id_
+                new.pop()[0] = id_  # the known row
+            self._insert("certs", ("id", "ca_id", "serial", "der", "sha256", "subject_dn",
+                                   "directory_dn", "directory_key", "emails", "cn",
+                                   "not_before", "not_after", "status", "imported_at",
+                                   "source", "generation"), inserts)
         if updates:
             self._store._executemany(
                 "UPDATE certs SET der = ?, sha256 = ?, subject_dn = ?, directory_dn = ?,"
@@ -274,18 +337,12 @@ class Batch:
                 " imported_at = ?, source = ?, generation = ? WHERE id = ?",
                 updates,
             )
-        for ca_id in {c.ca_id for c, i in attrs if i is None}:
-            new = [c.serial for c, i in attrs if i is None and c.ca_id == ca_id]
-            for serial in new:
-                del known[ca_id][serial]  # inserted above: read back with its id
-            self.known_certs(ca_id, new)
-        attr_rows = []
-        for cert, cert_id in attrs:
-            if cert_id is None:
-                row = known[cert.ca_id][cert.serial]
-                assert row is not None
-                cert_id = row[0]
-            attr_rows += [(cert_id, a, v) for a, v in sorted(set(cert.attributes))]
+        # A new certificate's id is new: its rows cannot clash (its pairs are unique).
+        self._insert("cert_attrs", ("cert_id", "attr", "value"),
+                     [(ref[0], a, v) for ref, pairs in attrs if not isinstance(ref, int)
+                      for a, v in pairs])
+        attr_rows = [(ref, a, v) for ref, pairs in attrs if isinstance(ref, int)
+                     for a, v in pairs]
         if attr_rows:
             self._store._executemany(
                 "INSERT INTO cert_attrs (cert_id, attr, value) VALUES (?, ?, ?)"

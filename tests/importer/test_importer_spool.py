@@ -217,14 +217,14 @@ def test_unreadable_file_stays_and_is_retried_when_it_changes(
     from importer import pool as importer_mod
 
     denied = {"on": True}
-    real_open = open
+    real_read = importer_mod.read_file
 
-    def fake_open(path: Any, *args: Any, **kw: Any) -> Any:
+    def fake_read(path: Any, *args: Any, **kw: Any) -> Any:
         if denied["on"] and Path(path).name == "c.pem":
             raise PermissionError(13, "Permission denied")
-        return real_open(path, *args, **kw)
+        return real_read(path, *args, **kw)
 
-    monkeypatch.setattr(importer_mod, "open", fake_open, raising=False)
+    monkeypatch.setattr(importer_mod, "read_file", fake_read)
     config = daemon()
     spool = config.import_.spool[0]
     with capturedLogs() as events:
