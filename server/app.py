@@ -11,12 +11,15 @@ endpoint string, which are adopted instead of listened on (same TLS wrapping).
 The store is opened from ``[store]``'s read location (a replica's URL when set: then never
 migrated). With ``[store] threads > 0`` a ``StoreAccess`` pool runs every request's store
 work off the reactor thread, each pool thread with a store of its own; the store opened here
-then only primes the feed and answers the start-up line.
+then only primes the feed and answers the start-up line. Store threads share Python's GIL
+with the reactor thread, so the interpreter then hands the GIL over every
+``STORE_THREADS_SWITCH_INTERVAL`` seconds instead of CPython's 5 ms (see the constant).
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -140,6 +143,15 @@ def _tls_factory(tls: Any, factory: Factory) -> Any:
     return LimitedTls(tls, False, factory)
 
 
+# A store thread running Python (an unindexed LDAP filter scans for ~0.3 s) keeps the GIL
+# for up to the switch interval each time the reactor thread asks for it back, and the reactor
+# asks on every system call it makes. At CPython's default 5 ms, (mail=x) searches answered
+# by the reactor kept 0.15x their quiet rate under 16 connections of (cn=*e*) with
+# [store] threads = 2 (p99 72 ms); at 1 ms 0.26x, 0.5 ms 0.21x, 0.2 ms 0.20x
+# (bench/ocsp_flood.py --no-ocsp --rounds 3, docs/performance.md "Overload").
+STORE_THREADS_SWITCH_INTERVAL = 0.001
+
+
 @defer.inlineCallbacks
 def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock,
           inherited: Mapping[str, socket.socket] | None = None) -> Any:
@@ -156,6 +168,8 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
     log.info("store {store} ({threads} store threads)", store=_shown(config),
              threads=sc.threads)
     access = StoreAccess(location, sc.threads, store=store, reactor=reactor)
+    if sc.threads > 0:
+        sys.setswitchinterval(min(sys.getswitchinterval(), STORE_THREADS_SWITCH_INTERVAL))
     access.start()
     listen: Callable[[], Any] | None = None
     # PostgreSQL: LISTEN for commits. Not on a replica: NOTIFY is not replicated and a hot
