@@ -46,6 +46,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -91,6 +92,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) 
         if listening(port):
             return
         time.sleep(0.1)
+    for pid in reversed(tree_pids(proc.pid)):  # leave nothing running behind the error
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
     raise SystemExit(f"nothing listens on {port} after {timeout} s")
 
 
