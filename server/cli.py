@@ -8,6 +8,7 @@ printed as a single line naming what was wrong, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -275,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader left (`certpub status | head`): not an error of ours; stdout is
+        # pointed at /dev/null so the interpreter's final flush does not complain again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
     except Exception as exc:  # a bug: still one line, with where to look
         from server.errors import describe
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,24 @@ def test_status_columns_partition_the_certificates(demo_pki, demo_now, tmp_path:
         assert total == sum(expected) and hold >= 1  # hold: the case once counted twice
         seen.add(ca)
     assert seen == {c.ca for c in demo_pki.certs}
+
+
+def test_status_into_a_closed_pipe_is_not_an_error(demo_pki, demo_now, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`certpub status | head -1`: the reader leaving is reported as a shell reports SIGPIPE
+    (141), with nothing on stderr (it said "internal error: BrokenPipeError")."""
+    from tests.conftest import import_demo_store
+
+    store = import_demo_store(demo_pki, tmp_path / "store.sqlite3", demo_now)
+    conf = tmp_path / "certpub.toml"
+    conf.write_text(demo_pki.config_path.read_text().replace(
+        str(demo_pki.root / "store" / "store.sqlite3"), str(store)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    try:
+        result = subprocess.run([sys.executable, "-m", "server.cli", "status", "--config",
+                                 str(conf)], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert result.stderr == ""
