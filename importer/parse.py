@@ -79,26 +79,8 @@ def dn_of(name_der: bytes) -> names.DN:
         raise _Unusual
     rdns: list[names.RDN] = []
     while p < end:
-        tag, q, set_end = _tlv(name_der, p)
-        if tag != 0x31:
-            raise _Unusual
-        avas = []
-        while q < set_end:
-            tag, r, ava_end = _tlv(name_der, q)
-            tag2, _, oe = _tlv(name_der, r)
-            if tag != 0x30 or tag2 != 0x06:
-                raise _Unusual
-            raw = name_der[q:ava_end]
-            ava = _AVAS.get(raw)  # the upper levels of a CA's names repeat: decode them once
-            if ava is None:
-                ava = _ava(name_der, r, oe, ava_end)
-                if len(_AVAS) >= 65536:
-                    _AVAS.clear()
-                _AVAS[raw] = ava
-            avas.append(ava)
-            q = ava_end
-        rdns.append(tuple(sorted(avas, key=_ava_key)))
-        p = set_end
+        rdn, p = _rdn_at(name_der, p, True)  # the upper levels of a CA's names repeat
+        rdns.append(rdn)
     rdns.reverse()
     return names.DN(tuple(rdns))
 

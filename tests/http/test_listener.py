@@ -204,14 +204,21 @@ def statuses(data: bytes) -> list[Any]:
     return out
 
 
-def test_change_feed_voids_hot_answers(env: dict[str, Any]) -> None:
-    site, store = env["site"](), env["store"]
-    feed = ChangeFeed(store)
+def fed_site(env: dict[str, Any]) -> tuple[Any, ChangeFeed, bytes, bytes, Any, StringTransport]:
+    """A site whose OCSP service follows the store's change feed, and a connection to it:
+    (site, feed, the request DER of certificate 2, its GET, protocol, transport)."""
+    site = env["site"]()
+    feed = ChangeFeed(env["store"])
     feed.prime()
     feed.subscribe(site.service.on_changes)
     der = request_der(env["ca"], [2])
-    g = get(b"/ocsp/" + b64(der))
     proto, transport = connect(site)
+    return site, feed, der, get(b"/ocsp/" + b64(der)), proto, transport
+
+
+def test_change_feed_voids_hot_answers(env: dict[str, Any]) -> None:
+    site, feed, der, g, proto, transport = fed_site(env)
+    store = env["store"]
     proto.dataReceived(post(b"/ocsp", der) + g + post(b"/ocsp", der) + g)
     assert statuses(transport.value()) == [c_ocsp.OCSPCertStatus.GOOD] * 4
     assert site.service.cache.hits == 3
@@ -384,13 +391,8 @@ def test_a_request_read_again_is_answered_from_the_memo(env: dict[str, Any]) -> 
 
 
 def test_the_memo_follows_the_clock_the_change_feed_and_reload(env: dict[str, Any]) -> None:
-    site, store = env["site"](), env["store"]
-    feed = ChangeFeed(store)
-    feed.prime()
-    feed.subscribe(site.service.on_changes)
-    der = request_der(env["ca"], [2])
-    g = get(b"/ocsp/" + b64(der))
-    proto, transport = connect(site)
+    site, feed, der, g, proto, transport = fed_site(env)
+    store = env["store"]
     proto.dataReceived(g)
     proto.dataReceived(g)
     assert g in site.memo

@@ -126,19 +126,24 @@ def send(port: int, der: bytes, source: str = "127.0.0.1") -> socket.socket:
     return s
 
 
+def read_one(s: socket.socket) -> bytes:
+    """The body of the next answer on s (the connection stays open)."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+        if sep and m and len(body) >= int(m.group(1)):
+            return body[:int(m.group(1))]
+        chunk = s.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed without an answer: {data!r}")
+        data += chunk
+
+
 def read_reply(s: socket.socket) -> bytes:
     """The body of the one answer on s (then closed)."""
-    data = b""
     try:
-        while True:
-            head, sep, body = data.partition(b"\r\n\r\n")
-            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
-            if sep and m and len(body) >= int(m.group(1)):
-                return body[:int(m.group(1))]
-            chunk = s.recv(65536)
-            if not chunk:
-                raise AssertionError(f"connection closed without an answer: {data!r}")
-            data += chunk
+        return read_one(s)
     finally:
         s.close()
 
@@ -451,25 +456,13 @@ def two_on_one_connection(port: int, first: bytes, second: bytes) -> tuple[bytes
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         s.sendall(post_bytes(first))
-        a = _read_one(s)
+        a = read_one(s)
         t0 = time.monotonic()
         s.sendall(post_bytes(second))
-        b = _read_one(s)
+        b = read_one(s)
         return a, b, time.monotonic() - t0
     finally:
         s.close()
-
-
-def _read_one(s: socket.socket) -> bytes:
-    data = b""
-    while True:
-        head, sep, body = data.partition(b"\r\n\r\n")
-        m = re.search(rb"(?i)content-length:\s*(\d+)", head)
-        if sep and m and len(body) >= int(m.group(1)):
-            return body[:int(m.group(1))]
-        chunk = s.recv(65536)
-        assert chunk, "connection closed"
-        data += chunk
 
 
 @pytest_twisted.ensureDeferred
