@@ -37,6 +37,7 @@ threads when the store is threaded, else on the reactor one request per turn.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -318,21 +319,23 @@ class SigningQueue:
 # --- who signs ------------------------------------------------------------------------------
 
 
-class Executor:
-    """Runs ``OcspService.compute`` somewhere; ``on_free`` is called when a slot frees up."""
+class Executor(ABC):
+    """Runs ``OcspService.compute`` somewhere; ``on_free`` is called when a slot frees up.
+    ``free`` and ``run`` are what each kind of signer must say; the rest has defaults."""
 
     on_free: Callable[[], None] = staticmethod(lambda: None)  # type: ignore[assignment]
 
+    @abstractmethod
     def free(self) -> bool:
         """Whether a request can be handed over now."""
-        raise NotImplementedError
 
     def refuses(self) -> bool:
         """Whether requests must be shed now, queue or not."""
         return False
 
+    @abstractmethod
     def run(self, der: bytes, now: datetime, sign_unknown: bool) -> defer.Deferred[Signed]:
-        raise NotImplementedError
+        """Compute the answer to der at now (signing ``unknown`` answers when sign_unknown)."""
 
     def reload(self, config: Any) -> None:
         """New signers (SIGHUP); the server's own service has reloaded already."""
