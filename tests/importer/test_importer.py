@@ -205,6 +205,16 @@ def test_hold_release_and_older_crl(pki: MiniPki, tmp_path: Path) -> None:
     assert status(store_path(pki))[("ca-b", 2)] == ("revoked", "superseded")
 
 
+def stored_ca_der(pki: MiniPki, name: str) -> bytes | None:
+    """The certificate the store holds for CA name (None: no such CA)."""
+    store = open_store(store_path(pki))
+    try:
+        ca = store.ca_by_name(name)
+        return None if ca is None else ca.cert_der
+    finally:
+        store.close()
+
+
 def test_ca_certificates(pki: MiniPki, tmp_path: Path) -> None:
     run(pki)
     st = status(store_path(pki))
@@ -215,19 +225,9 @@ def test_ca_certificates(pki: MiniPki, tmp_path: Path) -> None:
     write(tmp_path / "in" / "older.pem", pem(older))
     summary = run(pki, tmp_path / "in")
     assert summary.rejected == [] and summary.cas == 1
-    store = open_store(store_path(pki))
-    try:
-        ca = store.ca_by_name("ca-a")
-        assert ca is not None and ca.cert_der == der(newer)
-    finally:
-        store.close()
+    assert stored_ca_der(pki, "ca-a") == der(newer)
     run(pki)  # a restart does not put the configured (older) certificate back
-    store = open_store(store_path(pki))
-    try:
-        ca = store.ca_by_name("ca-a")
-        assert ca is not None and ca.cert_der == der(newer)
-    finally:
-        store.close()
+    assert stored_ca_der(pki, "ca-a") == der(newer)
     # A CA certificate with a configured name but another key is just untrusted.
     write(tmp_path / "fake.pem", pem(pki.foreign.cert))
     assert "is not signed by any configured CA" in run(pki, tmp_path / "fake.pem").rejected[0][1]

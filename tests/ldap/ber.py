@@ -23,3 +23,15 @@ def decode(data: bytes) -> list[Any]:
         out.append(msg)
         data = data[used:]
     return out
+
+
+def written(clock: Any, transport: Any) -> list[Any]:
+    """The messages a protocol on ``transport`` wrote once its ``clock`` has nothing due
+    (searches run their steps as delayed calls), read and cleared."""
+    for _ in range(10_000):
+        if not clock.getDelayedCalls():
+            break
+        clock.advance(0)
+    out = transport.value()
+    transport.clear()
+    return decode(out)

@@ -22,7 +22,7 @@ from server.metrics import Metrics
 from store import open_store
 from store.model import CaId, Change, Generation, Serial
 from tests.ldap.conftest import ldap_config
-from tests.ldap.test_session import decode
+from tests.ldap.ber import written
 from tests.ldap.test_protocol import search
 from tests.ocsp.helpers import T0, fill_store, make_ca
 
@@ -91,13 +91,7 @@ class Client:
 
     def send(self, data: bytes) -> list[Any]:
         self.proto.dataReceived(data)
-        for _ in range(10_000):
-            if not self.clock.getDelayedCalls():
-                break
-            self.clock.advance(0)
-        out = self.transport.value()
-        self.transport.clear()
-        return decode(out)
+        return written(self.clock, self.transport)
 
 
 @pytest.fixture

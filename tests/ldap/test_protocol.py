@@ -18,7 +18,7 @@ from twisted.logger import capturedLogs
 from server.ldap import codec
 from server.ldap.server import LdapFactory, make_ldap_factory
 from store.sqlite import Store
-from tests.ldap.ber import DECODER, decode
+from tests.ldap.ber import DECODER, written
 from tests.ldap.conftest import ldap_config
 
 class Client:
@@ -37,13 +37,7 @@ class Client:
         else:
             for i in range(0, len(data), chunk):
                 self.proto.dataReceived(data[i : i + chunk])
-        for _ in range(10_000):
-            if not self.clock.getDelayedCalls():
-                break
-            self.clock.advance(0)
-        out = self.transport.value()
-        self.transport.clear()
-        return decode(out)
+        return written(self.clock, self.transport)
 
     @property
     def closed(self) -> bool:
