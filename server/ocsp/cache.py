@@ -49,6 +49,12 @@ class CachedResponse:
     # The request that produced it (empty: not re-signable ahead of time), so that the
     # service re-signs it when its certificate changes or before its refresh time.
     request: bytes = field(default=b"", compare=False, repr=False)
+    # The pre-encoded parts of its ResponseData that a nonce request for the same CertIDs
+    # reuses (``codec.response_data_der``): the responses SEQUENCE (empty: none kept) and
+    # whether the extended-revoke extension goes with it. Only producedAt and the nonce
+    # change, so such a request costs one signature.
+    responses: bytes = field(default=b"", compare=False, repr=False)
+    extended_revoke: bool = field(default=False, compare=False, repr=False)
 
 
 def certids_key(cert_id_ders: Iterable[bytes]) -> bytes:

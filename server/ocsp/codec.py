@@ -381,15 +381,44 @@ def encode_response_data_der(
     extended_revoke: bool = False,
 ) -> bytes:
     """The DER of ``encode_response_data`` (same arguments, same bytes)."""
+    return response_data_der(responder_id_der(responder_id), _gtime(produced_at),
+                             encode_responses_der(answers), nonce=nonce,
+                             extended_revoke=extended_revoke)
+
+
+def responder_id_der(responder_id: ResponderId) -> bytes:
+    """The ResponderID CHOICE as it sits in a ResponseData (byName [1], byKey [2])."""
+    if responder_id.by_key is not None:
+        return _tlv(0xA2, _tlv(0x04, responder_id.by_key))
+    if responder_id.by_name is not None:
+        return _tlv(0xA1, responder_id.by_name)
+    raise ValueError("a ResponderId needs by_key or by_name")
+
+
+def encode_responses_der(answers: Sequence[SingleAnswer]) -> bytes:
+    """The ``responses`` SEQUENCE OF SingleResponse of a ResponseData: what a cached answer
+    keeps so that a nonce request for the same CertIDs is answered by one signature."""
     if not answers:
         raise ValueError("a response needs at least one SingleResponse")
-    if responder_id.by_key is not None:
-        rid = _tlv(0xA2, _tlv(0x04, responder_id.by_key))
-    elif responder_id.by_name is not None:
-        rid = _tlv(0xA1, responder_id.by_name)
-    else:
-        raise ValueError("a ResponderId needs by_key or by_name")
-    body = rid + _gtime(produced_at) + _tlv(0x30, b"".join(_single_der(a) for a in answers))
+    return _tlv(0x30, b"".join(_single_der(a) for a in answers))
+
+
+def produced_at_der(seconds: int) -> bytes:
+    """GeneralizedTime of a POSIX time in whole seconds (producedAt of a signed answer)."""
+    return _gtime(datetime.fromtimestamp(seconds, UTC))
+
+
+def plain_request_der(cert_id_ders: Sequence[bytes]) -> bytes:
+    """The smallest OCSPRequest for these CertIDs: no nonce, no extension, unsigned (what
+    ``openssl ocsp -no_nonce`` sends); the request a nonce answer's CertIDs are kept under."""
+    return _tlv(0x30, _tlv(0x30, _tlv(0x30, b"".join(_tlv(0x30, c) for c in cert_id_ders))))
+
+
+def response_data_der(rid_der: bytes, produced_at_gt: bytes, responses_der: bytes, *,
+                      nonce: bytes | None = None, extended_revoke: bool = False) -> bytes:
+    """A ResponseData from its pre-encoded parts (``responder_id_der``, a GeneralizedTime,
+    ``encode_responses_der``) and the response extensions."""
+    body = rid_der + produced_at_gt + responses_der
     exts = b""
     if nonce is not None:
         exts += _extension(_OID_NONCE, _tlv(0x04, nonce))

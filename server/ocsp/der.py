@@ -236,3 +236,56 @@ def parse_request(der: bytes, max_certids: int) -> OcspRequest:
 
     found = read_request(der, max_certids)
     return found if found is not None else decode_request(der, max_certids=max_certids)
+
+
+class NonceShapes:
+    """``parse_request`` for nonce requests, with the parse of each shape remembered: a
+    request whose bytes are those of a request already parsed but for the value of its
+    nonce (same length, the nonce's octets last: how ``openssl ocsp`` and most clients
+    write it) parses to the same request with the new nonce. A nonce octet string takes any
+    value, so that is exact, not a guess; a shape is kept only once flipping its nonce
+    octets has been shown to change the parsed nonce alone. Bounded; not for signed
+    requests (their signature covers the nonce)."""
+
+    MAX_SHAPES = 1024
+    MAX_LENGTHS = 4  # distinct nonce lengths tried on each request
+
+    def __init__(self, max_certids: int) -> None:
+        self.max_certids = max_certids
+        self._known: dict[bytes, OcspRequest] = {}  # the request's bytes but its nonce
+        self._lengths: list[int] = []
+
+    def parse(self, der: bytes) -> OcspRequest:
+        """``parse_request(der, max_certids)``; raises MalformedRequest the same way."""
+        known = self._known
+        for n in self._lengths:
+            found = known.get(der[:-n]) if len(der) > n else None
+            if found is not None:
+                return OcspRequest(cert_ids=found.cert_ids, nonce=der[-n:], signature=None,
+                                   extensions=found.extensions,
+                                   requestor_name=found.requestor_name)
+        request = parse_request(der, self.max_certids)
+        nonce = request.nonce
+        if nonce is not None and request.signature is None and der.endswith(nonce):
+            self._learn(der, request, len(nonce))
+        return request
+
+    def _learn(self, der: bytes, request: OcspRequest, n: int) -> None:
+        from server.ocsp.codec import OcspError
+
+        flipped = der[:-n] + bytes(b ^ 0xFF for b in der[-n:])
+        try:
+            check = parse_request(flipped, self.max_certids)
+        except OcspError:
+            return
+        if (check.nonce != flipped[-n:] or check.cert_ids != request.cert_ids
+                or check.extensions != request.extensions
+                or check.requestor_name != request.requestor_name):
+            return  # the last octets were not (only) the nonce
+        if len(self._known) >= self.MAX_SHAPES:
+            self._known.clear()
+        self._known[der[:-n]] = request
+        if n not in self._lengths:
+            if len(self._lengths) >= self.MAX_LENGTHS:
+                self._lengths.pop(0)
+            self._lengths.append(n)

@@ -34,8 +34,12 @@ from server.ocsp.codec import (
     OcspError,
     OcspRequest,
     encode_error,
-    encode_response_data_der,
     encode_response_der,
+    encode_responses_der,
+    plain_request_der,
+    produced_at_der,
+    responder_id_der,
+    response_data_der,
 )
 from server.ocsp.der import parse_request
 from server.ocsp.requestor import RequestorCheck
@@ -100,6 +104,10 @@ class PublishedCa:
     subject: str
     sha256: str
     not_after: datetime
+
+
+def _produced_at_der(at: datetime) -> bytes:
+    return produced_at_der(int(at.timestamp()))
 
 
 def etag_of(der: bytes) -> str:
@@ -347,13 +355,22 @@ class OcspService:
             if found is not None:
                 entry, unknown = found
                 return Signed(self.outcome(entry, "hit"), entry, keys, unknown)
+        if peek and (parts := self.nonce_parts(request, now)) is not None:
+            entry = parts[1]
+            return Signed(self.nonce_outcome(entry, self.sign_nonce(
+                entry.ca_name, int(now.timestamp()), entry.responses, request.nonce or b"",
+                entry.extended_revoke)))
         result = answer(request, self.store, now, self.policy)
         unknown = never_issued(result)
         if unknown and not sign_unknown:
             return Signed(Outcome(encode_error("try_later"), "try_later", "-",
                                   reason="never-issued serials over this address's rate"),
                           unknown=True)
-        signed = self.sign(result)
+        signer = result.policy.signer
+        responses = encode_responses_der(result.singles)
+        produced = _produced_at_der(result.produced_at)
+        signed = self.sign_der(signer, produced, responses, result.nonce,
+                               result.extended_revoke)
         validity = result.policy.validity
         entry = CachedResponse(
             der=signed, etag=etag_of(signed), ca_id=result.ca.id, ca_name=result.ca.name,
@@ -363,11 +380,68 @@ class OcspService:
             serials=result.serials,
             summary=tuple((s.cert_id.serial, s.status) for s in result.singles),
             request=der if keys and not unknown else b"",
+            responses=responses, extended_revoke=result.extended_revoke,
         )
         if cacheable:
             return Signed(self.outcome(entry, "miss"), entry, (*keys, ckey), unknown)
-        return Signed(self.outcome(entry, "nonce" if request.nonce is not None else "miss",
-                                   nonce=request.nonce is not None), None, (), unknown)
+        out = self.outcome(entry, "nonce" if request.nonce is not None else "miss",
+                           nonce=request.nonce is not None)
+        if (request.nonce is not None and not unknown and self.requestors.mode != "require"
+                and len(request.cert_ids) <= CACHEABLE_CERTIDS):
+            # Keep the answer for these CertIDs without the nonce as well (one more
+            # signature, once per status and half-life): the next nonce request for them is
+            # then answered from its pre-encoded parts by one signature (``nonce_parts``),
+            # and a request without a nonce is a hit.
+            plain = plain_request_der([c.der for c in request.cert_ids])
+            plain_der = self.sign_der(signer, produced, responses, None, result.extended_revoke)
+            entry = replace(entry, der=plain_der, etag=etag_of(plain_der), request=plain)
+            return Signed(out, entry, (raw_key(plain), ckey))
+        return Signed(out, None, (), unknown)
+
+    def nonce_parts(self, request: OcspRequest,
+                    now: datetime) -> tuple[bytes, CachedResponse] | None:
+        """For a nonce request: (CertIDs key, cached answer) whose pre-encoded parts make its
+        answer with one signature (``sign_nonce``), when the CertIDs have a live answer that
+        may go to this request without a requestor check; else None (computed in full)."""
+        if (request.nonce is None or len(request.cert_ids) > CACHEABLE_CERTIDS
+                or not self.checked_without_store(request)):
+            return None
+        ckey = certids_key(c.der for c in request.cert_ids)
+        entry = self.cache.peek(ckey, now)
+        if entry is None or not entry.responses:
+            return None
+        return ckey, entry
+
+    def sign_nonce(self, ca_name: str, produced_at: int, responses: bytes, nonce: bytes,
+                   extended_revoke: bool) -> tuple[str, bytes | str]:
+        """Sign a nonce answer from a cached answer's parts (``nonce_parts``), produced at
+        POSIX second produced_at: ("successful", response DER), or (error status, reason)
+        when the CA is no longer served or its signer cannot sign now; never raises."""
+        policy = self.policy.cas.get(ca_name)
+        if policy is None:
+            return "try_later", f"CA {ca_name} is not served (reloaded)"
+        try:
+            return "successful", self.sign_der(policy.signer, produced_at_der(produced_at),
+                                               responses, nonce, extended_revoke)
+        except OcspError as exc:
+            return exc.status, str(exc)
+        except Exception:  # noqa: BLE001 - a bug: internalError, traceback in the log
+            log.failure("OCSP nonce signing failed")
+            return "internal_error", "internal error"
+
+    @staticmethod
+    def nonce_outcome(entry: CachedResponse, signed: tuple[str, bytes | str]) -> Outcome:
+        """The exchange of a nonce request answered by ``sign_nonce`` from entry's parts."""
+        status, value = signed
+        if status != "successful":
+            return Outcome(encode_error(status), status, "-", reason=str(value))
+        return Outcome(
+            der=value,  # type: ignore[arg-type]
+            status="successful", cache="nonce", ca=entry.ca_name,
+            serials=tuple(s for s, _ in entry.summary),
+            statuses=tuple(st for _, st in entry.summary), nonce=True,
+            this_update=entry.this_update, next_update=entry.next_update,
+        )
 
     def peek_certids(self, ckey: bytes, now: datetime) -> tuple[CachedResponse, bool] | None:
         """The live response cached for these CertIDs, and whether it is a never-issued one."""
@@ -415,12 +489,12 @@ class OcspService:
         mode = self.requestors.mode
         return mode == "ignore" or (mode == "verify" and not request.signed)
 
-    def sign(self, result: OcspAnswer) -> bytes:
-        """Encode and sign an answer with its CA's signer."""
-        signer = result.policy.signer
-        data = encode_response_data_der(signer.responder_id, result.produced_at,
-                                        result.singles, nonce=result.nonce,
-                                        extended_revoke=result.extended_revoke)
+    @staticmethod
+    def sign_der(signer: Signer, produced_at: bytes, responses: bytes, nonce: bytes | None,
+                 extended_revoke: bool) -> bytes:
+        """A signed OCSPResponse from the pre-encoded parts of its ResponseData."""
+        data = response_data_der(responder_id_der(signer.responder_id), produced_at,
+                                 responses, nonce=nonce, extended_revoke=extended_revoke)
         return encode_response_der(data, signer.sign, signer.algorithm_der, signer.certs)
 
     @staticmethod

@@ -48,8 +48,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from server.ocsp.cache import CachedResponse
 from server.ocsp.codec import OcspError, encode_error
-from server.ocsp.der import parse_request
+from server.ocsp.der import NonceShapes
 from server.ocsp.service import OcspService, Outcome, Signed
 
 log = Logger(namespace="server.ocsp")
@@ -130,6 +131,10 @@ class Job:
     done: defer.Deferred[Outcome] = field(default_factory=defer.Deferred)
     answered: bool = False
     result: Outcome | None = None
+    # a nonce request whose CertIDs have a cached answer: (CertIDs key, that answer) and the
+    # nonce; signed from the answer's pre-encoded parts (``OcspService.nonce_parts``)
+    parts: tuple[bytes, CachedResponse] | None = None
+    nonce: bytes = b""
 
 
 class SigningQueue:
@@ -162,6 +167,7 @@ class SigningQueue:
         self.per_address = http.signing_queue_per_address
         self.presigned_for_nonce = http.shed_nonce_with_presigned
         self.unknown = TokenBuckets(http.unknown_per_address, self.clock)
+        self.shapes = NonceShapes(http.max_certids)
 
     def reload(self, config: Any) -> None:
         self._configure(config)
@@ -197,7 +203,7 @@ class SigningQueue:
         """The answer to a request the raw-bytes cache did not answer (see module doc)."""
         service = self.service
         try:
-            request = parse_request(der, service.max_certids)
+            request = self.shapes.parse(der)
         except OcspError as exc:
             return Outcome(encode_error(exc.status), exc.status, "-", reason=str(exc))
         cached = service.cached_answer(der, request, now)
@@ -206,7 +212,8 @@ class SigningQueue:
         held = self._held.get(client, 0)
         if self.held >= self.capacity or held >= self.per_address or self.executor.refuses():
             return self._shed(request, now, client)
-        job = Job(der, now, client, self.clock())
+        job = Job(der, now, client, self.clock(), parts=service.nonce_parts(request, now),
+                  nonce=request.nonce or b"")
         self._held[client] = held + 1
         queue = self._waiting.get(client)
         if queue is None:
@@ -250,9 +257,23 @@ class SigningQueue:
             job.started = self.clock()
             self._running[id(job)] = job
             epoch = self.service.cache.epoch  # before the signer's store reads
-            d = executor.run(job.der, job.now, self.unknown.available(client))
+            entry = self._parts(job)
+            if entry is not None:
+                d = executor.sign_nonce(entry, job.nonce, job.now)
+            else:
+                d = executor.run(job.der, job.now, self.unknown.available(client))
             d.addCallbacks(self._signed, self._failed, callbackArgs=(job, epoch),
                            errbackArgs=(job,))
+        executor.flush()
+
+    def _parts(self, job: Job) -> CachedResponse | None:
+        """The cached answer whose parts sign job's nonce answer, if still live now (it may
+        have been voided, or re-signed, while the job waited)."""
+        if job.parts is None:
+            return None
+        ckey, entry = job.parts
+        current = self.service.cache.peek(ckey, job.now)
+        return current if current is not None and current.responses else None
 
     def _signed(self, signed: Signed, job: Job, epoch: int) -> None:
         self.running -= 1
@@ -337,6 +358,15 @@ class Executor(ABC):
     def run(self, der: bytes, now: datetime, sign_unknown: bool) -> defer.Deferred[Signed]:
         """Compute the answer to der at now (signing ``unknown`` answers when sign_unknown)."""
 
+    @abstractmethod
+    def sign_nonce(self, entry: CachedResponse, nonce: bytes,
+                   now: datetime) -> defer.Deferred[Signed]:
+        """Sign the answer to a nonce request from the parts of entry, the cached answer to
+        its CertIDs (``OcspService.sign_nonce``)."""
+
+    def flush(self) -> None:
+        """Send the requests handed over so far (an executor may gather them)."""
+
     def reload(self, config: Any) -> None:
         """New signers (SIGHUP); the server's own service has reloaded already."""
 
@@ -368,6 +398,19 @@ class LocalSigners(Executor):
                                                         sign_unknown=sign_unknown, peek=False)
         else:  # inline: on the reactor thread, as without a queue
             d = defer.succeed(compute(der, now, sign_unknown=sign_unknown, peek=False))
+        return d.addBoth(self._done)
+
+    def sign_nonce(self, entry: CachedResponse, nonce: bytes,
+                   now: datetime) -> defer.Deferred[Signed]:
+        self.busy += 1
+        service = self.service
+        args = (entry.ca_name, int(now.timestamp()), entry.responses, nonce,
+                entry.extended_revoke)
+        if self.access is not None:
+            d: defer.Deferred[Any] = self.access.run(service.sign_nonce, *args)
+        else:
+            d = defer.succeed(service.sign_nonce(*args))
+        d.addCallback(lambda r: Signed(service.nonce_outcome(entry, r)))
         return d.addBoth(self._done)
 
     def _done(self, result: Any) -> Any:

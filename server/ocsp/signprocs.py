@@ -15,8 +15,6 @@ shutdown (or ``stop``) the children's stdin is closed, which ends them; one stil
 from __future__ import annotations
 
 import os
-import pickle
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -27,16 +25,17 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from server.ocsp.service import Signed
+from server.ocsp.cache import CachedResponse
+from server.ocsp.service import OcspService, Signed
 from server.ocsp.signing import Executor, try_later
+from server.ocsp.signworker import frame, split_frames
 
 log = Logger(namespace="server.ocsp")
 
-DEPTH = 2  # requests handed to one signing process at once (hides the pipe's round trip)
+DEPTH = 8  # requests handed to one signing process at once (hides the pipe's round trip)
 RESTART_DELAY = 0.5  # first restart delay of a signing process that died, doubled, up to
 MAX_RESTART_DELAY = 30.0
 STOP_TIMEOUT = 5.0  # seconds a signing process has to exit once its pipe is closed
-_FRAME = struct.Struct(">I")
 FORWARDED_METRICS = frozenset({"signer_unavailable"})  # counted by a signing process
 
 
@@ -48,23 +47,43 @@ class _Child(protocol.ProcessProtocol):
         self.index = index
         self.ready = False
         self.ended = False
-        self.jobs: dict[int, tuple[defer.Deferred[Signed], float]] = {}
+        # id -> (answer, sent at, the cached answer a nonce job is signed from)
+        self.jobs: dict[int, tuple[defer.Deferred[Signed], float, CachedResponse | None]] = {}
         self._buf = bytearray()
+        self.pending: list[bytes] = []  # frames not written yet (``ProcessSigners.flush``)
 
     def send(self, message: Any) -> None:
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        self.transport.write(_FRAME.pack(len(data)) + data)
+        self.transport.write(frame(message))
+
+    def flush(self) -> None:
+        """Write the pending frames: straight to the pipe when Twisted holds nothing for it
+        (no extra turn of the reactor, no epoll change per request), else through it."""
+        data = b"".join(self.pending)
+        self.pending.clear()
+        writer = self.transport.pipes.get(0)
+        if writer is None:
+            return  # the process is ending: its jobs are answered by processEnded
+        written = 0
+        if not writer.dataBuffer and not writer._tempDataBuffer:
+            try:
+                written = os.write(writer.fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # a broken pipe: processEnded follows
+        if written < len(data):
+            self.transport.write(data[written:])
 
     def outReceived(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        while len(buf) >= 4:
-            (n,) = _FRAME.unpack_from(buf)
-            if len(buf) < 4 + n:
-                break
-            message = pickle.loads(bytes(buf[4:4 + n]))  # noqa: S301 - our own child
-            del buf[:4 + n]
-            self.pool.received(self, message)
+        self._buf += data
+        pool = self.pool
+        pool.holding = True  # the answers' next requests go out together, after the loop
+        try:
+            for message in split_frames(self._buf):
+                pool.received(self, message)
+        finally:
+            pool.holding = False
+        pool.flush()
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
@@ -87,6 +106,7 @@ class ProcessSigners(Executor):
         self._stopping = False
         self._stopped: defer.DeferredList[Any] | None = None
         self.started = 0  # processes started so far (restarts included)
+        self.holding = False  # while answers are read: requests handed over wait for flush
         self._trigger = reactor.addSystemEventTrigger("before", "shutdown", self.stop)
         for i in range(count):
             self._spawn(i)
@@ -106,20 +126,53 @@ class ProcessSigners(Executor):
         child.send(("init", self.config, self.location, self.now()))
 
     def free(self) -> bool:
-        return any(c is not None and c.ready and len(c.jobs) < DEPTH for c in self.children)
+        for c in self.children:
+            if c is not None and c.ready and len(c.jobs) < DEPTH:
+                return True
+        return False
+
+    def _least_busy(self) -> _Child:
+        best: _Child | None = None
+        for c in self.children:
+            if c is not None and c.ready and (best is None or len(c.jobs) < len(best.jobs)):
+                best = c
+        assert best is not None, "free() said a signing process was ready"
+        return best
 
     def run(self, der: bytes, now: datetime, sign_unknown: bool) -> defer.Deferred[Signed]:
-        child = min((c for c in self.children if c is not None and c.ready),
-                    key=lambda c: len(c.jobs))
+        child = self._least_busy()
         self._next_id += 1
         d: defer.Deferred[Signed] = defer.Deferred()
-        child.jobs[self._next_id] = (d, time.monotonic())
-        child.send(("job", self._next_id, der, now, sign_unknown))
+        child.jobs[self._next_id] = (d, time.monotonic(), None)
+        child.pending.append(frame(("job", self._next_id, der, now, sign_unknown)))
         return d
+
+    def sign_nonce(self, entry: CachedResponse, nonce: bytes,
+                   now: datetime) -> defer.Deferred[Signed]:
+        child = self._least_busy()
+        self._next_id += 1
+        d: defer.Deferred[Signed] = defer.Deferred()
+        child.jobs[self._next_id] = (d, time.monotonic(), entry)
+        child.pending.append(frame(("nonce", self._next_id, entry.ca_name,
+                                    int(now.timestamp()), entry.responses, nonce,
+                                    entry.extended_revoke)))
+        return d
+
+    def flush(self) -> None:
+        if self.holding:
+            return
+        for child in self.children:
+            if child is not None and child.pending:
+                child.flush()
 
     def received(self, child: _Child, message: Any) -> None:
         kind = message[0]
-        if kind == "done":
+        if kind == "signed":
+            found = child.jobs.pop(message[1], None)
+            if found is not None and found[2] is not None:
+                found[0].callback(Signed(OcspService.nonce_outcome(found[2], message[2])))
+            self.on_free()
+        elif kind == "done":
             found = child.jobs.pop(message[1], None)
             if found is not None:
                 found[0].callback(message[2])
@@ -142,7 +195,7 @@ class ProcessSigners(Executor):
 
     def ended(self, child: _Child, reason: Failure) -> None:
         jobs, child.jobs = child.jobs, {}
-        for d, _ in jobs.values():
+        for d, _, _ in jobs.values():
             d.callback(Signed(try_later("signing process ended")))
         if self.children[child.index] is not child:
             return

@@ -48,11 +48,15 @@ def status_of(der: bytes) -> list[c_ocsp.OCSPCertStatus]:
     return [r.certificate_status for r in resp.responses]
 
 
+def verify_response(resp: c_ocsp.OCSPResponse, ca: Any) -> None:
+    ca.signer_cert.public_key().verify(resp.signature, resp.tbs_response_bytes,
+                                       ec.ECDSA(hashes.SHA256()))
+
+
 def test_response_is_signed_by_the_delegated_signer(env: dict[str, Any]) -> None:
     out = env["service"].respond(request_der(env["ca"], [1]))
     resp = c_ocsp.load_der_ocsp_response(out.der)
-    env["ca"].signer_cert.public_key().verify(resp.signature, resp.tbs_response_bytes,
-                                              ec.ECDSA(hashes.SHA256()))
+    verify_response(resp, env["ca"])
     assert resp.certificates[0] == env["ca"].signer_cert
     assert out.status == "successful" and out.statuses == ("good",) and out.serials == (1,)
     assert out.cache == "miss" and out.etag and out.this_update == T0
@@ -87,7 +91,33 @@ def test_nonce_requests_are_signed_each_time(env: dict[str, Any]) -> None:
     assert a.cache == b.cache == "nonce" and a.nonce and a.etag is None
     assert c_ocsp.load_der_ocsp_response(a.der).extensions.get_extension_for_class(
         x509.OCSPNonce).value.nonce == b"a" * 32
-    assert len(service.cache) == 0
+    # the first one also kept the answer without the nonce, under the CertIDs and under
+    # the plain request for them: a request without a nonce is a hit ...
+    assert len(service.cache) == 2
+    plain = service.respond(request_der(env["ca"], [1]))
+    assert plain.cache == "hit" and not plain.nonce
+    with pytest.raises(x509.ExtensionNotFound):
+        c_ocsp.load_der_ocsp_response(plain.der).extensions.get_extension_for_class(
+            x509.OCSPNonce)
+    # ... and the second nonce answer was signed from its parts: the same SingleResponse,
+    # its own nonce, a valid signature, nothing read from the store
+    for outcome, nonce in ((a, b"a" * 32), (b, b"b" * 32)):
+        resp = c_ocsp.load_der_ocsp_response(outcome.der)
+        assert resp.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
+        assert resp.certificate_status == c_ocsp.OCSPCertStatus.GOOD
+        assert resp.serial_number == 1
+        verify_response(resp, env["ca"])
+
+
+def test_nonce_answers_from_parts_need_no_store(env: dict[str, Any]) -> None:
+    service, ca = env["service"], env["ca"]
+    service.respond(request_der(ca, [2], nonce=b"first"))
+    env["store"].close()  # from here on, any store read would fail
+    again = service.respond(request_der(ca, [2], nonce=b"second"))
+    assert again.cache == "nonce" and again.status == "successful"
+    resp = c_ocsp.load_der_ocsp_response(again.der)
+    assert resp.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == b"second"
+    verify_response(resp, ca)
 
 
 def test_revocation_voids_the_cached_response_through_the_feed(env: dict[str, Any]) -> None:
@@ -131,7 +161,7 @@ def test_internal_error_is_logged_with_traceback(env: dict[str, Any]) -> None:
     from twisted.logger import capturedLogs
 
     service = env["service"]
-    service.sign = lambda result: 1 / 0  # a bug
+    service.sign_der = lambda *parts: 1 / 0  # a bug
     with capturedLogs() as events:
         out = service.respond(request_der(env["ca"], [1]))
     assert out.status == "internal_error"
