@@ -44,6 +44,11 @@ class AccessLog:
         self._heads: dict[tuple[str, bytes], dict[str, Any]] = {}
         self._tails: dict[tuple[int, int], dict[str, Any]] = {}
         self._durations: dict[int, dict[str, str]] = {}  # µs -> its line field
+        self._flushed = 0  # records written so far
+
+    def count(self) -> int:
+        """Requests recorded so far (the signing queue's pacing compares its own with it)."""
+        return self._flushed + len(self._records)
 
     def record(self, client: str, method: bytes, fields: dict[str, Any], status: int,
                sent: int, seconds: float) -> None:
@@ -66,6 +71,7 @@ class AccessLog:
         records, self._records = self._records, []
         if not records:
             return
+        self._flushed += len(records)
         heads, tails, durations = self._heads, self._tails, self._durations
         if len(heads) > MEMO_ENTRIES or len(tails) > MEMO_ENTRIES:
             heads.clear()

@@ -152,9 +152,12 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
                     PublicationRoute(service, store, access), WebRoute(pages, store, access))
     limits = ConnectionLimits(config.http.max_connections, config.http.max_connections_per_address,
                               service="http", log=log)
-    return OcspHttpFactory(site, service, max_body=config.http.max_request_bytes,
-                           timeout=getattr(config.http, "idle_timeout", 30.0), reactor=reactor,
-                           limits=limits)
+    factory = OcspHttpFactory(site, service, max_body=config.http.max_request_bytes,
+                              timeout=getattr(config.http, "idle_timeout", 30.0),
+                              reactor=reactor, limits=limits)
+    if service.signing is not None:  # its pacing weighs the requests answered without it
+        service.signing.requests = factory.access.count
+    return factory
 
 
 def make_signing_queue(config: Any, service: OcspService, store: Any, access: Any,

@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from time import perf_counter
 from typing import Any
 
 from twisted.internet import defer
@@ -118,6 +119,86 @@ class ShedLog:
                  reason=outcome.reason or "signing queue full")
 
 
+# --- pacing ---------------------------------------------------------------------------------
+
+
+class Pacer:
+    """How fast requests may be handed to the signers, so that answers needing a signature
+    cannot take the event loop from those that need none.
+
+    A request signed in a signing process still costs the server process several times what
+    a cached answer does (reading and parsing it, handing it over, sending the answer). As
+    long as the server process has CPU to spare, or nearly everything it answers needs a
+    signature, requests are handed over as fast as the signers take them. Once, over a
+    ``TICK``, the process used ``BUSY`` of a core or more, answered at least as many requests
+    without a signature as with one, and spent more than ``SHARE`` of the time on those
+    needing one (``SigningQueue`` measures its own part of their cost: submitting, handing
+    over, answering), the hand-over rate is cut to ``CUT`` of what it was (never below
+    ``MIN_RATE``); each ``TICK`` that is no longer so it grows by ``GROW``, and becomes
+    unlimited again once it is well above what is handed over. Requests held back wait in the
+    queue, which sheds as always when full."""
+
+    TICK = 0.1  # seconds between looks at the load
+    BUSY = 0.8  # share of one core the server process may use before signing is slowed
+    SHARE = 0.1  # of the time, measured on the signing path, it may then take
+    CUT = 0.7
+    GROW = 1.25
+    MIN_RATE = 50.0  # hand-overs per second, whatever the load
+
+    def __init__(self, clock: Callable[[], float],
+                 cpu: Callable[[], float] = time.process_time) -> None:
+        self.clock = clock
+        self.cpu = cpu
+        self.rate: float | None = None  # hand-overs per second; None: as fast as taken
+        self._tokens = 0.0
+        self._at = clock()
+        self.handed = 0  # hand-overs in the current tick
+        self._start = (clock(), cpu())
+
+    def allow(self) -> bool:
+        """Whether one more request may be handed over now (counted if so)."""
+        rate = self.rate
+        if rate is not None:
+            now = self.clock()
+            burst = max(1.0, rate * 0.01)
+            self._tokens = min(burst, self._tokens + (now - self._at) * rate)
+            self._at = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+        self.handed += 1
+        return True
+
+    def delay(self) -> float:
+        """Seconds until ``allow`` can say yes again."""
+        return 0.0 if self.rate is None else max(0.001, (1.0 - self._tokens) / self.rate)
+
+    def tick(self, signing: int, other: int, spent: float) -> None:
+        """The end of a tick in which ``signing`` requests needed a signature (``spent``
+        seconds measured on their path) and ``other`` requests were answered without one."""
+        now, cpu = self.clock(), self.cpu()
+        wall = max(now - self._start[0], 1e-6)
+        busy = (cpu - self._start[1]) / wall
+        handed = self.handed / wall
+        self._start = (now, cpu)
+        self.handed = 0
+        if busy >= self.BUSY and other >= signing > 0 and spent / wall > self.SHARE:
+            base = handed if self.rate is None else min(handed, self.rate)
+            self.rate = max(self.MIN_RATE, self.CUT * base)
+            self._tokens = min(self._tokens, 1.0)
+            self._at = now
+        elif self.rate is not None:
+            self.rate *= self.GROW
+            if self.rate > 2.0 * handed + self.MIN_RATE:
+                self.rate = None
+
+    def reset(self) -> None:
+        """Idle: nothing waits, nothing was asked for over a tick."""
+        self.rate = None
+        self.handed = 0
+        self._start = (self.clock(), self.cpu())
+
+
 # --- the queue ------------------------------------------------------------------------------
 
 
@@ -159,6 +240,15 @@ class SigningQueue:
         self.expired = 0  # waited or ran too long: answered tryLater
         self._shed_log = ShedLog(clock)
         self._watch: Any = None
+        self.pacer = Pacer(clock)
+        # requests the HTTP listener answered so far, all kinds (set by its factory): the
+        # pacing compares them with those that came here
+        self.requests: Callable[[], int] | None = None
+        self._submitted = 0  # requests that came here during the current tick
+        self._spent = 0.0  # seconds this tick's requests here took on the reactor
+        self._requests_at_tick = 0
+        self._tick: Any = None
+        self._paced: Any = None
         executor.on_free = self._dispatch
 
     def _configure(self, config: Any) -> None:
@@ -180,9 +270,10 @@ class SigningQueue:
         self._waiting.clear()
         self._ring.clear()
         self.waiting = 0
-        if self._watch is not None and self._watch.active():
-            self._watch.cancel()
-        self._watch = None
+        for call in (self._watch, self._tick, self._paced):
+            if call is not None and call.active():
+                call.cancel()
+        self._watch = self._tick = self._paced = None
         return self.executor.stop()
 
     @property
@@ -201,7 +292,20 @@ class SigningQueue:
 
     def submit(self, der: bytes, now: datetime, client: str) -> Outcome | defer.Deferred[Outcome]:
         """The answer to a request the raw-bytes cache did not answer (see module doc)."""
+        started = perf_counter()
+        try:
+            return self._submit(der, now, client)
+        finally:
+            self._spent += perf_counter() - started
+
+    def _submit(self, der: bytes, now: datetime,
+                client: str) -> Outcome | defer.Deferred[Outcome]:
         service = self.service
+        self._submitted += 1
+        if self._tick is None and self.requests is not None:
+            self._requests_at_tick = self.requests()
+            self.pacer.reset()
+            self._tick = self.reactor.callLater(Pacer.TICK, self._on_tick)
         try:
             request = self.shapes.parse(der)
         except OcspError as exc:
@@ -242,9 +346,33 @@ class SigningQueue:
         self._shed_log.shed(client, out)
         return replace(out, backoff=SHED_BACKOFF)
 
+    def _on_tick(self) -> None:
+        self._tick = None
+        assert self.requests is not None
+        requests = self.requests()
+        signing, spent = self._submitted, self._spent
+        other = max(0, requests - self._requests_at_tick - signing)
+        self._submitted = 0
+        self._spent = 0.0
+        self._requests_at_tick = requests
+        if signing == 0 and not self.held:
+            self.pacer.reset()  # idle: the next request starts a new tick
+            return
+        self.pacer.tick(signing, other, spent)
+        self._tick = self.reactor.callLater(Pacer.TICK, self._on_tick)
+        self._dispatch()
+
+    def _paced_dispatch(self) -> None:
+        self._paced = None
+        self._dispatch()
+
     def _dispatch(self) -> None:
-        executor, ring, waiting = self.executor, self._ring, self._waiting
+        executor, ring, waiting, pacer = self.executor, self._ring, self._waiting, self.pacer
         while ring and executor.free():
+            if not pacer.allow():  # the event loop is for cheap answers first: see Pacer
+                if self._paced is None:
+                    self._paced = self.reactor.callLater(pacer.delay(), self._paced_dispatch)
+                break
             client = ring.popleft()
             jobs = waiting[client]
             job = jobs.popleft()
@@ -276,6 +404,13 @@ class SigningQueue:
         return current if current is not None and current.responses else None
 
     def _signed(self, signed: Signed, job: Job, epoch: int) -> None:
+        started = perf_counter()
+        try:
+            self._settle(signed, job, epoch)
+        finally:
+            self._spent += perf_counter() - started
+
+    def _settle(self, signed: Signed, job: Job, epoch: int) -> None:
         self.running -= 1
         self._running.pop(id(job), None)
         self._release(job.client)
