@@ -44,7 +44,7 @@ from tests.ocsp.helpers import (
     make_ca,
     request_der,
 )
-from tests.ocsp.test_overload import exchange
+from tests.ocsp.test_overload import HeldSigners, exchange, read_reply, send
 
 
 class Clock:
@@ -242,7 +242,8 @@ def test_split_frames_keeps_a_partial_frame() -> None:
 # --- a real listener with a real signing process -----------------------------------------------
 
 
-async def _serve(tmp_path: Path, location: str, **signer_kw: Any) -> dict[str, Any]:
+async def _serve(tmp_path: Path, location: str, processes: int = 1,
+                 **signer_kw: Any) -> dict[str, Any]:
     pg = location.startswith("postgresql")
     clock = WallClock()
     ca = make_ca(tmp_path / "pki", "web", at=clock.now)
@@ -250,17 +251,19 @@ async def _serve(tmp_path: Path, location: str, **signer_kw: Any) -> dict[str, A
         ca.subscriber(serial)
     store = open_store(location)
     ca_id = fill_store(store, ca, clock.now - timedelta(seconds=30))
-    access = StoreAccess(location, 2 if pg else 0, store=store)
+    # threaded store reads for PostgreSQL as in production; inline when signing in-process
+    # (HeldSigners computes on the reactor thread)
+    access = StoreAccess(location, 2 if pg and processes else 0, store=store)
     access.start()
     feed = ChangeFeed(access.store, access=access)
     feed.generation = store.generation()  # prime (access.store answers in its threads only)
     config = config_for(ca, **signer_kw)
     config = dataclasses.replace(config, http=dataclasses.replace(
-        config.http, signing_processes=1))
+        config.http, signing_processes=processes))
     site = make_http_factory(config, store, feed, clock, reactor, access=access)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
     queue = site.service.signing
-    assert isinstance(queue.executor, ProcessSigners)
+    assert isinstance(queue.executor, ProcessSigners) == (processes > 0)
     # count what the signing process signs from parts (the real call, passed through)
     from_parts: list[bytes] = []
     real = queue.executor.sign_nonce
@@ -280,7 +283,8 @@ async def _stop(e: dict[str, Any]) -> None:
     await defer.maybeDeferred(e["queue"].stop)  # the signing process has ended
     e["access"].stop()
     e["store"].close()
-    assert all(c is None or c.ended for c in e["queue"].executor.children)
+    children = getattr(e["queue"].executor, "children", ())  # none when signing in-process
+    assert all(c is None or c.ended for c in children)  # no signing process outlives
 
 
 async def poll(e: dict[str, Any]) -> None:
@@ -357,4 +361,50 @@ async def test_openssl_ocsp_nonce_twice_second_from_parts(tmp_path: Path,
             assert extension_ids(der) == ["nonce", "extended_revoke"]
             assert verified(der, ca).certificate_status == c_ocsp.OCSPCertStatus.GOOD
     finally:
+        await _stop(e)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nonce_jobs_waiting_when_a_revocation_comes_are_answered_revoked(
+        tmp_path: Path, store_location: str) -> None:
+    """Nonce jobs queued with the parts of a good answer; the certificate is revoked while
+    they wait: the one already signing may say good (signed before the change), those
+    handed over after it say revoked (the parts are looked up again at dispatch)."""
+    from twisted.internet.task import deferLater
+
+    e = await _serve(tmp_path, store_location, processes=0)
+    queue = e["queue"]
+    held = HeldSigners(queue.executor, slots=1)
+    held.on_free = queue._dispatch  # noqa: SLF001 - as test_overload's env does
+    queue.executor = held
+    e["held"] = held
+
+    async def settle() -> None:
+        await deferLater(reactor, 0.2, lambda: None)
+
+    try:
+        ca, port = e["ca"], e["port"]
+        first = threads.deferToThread(exchange, port, request_der(ca, [3], nonce=b"p" * 16))
+        await settle()
+        held.release()
+        assert loaded(await first).certificate_status == c_ocsp.OCSPCertStatus.GOOD
+        nonces = [b"wait-%02d-nonce" % i for i in range(4)]
+        socks = []
+        for nonce in nonces:
+            socks.append(await threads.deferToThread(
+                send, port, request_der(ca, [3], nonce=nonce)))
+            await settle()
+        assert queue.held == 4 and len(held.held) == 1  # one signing, three waiting
+        # the prime computed in full, the first waiting one signed from its parts
+        assert e["from_parts"] == nonces[:1] and held.order == [3, 3]
+        revoke(e, 3)
+        await poll(e)
+        held.release()
+        answers = [verified(await threads.deferToThread(read_reply, s), ca) for s in socks]
+        assert [nonce_of(a) for a in answers] == nonces
+        statuses = [a.certificate_status for a in answers]
+        assert statuses[1:] == [c_ocsp.OCSPCertStatus.REVOKED] * 3, statuses
+        assert queue.held == 0
+    finally:
+        held.release()
         await _stop(e)
