@@ -258,3 +258,102 @@ def test_response_data_der_is_what_asn1crypto_builds(
                                          extended_revoke=extended_revoke).dump()
         assert encode_response_data_der(rid, now, chosen, nonce=nonce,
                                         extended_revoke=extended_revoke) == reference
+
+
+@pytest.mark.parametrize("nonce", [None, b"\x00", b"n" * 32, bytes(range(128))])
+@pytest.mark.parametrize("extended_revoke", [False, True])
+@pytest.mark.parametrize("by_name", [False, True])
+def test_response_data_from_parts_is_what_asn1crypto_builds(
+        tmp_path: Path, nonce: bytes | None, extended_revoke: bool, by_name: bool) -> None:
+    """A nonce answer is signed from a cached answer's parts (responderID, the responses
+    SEQUENCE) plus a new producedAt and nonce: the joined bytes must be asn1crypto's
+    ResponseData for the same answer, and each part the same bytes as in it."""
+    from datetime import UTC, datetime
+
+    from asn1crypto import ocsp as asn1_ocsp
+
+    from server.ocsp.codec import (
+        encode_responses_der,
+        produced_at_der,
+        responder_id_der,
+        response_data_der,
+    )
+    from tests.ocsp.helpers import request_der
+
+    ca = make_ca(tmp_path, "parts")
+    cid = decode_request(request_der(ca, [5])).cert_ids[0]
+    seconds = int(datetime(2030, 3, 4, 5, 6, 7, tzinfo=UTC).timestamp())
+    at = datetime.fromtimestamp(seconds, UTC)
+    day = timedelta(days=1)
+
+    def cert_id(serial: int) -> CertId:
+        return CertId(cid.hash_algorithm, cid.issuer_name_hash, cid.issuer_key_hash, serial,
+                      cid.der)
+
+    answers = [
+        SingleAnswer(cid, "good", at, at + day),
+        SingleAnswer(cert_id(6), "revoked", at, at + day, revoked_at=at - 3 * day,
+                     reason="key_compromise", archive_cutoff=at - 400 * day),
+        SingleAnswer(cert_id(7), "revoked", at, at + day, revoked_at=at - day),
+        SingleAnswer(cert_id(8), "unknown", at, at + 7 * day),
+    ]
+    rid = (ResponderId(by_name=ca.cert.subject.public_bytes()) if by_name
+           else ResponderId(by_key=b"k" * 20))
+    for chosen in (answers, answers[1:2]):
+        reference = encode_response_data(rid, at, chosen, nonce=nonce,
+                                         extended_revoke=extended_revoke).dump()
+        responses = encode_responses_der(chosen)
+        built = response_data_der(responder_id_der(rid), produced_at_der(seconds), responses,
+                                  nonce=nonce, extended_revoke=extended_revoke)
+        assert built == reference
+        parsed = asn1_ocsp.ResponseData.load(built)
+        assert parsed["responses"].dump() == responses  # the part kept in the cache
+        assert parsed["responder_id"].dump() == responder_id_der(rid)
+        assert parsed["produced_at"].native == at
+        # same parts, another nonce: only the nonce differs from asn1crypto's answer
+        other = response_data_der(responder_id_der(rid), produced_at_der(seconds + 1),
+                                  responses, nonce=b"other", extended_revoke=extended_revoke)
+        assert other == encode_response_data(rid, at + timedelta(seconds=1), chosen,
+                                             nonce=b"other",
+                                             extended_revoke=extended_revoke).dump()
+
+
+def test_produced_at_der_is_whole_seconds_utc() -> None:
+    from datetime import UTC, datetime
+
+    from asn1crypto import core
+
+    for at in (datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC),
+               datetime(2030, 1, 1, tzinfo=UTC), datetime(2049, 6, 30, 0, 0, 1, tzinfo=UTC)):
+        der = codec.produced_at_der(int(at.timestamp()))
+        assert der == core.GeneralizedTime(at).dump()
+        assert core.GeneralizedTime.load(der).native == at
+
+
+@pytest.mark.parametrize("serials", [[1], [1, 2], list(range(1, 21))])
+def test_plain_request_der_is_a_bare_request_for_the_same_certids(
+        tmp_path: Path, serials: list[int]) -> None:
+    """The key a nonce answer's CertIDs are kept under: the request without nonce,
+    extensions, requestor name or signature (what ``openssl ocsp -no_nonce`` sends)."""
+    from asn1crypto import ocsp as asn1_ocsp
+
+    from tests.ocsp.helpers import request_der
+
+    ca = make_ca(tmp_path, "plain")
+    for algorithm in ("sha1", "sha256"):
+        nonced = decode_request(request_der(ca, serials, algorithm=algorithm,
+                                            nonce=b"z" * 16))
+        plain = codec.plain_request_der([c.der for c in nonced.cert_ids])
+        parsed = asn1_ocsp.OCSPRequest.load(plain, strict=True)
+        tbs = parsed["tbs_request"]
+        assert [r["req_cert"].dump() for r in tbs["request_list"]] == [
+            c.der for c in nonced.cert_ids]
+        assert tbs["request_extensions"].native is None
+        assert tbs["requestor_name"].native is None
+        assert parsed["optional_signature"].native is None
+        assert plain == parsed.dump(force=True)  # DER: asn1crypto re-encodes it the same
+        ours = decode_request(plain)
+        assert ours.cert_ids == nonced.cert_ids and ours.nonce is None
+        assert ours.extensions == () and not ours.signed
+        # exactly what a client sends for these CertIDs without a nonce
+        assert plain == request_der(ca, serials, algorithm=algorithm)

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.ocsp.codec import MalformedRequest, decode_request
-from server.ocsp.der import parse_request, read_request
+from server.ocsp.der import NonceShapes, parse_request, read_request
 
 MAX_CERTIDS = 5
 KEY = ec.generate_private_key(ec.SECP256R1())
@@ -167,3 +167,141 @@ def test_version_written_out_is_read() -> None:
     der = b"\x30" + bytes([len(tbs_der)]) + tbs_der
     fast = same_or_left(der)
     assert fast is not None and fast.cert_ids[0].serial == 5
+
+
+# --- NonceShapes: the parse of a nonce request reused for the same bytes but the nonce -------
+#
+# Whatever the memo answers must be what parse_request answers for the same bytes: the same
+# OcspRequest, or MalformedRequest with the same status and message.
+
+
+def parsed(parse: Any, der: bytes) -> Any:
+    try:
+        return parse(der)
+    except MalformedRequest as exc:
+        return ("refused", exc.status, str(exc))
+
+
+def plain_parse(der: bytes) -> Any:
+    return parsed(lambda d: parse_request(d, MAX_CERTIDS), der)
+
+
+def nonce_span(der: bytes) -> tuple[int, int] | None:
+    """Where the parsed nonce's octets sit in der (the last place they occur), if any."""
+    request = plain_parse(der)
+    if isinstance(request, tuple) or request.nonce is None:
+        return None
+    start = der.rfind(request.nonce)
+    return start, start + len(request.nonce)
+
+
+def nonce_request(nonce: bytes, serial: int = 5, *, after: list[dict[str, Any]] | None = None,
+                  ) -> bytes:
+    """An unsigned request for one CertID with this nonce (then the extensions in after)."""
+    extensions: list[dict[str, Any]] = [{"extn_id": "nonce", "critical": False,
+                                         "extn_value": core.OctetString(nonce)}]
+    extensions += after or []
+    return bytes(asn1_ocsp.OCSPRequest({"tbs_request": {
+        "request_list": [{"req_cert": {"hash_algorithm": {"algorithm": "sha1"},
+                                       "issuer_name_hash": b"n" * 20,
+                                       "issuer_key_hash": b"k" * 20,
+                                       "serial_number": serial}}],
+        "request_extensions": extensions}}).dump())
+
+
+SHARED = NonceShapes(MAX_CERTIDS)  # across examples too: what one example learnt stays
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), st.data())
+def test_nonce_shapes_parse_as_parse_request(case: tuple[bytes, bool], data: Any) -> None:
+    der = case[0]
+    for shapes in (NonceShapes(MAX_CERTIDS), SHARED):
+        assert parsed(shapes.parse, der) == plain_parse(der)
+        span = nonce_span(der)
+        if span is None:
+            continue
+        start, end = span
+        size = end - start
+        # the same request with other nonces of the same length (the memo-hit path), the
+        # flipped octets (what learning tried) and the first nonce again
+        values = [data.draw(st.binary(min_size=size, max_size=size)) for _ in range(3)]
+        values += [bytes(b ^ 0xFF for b in der[start:end]), der[start:end]]
+        for value in values:
+            other = der[:start] + value + der[end:]
+            assert parsed(shapes.parse, other) == plain_parse(other), other.hex()
+
+
+def mutate(der: bytes, mutations: list[tuple[str, int, int]], tail: int | None) -> bytes:
+    """MUTATIONS applied to der; with tail, only at its last tail+1 positions (where a
+    learnt shape's nonce sits)."""
+    data = bytearray(der)
+    for op, where, value in mutations:
+        if tail is None:
+            i = where % (len(data) + 1)
+        else:
+            i = max(0, len(data) - where % (tail + 1))
+        if op == "flip" and i < len(data):
+            data[i] = value
+        elif op == "insert":
+            data.insert(i, value)
+        elif op == "delete" and i < len(data):
+            del data[i]
+        elif op == "truncate":
+            del data[i:]
+    return bytes(data)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), MUTATIONS, st.booleans())
+def test_mutated_requests_after_a_learnt_shape_read_as_parse_request(
+        case: tuple[bytes, bool], mutations: list[tuple[str, int, int]], at_tail: bool) -> None:
+    """Shapes learnt first (the generated request, and usual ones whose nonces are an octet
+    or two longer or shorter, so that those lengths are tried too), then a mutation of the
+    generated request (anywhere, or in its nonce): read as parse_request reads it."""
+    der = case[0]
+    shapes = NonceShapes(MAX_CERTIDS)
+    first = parsed(shapes.parse, der)
+    size = len(first.nonce) if not isinstance(first, tuple) and first.nonce else 16
+    for other in (size - 1, size + 1, size + 2):
+        shapes.parse(nonce_request(b"s" * min(128, max(1, other)), serial=77))
+    mutated = mutate(der, mutations, size if at_tail else None)
+    assert parsed(shapes.parse, mutated) == plain_parse(mutated), mutated.hex()
+
+
+def test_a_learnt_shape_is_not_taken_for_a_request_of_another_length() -> None:
+    """A shape is learnt for one nonce length: bytes equal to its prefix followed by a
+    nonce of another length that is also tried (a longer one: trailing data; a shorter
+    one: a truncated request) are not a request with that nonce."""
+    shapes = NonceShapes(MAX_CERTIDS)
+    for size in (20, 16, 12):
+        shapes.parse(nonce_request(bytes([size]) * size, serial=size))  # three lengths known
+    shapes.parse(nonce_request(b"a" * 16))  # the shape under test: a 16-octet nonce
+    for bad in (nonce_request(b"b" * 16) + b"XXXX",  # 4 octets of trailing data
+                nonce_request(b"b" * 16)[:-4]):  # truncated inside the nonce
+        assert parsed(shapes.parse, bad) == plain_parse(bad)
+        assert isinstance(plain_parse(bad), tuple)  # refused: malformedRequest
+
+
+def other_extension(value: bytes) -> dict[str, Any]:
+    return {"extn_id": "1.3.6.1.4.1.55555.1", "critical": False,
+            "extn_value": core.OctetString(value).dump()}
+
+
+@pytest.mark.parametrize("size", [1, 16, 32])
+def test_nonce_octets_at_the_end_but_not_last_are_never_a_shape(size: int) -> None:
+    """The request ends with octets equal to the nonce, but they belong to an extension
+    after the nonce: changing them changes that extension, not the nonce."""
+    nonce = bytes(range(1, size + 1))
+    shapes = NonceShapes(MAX_CERTIDS)
+    first = nonce_request(nonce, after=[other_extension(b"\x04\x00" + nonce)])
+    request = parse_request(first, MAX_CERTIDS)
+    assert first.endswith(request.nonce or b"!") and request.extensions
+    assert parsed(shapes.parse, first) == request
+    for tail in (b"\xee" * size, bytes(reversed(nonce)), nonce):
+        variant = nonce_request(nonce, after=[other_extension(b"\x04\x00" + tail)])
+        assert variant[:-size] == first[:-size]
+        got = parsed(shapes.parse, variant)
+        assert got == plain_parse(variant)
+        assert got.nonce == nonce and got.extensions[0].value.endswith(tail)
+    assert not shapes._known  # noqa: SLF001 - nothing learnt from such requests
