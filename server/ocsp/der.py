@@ -252,7 +252,8 @@ class NonceShapes:
 
     def __init__(self, max_certids: int) -> None:
         self.max_certids = max_certids
-        self._known: dict[bytes, OcspRequest] = {}  # the request's bytes but its nonce
+        # the request's bytes but its nonce -> (the parse, the nonce's length)
+        self._known: dict[bytes, tuple[OcspRequest, int]] = {}
         self._lengths: list[int] = []
 
     def parse(self, der: bytes) -> OcspRequest:
@@ -260,10 +261,11 @@ class NonceShapes:
         known = self._known
         for n in self._lengths:
             found = known.get(der[:-n]) if len(der) > n else None
-            if found is not None:
-                return OcspRequest(cert_ids=found.cert_ids, nonce=der[-n:], signature=None,
-                                   extensions=found.extensions,
-                                   requestor_name=found.requestor_name)
+            if found is not None and found[1] == n:  # (the lengths inside say n octets)
+                request = found[0]
+                return OcspRequest(cert_ids=request.cert_ids, nonce=der[-n:], signature=None,
+                                   extensions=request.extensions,
+                                   requestor_name=request.requestor_name)
         request = parse_request(der, self.max_certids)
         nonce = request.nonce
         if nonce is not None and request.signature is None and der.endswith(nonce):
@@ -284,7 +286,7 @@ class NonceShapes:
             return  # the last octets were not (only) the nonce
         if len(self._known) >= self.MAX_SHAPES:
             self._known.clear()
-        self._known[der[:-n]] = request
+        self._known[der[:-n]] = (request, n)
         if n not in self._lengths:
             if len(self._lengths) >= self.MAX_LENGTHS:
                 self._lengths.pop(0)

@@ -22,6 +22,12 @@ sends most cheaply; ``OcspService.settle`` keeps them in their own bounded cache
 address may have ``unknown_per_address`` of them signed per second (a token bucket): past
 it, a request found to be about never-issued serials is answered ``tryLater`` unsigned.
 
+A nonce request for CertIDs whose answer is cached costs one signature: its job carries
+that answer (looked up again when it is handed over: it may have been voided meanwhile) and
+the signer builds the ResponseData from its pre-encoded parts (``OcspService.sign_nonce``).
+How fast requests are handed over is paced (``Pacer``) so that, on a busy server, cheap
+answers keep most of the event loop.
+
 Who signs (``Executor``): ``ProcessSigners`` (``server.ocsp.signprocs``) — child processes
 (``server.ocsp.signworker``, spawned with ``reactor.spawnProcess``, length-prefixed pickles
 over pipes), each
