@@ -59,8 +59,25 @@ def decode_get_path(rest: bytes) -> bytes:
         raise MalformedRequest("GET path is not base64") from None
 
 
+_FIELDS_MEMO: dict[tuple[Any, ...], dict[str, Any]] = {}
+FIELDS_MEMO_ENTRIES = 4096
+
+
 def reply_fields(out: Outcome) -> dict[str, Any]:
-    """The log fields of one OCSP exchange."""
+    """The log fields of one OCSP exchange. Exchanges alike (nonce answers about one
+    certificate, say) share one mapping, which the access log then encodes once per batch
+    instead of once per line (log fields are never changed once made)."""
+    key = (out.ca, out.serials, out.statuses, out.nonce, out.cache, out.status, out.reason,
+           out.backoff)
+    fields = _FIELDS_MEMO.get(key)
+    if fields is None:
+        if len(_FIELDS_MEMO) >= FIELDS_MEMO_ENTRIES:
+            _FIELDS_MEMO.clear()
+        fields = _FIELDS_MEMO[key] = _reply_fields(out)
+    return fields
+
+
+def _reply_fields(out: Outcome) -> dict[str, Any]:
     fields = {"kind": "ocsp", "ca": out.ca or "-",
               "serials": ",".join(format(s, "x") for s in out.serials) or "-",
               "statuses": ",".join(out.statuses) or "-",
