@@ -136,9 +136,10 @@ class Pacer:
     a cached answer does (reading and parsing it, handing it over, sending the answer). As
     long as the server process has CPU to spare, or nearly everything it answers needs a
     signature, requests are handed over as fast as the signers take them. Once, over a
-    ``TICK``, the process used ``BUSY`` of a core or more, answered at least as many requests
-    without a signature as with one, and spent more than ``SHARE`` of the time on those
-    needing one (``SigningQueue`` measures its own part of their cost: submitting, handing
+    ``TICK``, the process used ``BUSY`` of a core or more, answered ``OTHERS`` requests or more
+    without a signature (some client is there to protect: not just a health check, however
+    few they are next to the flood, which is what a flood does to them) and spent more than
+    ``SHARE`` of the time on those needing one (``SigningQueue`` measures its own part of their cost: submitting, handing
     over, answering), the hand-over rate is cut to ``CUT`` of what it was (never below
     ``MIN_RATE``); each ``TICK`` that is no longer so it grows by ``GROW``, and becomes
     unlimited again once it is well above what is handed over. Requests held back wait in the
@@ -150,6 +151,7 @@ class Pacer:
     CUT = 0.7
     GROW = 1.25
     MIN_RATE = 50.0  # hand-overs per second, whatever the load
+    OTHERS = 10  # answers without a signature in a tick that make a client worth protecting
 
     def __init__(self, clock: Callable[[], float],
                  cpu: Callable[[], float] = time.process_time) -> None:
@@ -188,7 +190,7 @@ class Pacer:
         handed = self.handed / wall
         self._start = (now, cpu)
         self.handed = 0
-        if busy >= self.BUSY and other >= signing > 0 and spent / wall > self.SHARE:
+        if busy >= self.BUSY and other >= self.OTHERS and signing and spent / wall > self.SHARE:
             base = handed if self.rate is None else min(handed, self.rate)
             self.rate = max(self.MIN_RATE, self.CUT * base)
             self._tokens = min(self._tokens, 1.0)

@@ -43,12 +43,22 @@ def test_unlimited_while_the_process_has_cpu_to_spare() -> None:
     assert p.rate is None and hand_over(p, 5000) == 5000
 
 
-def test_unlimited_when_nearly_everything_needs_a_signature() -> None:
+def test_unlimited_when_everything_needs_a_signature() -> None:
     p, c = pacer()
     hand_over(p, 1000)
     c.run(Pacer.TICK, busy=1.0)
-    p.tick(signing=1000, other=10, spent=0.06)  # a nonce benchmark: nobody to protect
+    p.tick(signing=1000, other=Pacer.OTHERS - 1, spent=0.06)  # a nonce load, a health check
     assert p.rate is None
+
+
+def test_cut_when_the_flood_already_outnumbers_the_cached_answers() -> None:
+    """A flood that got there first leaves the cached client fewer answers than it has:
+    that client is still protected (a ratio of counts would have given up on it)."""
+    p, c = pacer()
+    hand_over(p, 1400)
+    c.run(Pacer.TICK, busy=1.0)
+    p.tick(signing=1400, other=850, spent=0.07)
+    assert p.rate == pytest.approx(Pacer.CUT * 14000)
 
 
 def test_unlimited_when_the_signing_path_takes_little_of_a_busy_process() -> None:
