@@ -134,16 +134,16 @@ class Pacer:
 
     A request signed in a signing process still costs the server process several times what
     a cached answer does (reading and parsing it, handing it over, sending the answer). As
-    long as the server process has CPU to spare, or nearly everything it answers needs a
-    signature, requests are handed over as fast as the signers take them. Once, over a
-    ``TICK``, the process used ``BUSY`` of a core or more, answered ``OTHERS`` requests or more
-    without a signature (some client is there to protect: not just a health check, however
-    few they are next to the flood, which is what a flood does to them) and spent more than
-    ``SHARE`` of the time on those needing one (``SigningQueue`` measures its own part of their cost: submitting, handing
-    over, answering), the hand-over rate is cut to ``CUT`` of what it was (never below
-    ``MIN_RATE``); each ``TICK`` that is no longer so it grows by ``GROW``, and becomes
-    unlimited again once it is well above what is handed over. Requests held back wait in the
-    queue, which sheds as always when full."""
+    long as the server process has CPU to spare, or everything it answers needs a signature,
+    requests are handed over as fast as the signers take them. Once, over a ``TICK``, the
+    process used ``BUSY`` of a core or more, answered ``OTHERS`` requests or more without a
+    signature (a client is there to protect, not just a health check; however few they are
+    next to the flood, which is what a flood does to them), and spent more than ``SHARE`` of
+    the time on the signing path (``SigningQueue`` measures its own part of that cost:
+    submitting, handing over, answering), the hand-over rate is cut to ``CUT`` of what it was
+    (never below ``MIN_RATE``); each ``TICK`` that is no longer so it grows by ``GROW``, and
+    it becomes unlimited again once well above what is handed over. Requests held back wait
+    in the queue, which sheds as always when full."""
 
     TICK = 0.1  # seconds between looks at the load
     BUSY = 0.8  # share of one core the server process may use before signing is slowed

@@ -2,16 +2,17 @@
 ``server.ocsp.signing.ProcessSigners``.
 
 Strategy: stdin and stdout carry length-prefixed pickles, one message each (the parent is
-the only writer: no untrusted bytes are unpickled here); the requests that arrive together
-are answered together, in one write. The first message gives the
+the only writer: no untrusted bytes are unpickled here); requests that arrive together are
+answered together, ``REPLY_BATCH`` answers per write. The first message gives the
 configuration, the store location and the parent's time; the process loads the signers
 (PKCS#11 tokens open their own session here), opens its own store connection, lowers its CPU
 priority by ``NICE`` (the server's cheap work comes first when the cores are busy) and says
 ``ready``. Then each ``nonce`` (the parts of a cached answer and a nonce) is answered by
 ``OcspService.sign_nonce`` (one signature, no store read) with a ``signed``, and each ``job``
 by ``OcspService.compute`` (parse, store reads, sign; no cache: the parent keeps the
-answers) with a ``done`` carrying the ``Signed``, in order. ``reload`` installs new signers. End of stdin (the parent closed it or died) ends
-the process; on Linux it is also killed when its parent dies.
+answers) with a ``done`` carrying the ``Signed``, in order. ``reload`` installs new signers.
+End of stdin (the parent closed it or died) ends the process; on Linux it is also killed
+when its parent dies.
 """
 
 from __future__ import annotations

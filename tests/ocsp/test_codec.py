@@ -215,6 +215,13 @@ def test_spliced_envelope_matches_asn1crypto(tmp_path: Path, certs: int, nonce: 
             == encode_response_asn1(data, signer.sign, signer.algorithm_der, chosen))
 
 
+def same_issuer(cid: CertId, serial: int) -> CertId:
+    """A CertId of the same issuer as cid for another serial (its DER stays cid's: these
+    tests compare encodings, which echo whatever DER a CertId carries)."""
+    return CertId(cid.hash_algorithm, cid.issuer_name_hash, cid.issuer_key_hash, serial,
+                  cid.der)
+
+
 @pytest.mark.parametrize("nonce", [None, b"", b"n" * 32, bytes(range(200))])
 @pytest.mark.parametrize("extended_revoke", [False, True])
 @pytest.mark.parametrize("by_name", [False, True])
@@ -226,7 +233,6 @@ def test_response_data_der_is_what_asn1crypto_builds(
     from asn1crypto import crl as asn1_crl
 
     from server.ocsp.codec import (
-        CertId,
         ResponderId,
         SingleAnswer,
         encode_response_data,
@@ -238,16 +244,14 @@ def test_response_data_der_is_what_asn1crypto_builds(
     cid = decode_request(request_der(ca, [5])).cert_ids[0]
     now = datetime(2030, 1, 1, 12, 30, 15, 987654, tzinfo=UTC)
 
-    def cert_id(serial: int) -> CertId:
-        return CertId(cid.hash_algorithm, cid.issuer_name_hash, cid.issuer_key_hash, serial,
-                      cid.der)
-
     day = timedelta(days=1)
     singles = [SingleAnswer(cid, "good", now, now + day),
-               SingleAnswer(cert_id(6), "unknown", now, now + 7 * day),
-               SingleAnswer(cert_id(7), "revoked", now, now + day, revoked_at=now - day),
-               SingleAnswer(cert_id(8), "good", now, now + day, archive_cutoff=now - 900 * day)]
-    singles += [SingleAnswer(cert_id(10 + code), "revoked", now, now + day,
+               SingleAnswer(same_issuer(cid, 6), "unknown", now, now + 7 * day),
+               SingleAnswer(same_issuer(cid, 7), "revoked", now, now + day,
+                            revoked_at=now - day),
+               SingleAnswer(same_issuer(cid, 8), "good", now, now + day,
+                            archive_cutoff=now - 900 * day)]
+    singles += [SingleAnswer(same_issuer(cid, 10 + code), "revoked", now, now + day,
                              revoked_at=now - code * day, reason=name,
                              archive_cutoff=now - 300 * day if code % 2 else None)
                 for code, name in asn1_crl.CRLReason._map.items()]  # noqa: SLF001
@@ -286,16 +290,12 @@ def test_response_data_from_parts_is_what_asn1crypto_builds(
     at = datetime.fromtimestamp(seconds, UTC)
     day = timedelta(days=1)
 
-    def cert_id(serial: int) -> CertId:
-        return CertId(cid.hash_algorithm, cid.issuer_name_hash, cid.issuer_key_hash, serial,
-                      cid.der)
-
     answers = [
         SingleAnswer(cid, "good", at, at + day),
-        SingleAnswer(cert_id(6), "revoked", at, at + day, revoked_at=at - 3 * day,
+        SingleAnswer(same_issuer(cid, 6), "revoked", at, at + day, revoked_at=at - 3 * day,
                      reason="key_compromise", archive_cutoff=at - 400 * day),
-        SingleAnswer(cert_id(7), "revoked", at, at + day, revoked_at=at - day),
-        SingleAnswer(cert_id(8), "unknown", at, at + 7 * day),
+        SingleAnswer(same_issuer(cid, 7), "revoked", at, at + day, revoked_at=at - day),
+        SingleAnswer(same_issuer(cid, 8), "unknown", at, at + 7 * day),
     ]
     rid = (ResponderId(by_name=ca.cert.subject.public_bytes()) if by_name
            else ResponderId(by_key=b"k" * 20))
