@@ -294,7 +294,8 @@ class SigningQueue:
                 "unknown_limited": self.unknown_limited, "expired": self.expired,
                 "waiting": self.waiting, "running": self.running,
                 "unknown_cached": len(self.service.unknown),
-                "unknown_hits": self.service.unknown.hits}
+                "unknown_hits": self.service.unknown.hits,
+                "paced_rate": int(self.pacer.rate or 0)}
 
     # --- requests --------------------------------------------------------------------------
 
@@ -598,6 +599,12 @@ class OverloadCollector:
                                     "Signed answers about never-issued serials kept.")
         unknown.add_metric([], c["unknown_cached"])
         yield unknown
+        paced = GaugeMetricFamily(
+            "certpub_ocsp_signing_paced_rate", "Requests per second the signing queue may"
+            " hand to the signers now, while cached answers need the event loop; 0: not"
+            " paced.")
+        paced.add_metric([], c["paced_rate"])
+        yield paced
         hits = CounterMetricFamily("certpub_ocsp_unknown_cache_hits",
                                    "Requests answered from the never-issued answers' cache.")
         hits.add_metric([], c["unknown_hits"])

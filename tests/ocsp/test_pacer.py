@@ -167,5 +167,11 @@ def test_the_queue_holds_requests_back_while_paced_and_hands_them_over_later(
     reactor.advance(0.1)
     reactor.advance(0.1)
     assert signers.handed == 4 and queue.waiting == 1
+    # /metrics shows the limit while it holds
+    from server.ocsp.signing import OverloadCollector
+
+    families = {m.name: m for m in OverloadCollector(queue).collect()}
+    [sample] = families["certpub_ocsp_signing_paced_rate"].samples
+    assert sample.value == int(queue.pacer.rate or 0) > 0
     queue.stop()
     store.close()
