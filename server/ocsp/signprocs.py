@@ -173,16 +173,15 @@ class ProcessSigners(Executor):
 
     def received(self, child: _Child, message: Any) -> None:
         kind = message[0]
+        # an answer frees a slot: the queue's callback hands the next request over
         if kind == "signed":
             found = child.jobs.pop(message[1], None)
             if found is not None and found[2] is not None:
                 found[0].callback(Signed(OcspService.nonce_outcome(found[2], message[2])))
-            self.on_free()
         elif kind == "done":
             found = child.jobs.pop(message[1], None)
             if found is not None:
                 found[0].callback(message[2])
-            self.on_free()
         elif kind == "metric" and message[1] in FORWARDED_METRICS:
             from server.metrics import get_metrics
 
