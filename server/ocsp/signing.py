@@ -408,8 +408,7 @@ class SigningQueue:
         have been voided, or re-signed, while the job waited)."""
         if job.parts is None:
             return None
-        ckey, entry = job.parts
-        current = self.service.cache.peek(ckey, job.now)
+        current = self.service.cache.peek(job.parts[0], job.now)
         return current if current is not None and current.responses else None
 
     def _signed(self, signed: Signed, job: Job, epoch: int) -> None:
