@@ -21,6 +21,7 @@ from server.ocsp.codec import (
     MAX_NONCE_OCTETS,
     MIN_NONCE_OCTETS,
     CertId,
+    OcspError,
     OcspRequest,
     RequestSignature,
 )
@@ -273,8 +274,6 @@ class NonceShapes:
         return request
 
     def _learn(self, der: bytes, request: OcspRequest, n: int) -> None:
-        from server.ocsp.codec import OcspError
-
         flipped = der[:-n] + bytes(b ^ 0xFF for b in der[-n:])
         try:
             check = parse_request(flipped, self.max_certids)

@@ -106,6 +106,12 @@ class PublishedCa:
     not_after: datetime
 
 
+def nonce_signing(entry: CachedResponse, nonce: bytes, now: datetime) -> tuple[Any, ...]:
+    """The arguments of ``OcspService.sign_nonce`` for a nonce request answered at now from
+    the parts of entry (also what goes to a signing process)."""
+    return (entry.ca_name, int(now.timestamp()), entry.responses, nonce, entry.extended_revoke)
+
+
 def _produced_at_der(at: datetime) -> bytes:
     return produced_at_der(int(at.timestamp()))
 
@@ -358,8 +364,7 @@ class OcspService:
         if peek and (parts := self.nonce_parts(request, now)) is not None:
             entry = parts[1]
             return Signed(self.nonce_outcome(entry, self.sign_nonce(
-                entry.ca_name, int(now.timestamp()), entry.responses, request.nonce or b"",
-                entry.extended_revoke)))
+                *nonce_signing(entry, request.nonce or b"", now))))
         result = answer(request, self.store, now, self.policy)
         unknown = never_issued(result)
         if unknown and not sign_unknown:
@@ -435,13 +440,8 @@ class OcspService:
         status, value = signed
         if status != "successful":
             return Outcome(encode_error(status), status, "-", reason=str(value))
-        return Outcome(
-            der=value,  # type: ignore[arg-type]
-            status="successful", cache="nonce", ca=entry.ca_name,
-            serials=tuple(s for s, _ in entry.summary),
-            statuses=tuple(st for _, st in entry.summary), nonce=True,
-            this_update=entry.this_update, next_update=entry.next_update,
-        )
+        assert isinstance(value, bytes)
+        return OcspService.outcome(entry, "nonce", nonce=True, der=value)
 
     def peek_certids(self, ckey: bytes, now: datetime) -> tuple[CachedResponse, bool] | None:
         """The live response cached for these CertIDs, and whether it is a never-issued one."""
@@ -498,10 +498,12 @@ class OcspService:
         return encode_response_der(data, signer.sign, signer.algorithm_der, signer.certs)
 
     @staticmethod
-    def outcome(entry: CachedResponse, cache: str, *, nonce: bool = False) -> Outcome:
-        """The exchange a cached response answers (``cache``: hit, miss or nonce)."""
+    def outcome(entry: CachedResponse, cache: str, *, nonce: bool = False,
+                der: bytes | None = None) -> Outcome:
+        """The exchange a cached response answers (``cache``: hit, miss or nonce); der: the
+        response sent instead of the cached one (a nonce answer signed from its parts)."""
         return Outcome(
-            der=entry.der, status="successful", cache=cache, ca=entry.ca_name,
+            der=entry.der if der is None else der, status="successful", cache=cache, ca=entry.ca_name,
             serials=tuple(s for s, _ in entry.summary),
             statuses=tuple(st for _, st in entry.summary), nonce=nonce,
             etag=None if nonce else entry.etag, this_update=entry.this_update,

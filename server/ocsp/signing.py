@@ -58,7 +58,7 @@ from twisted.python.failure import Failure
 from server.ocsp.cache import CachedResponse
 from server.ocsp.codec import OcspError, encode_error
 from server.ocsp.der import NonceShapes
-from server.ocsp.service import OcspService, Outcome, Signed
+from server.ocsp.service import OcspService, Outcome, Signed, nonce_signing
 
 log = Logger(namespace="server.ocsp")
 
@@ -547,8 +547,7 @@ class LocalSigners(Executor):
                    now: datetime) -> defer.Deferred[Signed]:
         self.busy += 1
         service = self.service
-        args = (entry.ca_name, int(now.timestamp()), entry.responses, nonce,
-                entry.extended_revoke)
+        args = nonce_signing(entry, nonce, now)
         if self.access is not None:
             d: defer.Deferred[Any] = self.access.run(service.sign_nonce, *args)
         else:

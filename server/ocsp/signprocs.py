@@ -32,7 +32,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from server.ocsp.cache import CachedResponse
-from server.ocsp.service import OcspService, Signed
+from server.ocsp.service import OcspService, Signed, nonce_signing
 from server.ocsp.signing import Executor, try_later
 from server.ocsp.signworker import frame, split_frames
 
@@ -146,22 +146,21 @@ class ProcessSigners(Executor):
         return best
 
     def run(self, der: bytes, now: datetime, sign_unknown: bool) -> defer.Deferred[Signed]:
-        child = self._least_busy()
-        self._next_id += 1
-        d: defer.Deferred[Signed] = defer.Deferred()
-        child.jobs[self._next_id] = (d, time.monotonic(), None)
-        child.pending.append(frame(("job", self._next_id, der, now, sign_unknown)))
-        return d
+        return self._hand_over("job", None, (der, now, sign_unknown))
 
     def sign_nonce(self, entry: CachedResponse, nonce: bytes,
                    now: datetime) -> defer.Deferred[Signed]:
+        return self._hand_over("nonce", entry, nonce_signing(entry, nonce, now))
+
+    def _hand_over(self, kind: str, entry: CachedResponse | None,
+                   args: tuple[Any, ...]) -> defer.Deferred[Signed]:
+        """Queue a (kind, id, *args) message for the least busy process (written by
+        ``flush``); entry: the cached answer a ``nonce`` job is signed from."""
         child = self._least_busy()
         self._next_id += 1
         d: defer.Deferred[Signed] = defer.Deferred()
         child.jobs[self._next_id] = (d, time.monotonic(), entry)
-        child.pending.append(frame(("nonce", self._next_id, entry.ca_name,
-                                    int(now.timestamp()), entry.responses, nonce,
-                                    entry.extended_revoke)))
+        child.pending.append(frame((kind, self._next_id, *args)))
         return d
 
     def flush(self) -> None:
