@@ -184,6 +184,10 @@ async def test_a_failing_thread_store_is_reopened(ocsp_env: dict[str, Any]) -> N
         access.stop()
 
 
+def unavailable(exc: StoreError) -> str:
+    return f"unavailable: {exc}"
+
+
 @pytest_twisted.ensureDeferred
 async def test_busy_when_the_queue_is_full(ocsp_env: dict[str, Any]) -> None:
     release = threading.Event()
@@ -191,6 +195,10 @@ async def test_busy_when_the_queue_is_full(ocsp_env: dict[str, Any]) -> None:
     try:
         d = access.run(release.wait, WAIT)
         assert access.busy()
+        called: list[bool] = []  # read() answers "unavailable" at once, running nothing
+        assert read(access, lambda: called.append(True), unavailable=unavailable,
+                    then=lambda _: "never") == "unavailable: store threads busy"
+        assert not called
         release.set()
         assert await d is True
         assert not access.busy()
@@ -200,10 +208,6 @@ async def test_busy_when_the_queue_is_full(ocsp_env: dict[str, Any]) -> None:
 
 
 # --- read: the one way request paths use the access ------------------------------------
-
-
-def unavailable(exc: StoreError) -> str:
-    return f"unavailable: {exc}"
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["no access", "inline access"])
@@ -238,22 +242,6 @@ async def test_read_with_a_pool_answers_later(ocsp_env: dict[str, Any]) -> None:
         assert access.pending == 0
     finally:
         access.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_read_with_a_full_pool_is_unavailable_at_once(ocsp_env: dict[str, Any]) -> None:
-    release = threading.Event()
-    access = threaded(ocsp_env["path"], threads_=1, max_pending=1)
-    called: list[bool] = []
-    try:
-        d = access.run(release.wait, WAIT)
-        answer = read(access, lambda: called.append(True), unavailable=unavailable,
-                      then=lambda _: "never")
-        assert answer == "unavailable: store threads busy" and not called
-    finally:
-        release.set()
-        access.stop()
-    assert await d is True
 
 
 # --- OCSP: the stale-insert race, errors from a pool thread ---------------------------------
