@@ -74,21 +74,19 @@ class HealthCheck:
 
     def check(self) -> tuple[bool, dict[str, Any]]:
         """Run every check, reading the store on this thread; (ok, short JSON-able body)."""
-        reading: tuple[int, list[CaRecord]] | StoreError
-        try:
-            reading = self._read_store()
-        except StoreError as exc:
-            reading = exc
-        return self._verdict(reading)
+        return self._verdict(self._read_store())
 
     def check_deferred(self) -> defer.Deferred[tuple[bool, dict[str, Any]]]:
         """``check`` with the store read in the store threads (inline without them)."""
         return defer.maybeDeferred(storeaccess.read, self.access, self._read_store,
                                    unavailable=self._verdict, then=self._verdict)
 
-    def _read_store(self) -> tuple[int, list[CaRecord]]:
-        """The store's generation and CAs (``StoreError`` when they cannot be read)."""
-        return int(self.store.generation()), self.store.cas()
+    def _read_store(self) -> tuple[int, list[CaRecord]] | StoreError:
+        """The store's generation and CAs, or why they cannot be read."""
+        try:
+            return int(self.store.generation()), self.store.cas()
+        except StoreError as exc:
+            return exc
 
     def _verdict(self, reading: tuple[int, list[CaRecord]] | StoreError
                  ) -> tuple[bool, dict[str, Any]]:
@@ -227,15 +225,17 @@ class OpsRoute:
         if self.before_scrape is not None:
             self.before_scrape()
         ctype = CONTENT_TYPE.encode()
+        if self.access is None:
+            return self._send(request, 200, ctype, self.metrics.render(), "metrics", date)
+        if self.access.busy():
+            return self._send(request, 503, b"text/plain; charset=utf-8",
+                              b"store threads busy\n", "metrics", date)
 
-        def failed(failure: Failure) -> Any:
-            log.failure("metrics scrape failed", failure)
-            return self._send(request, 500, b"text/plain; charset=utf-8",
-                              b"scrape failed\n", "metrics", date)
+        def answer(result: bytes | Failure) -> Any:
+            if isinstance(result, Failure):
+                log.failure("metrics scrape failed", result)
+                return self._send(request, 500, b"text/plain; charset=utf-8",
+                                  b"scrape failed\n", "metrics", date)
+            return self._send(request, 200, ctype, result, "metrics", date)
 
-        answer = storeaccess.read(
-            self.access, self.metrics.render,
-            unavailable=lambda _: self._send(request, 503, b"text/plain; charset=utf-8",
-                                             b"store unavailable\n", "metrics", date),
-            then=lambda body: self._send(request, 200, ctype, body, "metrics", date))
-        return answer.addErrback(failed) if isinstance(answer, defer.Deferred) else answer
+        return self.access.run(self.metrics.render).addBoth(answer)

@@ -23,6 +23,7 @@ from server.http.publication import Reply, not_allowed, send
 from server.web import i18n
 from server.web.pages import Answer, Lang, WebPages
 from server.web.query import parse_serial
+from store.sqlbase import StoreError
 
 RETRY = [(b"Retry-After", b"10")]
 _EXTENSIONS = ("cer", "pem", "p7c")
@@ -123,7 +124,8 @@ class WebRoute:
     def _run(self, request: wire.Request, fields: dict[str, Any], date: bytes,
              lang: Lang | None, fn: Callable[..., Answer], *args: Any) -> Reply | Deferred[Reply]:
         """fn(store, *args) in a store thread (or inline), answered; StoreError → 503."""
-        return storeaccess.read(
-            self.access, fn, self.store, *args,
-            unavailable=lambda _: self._answer(request, fields, date, self._unavailable(lang)),
-            then=lambda answer: self._answer(request, fields, date, answer))
+        def unavailable(_: StoreError) -> Reply:
+            return self._answer(request, fields, date, self._unavailable(lang))
+
+        return storeaccess.read(self.access, fn, self.store, *args, unavailable=unavailable,
+                                then=lambda answer: self._answer(request, fields, date, answer))
