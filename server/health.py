@@ -78,8 +78,9 @@ class HealthCheck:
 
     def check_deferred(self) -> defer.Deferred[tuple[bool, dict[str, Any]]]:
         """``check`` with the store read in the store threads (inline without them)."""
-        return defer.maybeDeferred(storeaccess.read, self.access, self._read_store,
-                                   unavailable=self._verdict, then=self._verdict)
+        verdict = storeaccess.read(self.access, self._read_store, unavailable=self._verdict,
+                                   then=self._verdict)
+        return verdict if isinstance(verdict, defer.Deferred) else defer.succeed(verdict)
 
     def _read_store(self) -> tuple[int, list[CaRecord]] | StoreError:
         """The store's generation and CAs, or why they cannot be read."""
