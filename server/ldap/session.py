@@ -26,6 +26,16 @@ that many entries), the time limit likewise (timeLimitExceeded); paging (RFC 269
 page size capped by the server's size limit and resumes from a cookie bound to the search
 (a foreign cookie → unwillingToPerform).
 
+The lookup policy (``server.privacy``, the service's ``privacy``; None: none) is decided
+here before any store work and before an answer is taken from the cache: for a client
+outside the exempt networks, a search it refuses gets unwillingToPerform naming the policy,
+a client past its budget gets busy, an allowed search is capped at ``max_entries``, and a
+search that may only list glue, CA and CRL entries ends unwillingToPerform at the first
+subscriber entry. Only answers that any client would get alike are kept (allowed for every
+client, within the cap, no subscriber entry withheld), so a kept answer needs no judging —
+only its cost (the subscriber entries it shows, 0 for a lookup by e-mail address) is charged
+to the client's budget.
+
 Pre-encoded answers (``server.ldap.answers``): ``answer_raw`` answers a PDU whose bytes after
 the messageID name a kept answer without decoding it; a decoded search looks its normalised
 key up; a finished search that qualifies is kept. While the change feed cannot read the store
@@ -52,6 +62,8 @@ from server.ldap.entries import parse_dn, render
 from server.ldap.errors import LdapError, ResultCode
 from server.ldap.filters import Match, evaluate, to_text
 from server.ldap.schema import describe, select
+from server.privacy import BUDGET, OPEN, PRIVATE_KINDS, LdapRule
+from server.privacy import message as privacy_message
 from store import names
 from store.sqlbase import StoreError
 
@@ -141,8 +153,12 @@ class SearchJob(Job):
     def __init__(self, session: Session, op: int, message_id: int, started: float,
                  req: codec.SearchRequest, paged: tuple[int, bytes] | None,
                  fingerprint: bytes, after: Position | None, now: datetime,
-                 cache_key: NormalKey | None, rest: bytes, epoch: int) -> None:
+                 cache_key: NormalKey | None, rest: bytes, epoch: int,
+                 rule: LdapRule = OPEN, public: LdapRule = OPEN) -> None:
         super().__init__(session, op, message_id, started)
+        self.rule = rule  # the privacy policy's decision for this client
+        self.public = public  # and for a client that is not exempt (what may be kept)
+        self.private = 0  # subscriber and certificate entries shown
         self.req = req
         self.paged = paged
         self.fingerprint = fingerprint
@@ -172,6 +188,9 @@ class SearchJob(Job):
                 self.keys = None
             results = directory.search(base, req.scope, req.filter, self.now, self.after)
             size = min(req.size_limit or cfg.size_limit, cfg.size_limit)
+            rule = self.rule
+            if rule.cap is not None:
+                size = min(size, rule.cap)
             deadline = self.started + min(req.time_limit or cfg.time_limit, cfg.time_limit)
             page = min(self.paged[0], cfg.size_limit) if self.paged is not None else None
             if page is not None:
@@ -196,6 +215,11 @@ class SearchJob(Job):
                     cookie = _encode_cookie(last, self.fingerprint)
                     self.ended = Ended(ResultCode.SUCCESS, count, controls=_paged(cookie))
                     return
+                if hit.entry.kind in PRIVATE_KINDS:
+                    if rule.structural:  # a listing reached the subscribers
+                        self.ended = Ended(ResultCode.UNWILLING_TO_PERFORM, count, rule.message)
+                        return
+                    self.private += 1
                 self._show(hit, render(hit.entry, selection, allow, req.types_only))
                 count += 1
                 last = hit.position
@@ -268,9 +292,13 @@ class Session:
     """The operations of one connection: bind, search, compare, extended, abandon, unbind."""
 
     def __init__(self, service: Service, conn: int, log: Log, *, info: bool = True,
-                 tls: bool = False) -> None:
+                 tls: bool = False, host: str = "") -> None:
         self.service = service
         self.conn = conn
+        self.host = host  # the client's address (the privacy policy's exemptions, budget)
+        privacy = getattr(service, "privacy", None)
+        self.privacy = privacy  # server.privacy.Privacy, or None: no policy
+        self.judged = privacy is not None and not privacy.exempt(host)
         self.log = log
         self.info = info  # build per-operation log lines
         self.tls = tls
@@ -293,12 +321,15 @@ class Session:
         answer = answers.by_raw(rest, now.timestamp())
         if answer is None:
             return None
+        if self.judged and answer.cost and self.privacy.wait(self.host) > 0:
+            return None  # decoded and answered busy
         self.op += 1
         if self.info:
             self._log_search(answer.log)
         data = answer.encode(message_id)
         service.record_cache(True)
         self._searched(ResultCode.SUCCESS, answer.entries, 0.0, "")
+        self._charge(answer.cost)
         return data
 
     # --- messages ----------------------------------------------------------------------------
@@ -319,9 +350,11 @@ class Session:
                 job.abandoned = True
             return Reply()
         paged: tuple[int, bytes] | None = None
+        critical = False
         for control in msg.controls:
             if control.oid == PAGED and isinstance(req, codec.SearchRequest):
                 paged = codec.decode_paged_value(control.value)
+                critical = control.critical
             elif control.critical and control.oid not in KNOWN_CONTROLS:
                 tag = (WRITE_TAGS[req.kind] if isinstance(req, codec.WriteRequest)
                        else _REQUEST_TAGS.get(type(req)))
@@ -331,7 +364,7 @@ class Session:
                                           ResultCode.UNAVAILABLE_CRITICAL_EXTENSION,
                                           message=f"control {control.oid} is not supported"))
         if isinstance(req, codec.SearchRequest):
-            return self._search(msg, req, paged, busy)
+            return self._search(msg, req, paged, busy, critical)
         if isinstance(req, codec.BindRequest):
             return Reply(self._bind(msg.message_id, req))
         if isinstance(req, codec.CompareRequest):
@@ -376,14 +409,27 @@ class Session:
         data = b"".join([frame(mid, op) for op in job.ops]) + frame(mid, done)
         self._searched(ended.code, ended.entries, self.service.timer() - job.started,
                        ended.message, op=job.op)
-        if job.cache_key is not None and ended.code == ResultCode.SUCCESS:
+        public = job.public
+        cost = 0 if public.free else job.private
+        self._charge(cost)
+        if (job.rule.structural and ended.code == ResultCode.UNWILLING_TO_PERFORM
+                and self.privacy is not None):
+            self.privacy.refused("ldap", job.rule.reason)
+        if (job.cache_key is not None and ended.code == ResultCode.SUCCESS
+                and not public.refused and not (public.structural and job.private)
+                and (public.cap is None or ended.entries <= public.cap)):
             req = job.req
             answer = Answer((*job.ops, done), ended.entries, job.until,
                             None if job.keys is None else frozenset(job.keys),
                             (req.base, req.scope, req.deref, job.filter_text,
-                             " ".join(req.attributes)))
+                             " ".join(req.attributes)), cost=cost)
             self.service.answers.put(job.cache_key, job.rest, answer, job.epoch)
         return data
+
+    def _charge(self, cost: int) -> None:
+        """The client was shown ``cost`` subscriber entries (its privacy budget)."""
+        if cost and self.judged:
+            self.privacy.charge(self.host, cost)
 
     # --- bind, compare, extended -------------------------------------------------------------
 
@@ -460,7 +506,7 @@ class Session:
     # --- search ------------------------------------------------------------------------------
 
     def _search(self, msg: codec.Message, req: codec.SearchRequest,
-                paged: tuple[int, bytes] | None, busy: bool) -> Reply:
+                paged: tuple[int, bytes] | None, busy: bool, critical: bool = False) -> Reply:
         service = self.service
         filter_text = to_text(req.filter, 1 << 20)  # once: the log line, the cache key
         if self.info:
@@ -471,6 +517,23 @@ class Session:
         refusal = self._refusal(busy)
         if refusal is not None:
             return Reply(self._search_done(message_id, ResultCode.BUSY, 0, refusal, started))
+        rule = public = OPEN
+        privacy = self.privacy
+        if privacy is not None:
+            public = privacy.ldap(req.filter, req.scope, None if paged is None else critical)
+            if self.judged:
+                rule = public
+                if rule.refused:
+                    privacy.refused("ldap", rule.reason)
+                    return Reply(self._search_done(message_id, ResultCode.UNWILLING_TO_PERFORM,
+                                                   0, rule.message, started))
+                wait = privacy.over_budget(self.host, "ldap")
+                if wait > 0:
+                    text = f"{privacy_message(BUDGET, privacy.config)} (in {wait:.0f} s)"
+                    return Reply(self._search_done(message_id, ResultCode.BUSY, 0, text,
+                                                   started))
+                if not rule.paging:
+                    paged = None  # a non-critical control: answered as without it
         fingerprint = b""
         after: Position | None = None
         if paged is not None:
@@ -490,7 +553,7 @@ class Session:
         key: NormalKey | None = None
         rest = b""
         if answers.enabled and not msg.controls and service.answers_current():
-            key = self._normal_key(req, filter_text)
+            key = self._normal_key(req, filter_text, rule.cap)
             split = split_message_id(msg.raw) if msg.raw else None
             if key is not None and split is not None:
                 rest = split[1]
@@ -498,23 +561,25 @@ class Session:
                 service.record_cache(answer is not None)
                 if answer is not None:
                     self._searched(ResultCode.SUCCESS, answer.entries, 0.0, "")
+                    self._charge(answer.cost)
                     return Reply(answer.encode(message_id))
             else:
                 key = None
         job = SearchJob(self, self.op, message_id, started, req, paged, fingerprint, after, now,
-                        key, rest, answers.epoch)
+                        key, rest, answers.epoch, rule, public)
         job.filter_text = filter_text
         self.jobs[message_id] = job
         return Reply(job=job)
 
-    def _normal_key(self, req: codec.SearchRequest, filter_text: str) -> NormalKey | None:
+    def _normal_key(self, req: codec.SearchRequest, filter_text: str,
+                    cap: int | None = None) -> NormalKey | None:
         """What determines a search's answer (None: its base is not a DN)."""
         try:
             base = parse_dn(req.base).key
         except names.DNSyntaxError:
             return None
         cfg = self.service.config
-        size = min(req.size_limit or cfg.size_limit, cfg.size_limit)
+        size = min(req.size_limit or cfg.size_limit, cfg.size_limit, cap or cfg.size_limit)
         return (base, req.scope, filter_text,
                 tuple(a.lower() for a in req.attributes), req.types_only, size)
 
