@@ -360,14 +360,18 @@ class Privacy:
         """The wait (seconds, > 0) when host is past its budget — counted and logged (one
         line per address per minute) — else 0."""
         wait = self.wait(host)
-        if wait <= 0:
-            return 0.0
+        if wait > 0:
+            self.throttled(host, protocol, wait)
+        return wait
+
+    def throttled(self, host: str, protocol: str, wait: float) -> None:
+        """Count a request refused for the budget; one log line per address per minute."""
         self.refused(protocol, BUDGET)
         now = self.clock()
         at, since = self._logged.get(host, (-LOG_EVERY, 0))
         if now - at < LOG_EVERY:
             self._logged[host] = (at, since + 1)
-            return wait
+            return
         if len(self._logged) > 10_000:
             self._logged = {h: v for h, v in self._logged.items() if now - v[0] < LOG_EVERY}
         self._logged[host] = (now, 0)
@@ -375,7 +379,6 @@ class Privacy:
                  " (+{per_minute}/min); refusing for {wait:.0f}s ({since} more refused since"
                  " the last line)", client=host, budget=self.config.budget,
                  per_minute=self.config.budget_per_minute, wait=wait, since=since + 1)
-        return wait
 
     def refused(self, protocol: str, reason: str) -> None:
         """Count one refusal (``certpub_privacy_refusals{protocol, reason}``)."""

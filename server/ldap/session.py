@@ -159,6 +159,9 @@ class SearchJob(Job):
         self.rule = rule  # the privacy policy's decision for this client
         self.public = public  # and for a client that is not exempt (what may be kept)
         self.private = 0  # subscriber and certificate entries shown
+        # its subscriber entries cost the client's budget (checked at the first one)
+        self.budgeted = session.judged and not rule.free
+        self.throttled = 0.0  # seconds the client was told to wait
         self.req = req
         self.paged = paged
         self.fingerprint = fingerprint
@@ -219,6 +222,12 @@ class SearchJob(Job):
                     if rule.structural:  # a listing reached the subscribers
                         self.ended = Ended(ResultCode.UNWILLING_TO_PERFORM, count, rule.message)
                         return
+                    if not self.private and self.budgeted:
+                        wait = s.privacy.wait(s.host)  # past the budget: no subscriber entry
+                        if wait > 0:
+                            self.throttled = wait
+                            self.ended = Ended(ResultCode.BUSY, count, _busy(s.privacy, wait))
+                            return
                     self.private += 1
                 self._show(hit, render(hit.entry, selection, allow, req.types_only))
                 count += 1
@@ -322,7 +331,7 @@ class Session:
         if answer is None:
             return None
         if self.judged and answer.cost and self.privacy.wait(self.host) > 0:
-            return None  # decoded and answered busy
+            return None  # decoded, run, and answered busy
         self.op += 1
         if self.info:
             self._log_search(answer.log)
@@ -415,6 +424,8 @@ class Session:
         if (job.rule.structural and ended.code == ResultCode.UNWILLING_TO_PERFORM
                 and self.privacy is not None):
             self.privacy.refused("ldap", job.rule.reason)
+        if job.throttled:
+            self.privacy.throttled(self.host, "ldap", job.throttled)
         if (job.cache_key is not None and ended.code == ResultCode.SUCCESS
                 and not public.refused and not (public.structural and job.private)
                 and (public.cap is None or ended.entries <= public.cap)):
@@ -527,11 +538,6 @@ class Session:
                     privacy.refused("ldap", rule.reason)
                     return Reply(self._search_done(message_id, ResultCode.UNWILLING_TO_PERFORM,
                                                    0, rule.message, started))
-                wait = privacy.over_budget(self.host, "ldap")
-                if wait > 0:
-                    text = f"{privacy_message(BUDGET, privacy.config)} (in {wait:.0f} s)"
-                    return Reply(self._search_done(message_id, ResultCode.BUSY, 0, text,
-                                                   started))
                 if not rule.paging:
                     paged = None  # a non-critical control: answered as without it
         fingerprint = b""
@@ -558,6 +564,9 @@ class Session:
             if key is not None and split is not None:
                 rest = split[1]
                 answer = answers.by_normal(key, rest, now.timestamp())
+                if (answer is not None and answer.cost and self.judged
+                        and privacy.wait(self.host) > 0):
+                    answer = None  # run, and answered busy
                 service.record_cache(answer is not None)
                 if answer is not None:
                     self._searched(ResultCode.SUCCESS, answer.entries, 0.0, "")
@@ -604,6 +613,10 @@ class Session:
                           conn=self.conn, op=self.op if op is None else op, err=int(code),
                           nentries=count, etime=seconds, text=clean(message))
         self.service.record("search", int(code), seconds)
+
+
+def _busy(privacy: Any, wait: float) -> str:
+    return f"{privacy_message(BUDGET, privacy.config)} (in {wait:.0f} s)"
 
 
 def _paged(cookie: bytes) -> bytes:

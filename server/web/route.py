@@ -25,7 +25,7 @@ from server.http import wire
 from server.http.publication import Reply, not_allowed, send
 from server.web import i18n
 from server.web.pages import Answer, Lang, WebPages
-from server.web.query import parse_serial
+from server.web.query import QueryError, parse_search, parse_serial
 from server.privacy import Privacy, WebGuard
 from store.sqlbase import StoreError
 
@@ -87,7 +87,7 @@ class WebRoute:
                 return self._answer(request, fields, date,
                                     pages.search_page(None, request.query, lang))
             guard = self._guard(client) if searching else None
-            if guard is not None and (wait := self.privacy.over_budget(client, "http")) > 0:
+            if guard is not None and (wait := self._over_budget(guard, request.query)) > 0:
                 return self._answer(request, fields, date, self._throttled(lang, wait))
             return self._run(request, fields, date, lang, pages.search_page, request.query, lang,
                              guard)
@@ -105,7 +105,7 @@ class WebRoute:
             return self._run(request, fields, date, lang, pages.cert_page, ca, serial, lang)
         if path == b"/api/v1/search":
             guard = self._guard(client)
-            if guard is not None and (wait := self.privacy.over_budget(client, "http")) > 0:
+            if guard is not None and (wait := self._over_budget(guard, request.query)) > 0:
                 return self._answer(request, fields, date, self._throttled(None, wait))
             return self._run(request, fields, date, None, pages.api_search, request.query, guard)
         if path.startswith(b"/api/v1/cert/"):
@@ -134,6 +134,18 @@ class WebRoute:
         if privacy is None or privacy.exempt(client):
             return None
         return WebGuard(privacy, client)
+
+    @staticmethod
+    def _over_budget(guard: WebGuard, query: bytes | None) -> float:
+        """Seconds the client must wait (0: none): a search by e-mail address alone costs
+        nothing and is never throttled, nor is a query the page refuses anyway."""
+        try:
+            search = parse_search(query)
+        except QueryError:
+            return 0.0
+        if search.mail is not None and search.name is None and search.serial is None:
+            return 0.0
+        return guard.privacy.over_budget(guard.host, "http")
 
     def _throttled(self, lang: Lang | None, wait: float) -> Answer:
         """429: the client was shown its budget of rows; ``Retry-After`` says when to retry."""
