@@ -79,6 +79,7 @@ _REQUEST_TAGS: dict[type, int] = {codec.SearchRequest: SEARCH_DONE, codec.BindRe
                                   codec.ExtendedRequest: EXTENDED}
 _OPERATION = {SEARCH_DONE: "search", BIND: "bind", COMPARE: "compare", EXTENDED: "extended",
               **{tag: "write" for tag in WRITE_TAGS.values()}}
+CANDIDATES = 5  # index candidates a capped search reads, per entry of its cap
 _UNSAFE = re.compile(r'[\x00-\x1f"\\]')
 
 
@@ -189,9 +190,12 @@ class SearchJob(Job):
                 self.until = base.until
             else:
                 self.keys = None
-            results = directory.search(base, req.scope, req.filter, self.now, self.after)
-            size = min(req.size_limit or cfg.size_limit, cfg.size_limit)
             rule = self.rule
+            # a capped search reads a bounded number of index candidates (the privacy cap
+            # makes every typed search capped: a harvester's loop costs little store work)
+            results = directory.search(base, req.scope, req.filter, self.now, self.after,
+                                       None if rule.cap is None else CANDIDATES * rule.cap)
+            size = min(req.size_limit or cfg.size_limit, cfg.size_limit)
             if rule.cap is not None:
                 size = min(size, rule.cap)
             deadline = self.started + min(req.time_limit or cfg.time_limit, cfg.time_limit)
@@ -222,12 +226,13 @@ class SearchJob(Job):
                     if rule.structural:  # a listing reached the subscribers
                         self.ended = Ended(ResultCode.UNWILLING_TO_PERFORM, count, rule.message)
                         return
-                    if not self.private and self.budgeted:
-                        wait = s.privacy.wait(s.host)  # past the budget: no subscriber entry
+                    if self.budgeted:  # each subscriber entry is paid for as it is shown
+                        wait = s.privacy.wait(s.host)
                         if wait > 0:
                             self.throttled = wait
                             self.ended = Ended(ResultCode.BUSY, count, _busy(s.privacy, wait))
                             return
+                        s.privacy.charge(s.host, 1)
                     self.private += 1
                 self._show(hit, render(hit.entry, selection, allow, req.types_only))
                 count += 1
@@ -419,8 +424,7 @@ class Session:
         self._searched(ended.code, ended.entries, self.service.timer() - job.started,
                        ended.message, op=job.op)
         public = job.public
-        cost = 0 if public.free else job.private
-        self._charge(cost)
+        cost = 0 if public.free else job.private  # what a kept answer costs (paid above)
         if (job.rule.structural and ended.code == ResultCode.UNWILLING_TO_PERFORM
                 and self.privacy is not None):
             self.privacy.refused("ldap", job.rule.reason)
@@ -540,6 +544,12 @@ class Session:
                                                    0, rule.message, started))
                 if not rule.paging:
                     paged = None  # a non-critical control: answered as without it
+                if req.scope != 0 and not rule.free:  # a listing past the budget: no work
+                    wait = privacy.wait(self.host)
+                    if wait > 0:
+                        privacy.throttled(self.host, "ldap", wait)
+                        return Reply(self._search_done(message_id, ResultCode.BUSY, 0,
+                                                       _busy(privacy, wait), started))
         fingerprint = b""
         after: Position | None = None
         if paged is not None:
