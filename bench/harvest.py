@@ -29,8 +29,12 @@ NAT) look up random subscribers by address, ``(mail=userN@bench.example)`` with
 ``userCertificate;binary``, as fast as they can. Before that, the same mail clients run alone
 for ``--baseline`` seconds against the same server with the policy and against a second one
 with ``lookups = "open"`` and no budget (rounds alternate), for their rate without the policy.
+Then the whole harvest runs again, with the mail clients, against the server without the
+policy (its paged loop reads the first page of each search only: the figures of that run are
+a lower bound of what an open directory gives away).
 Reported: unique addresses obtained per strategy and their share of the store's subscribers;
-the mail clients' lookups/s, refusals and their ratio to the rate without the policy.
+the mail clients' lookups/s and refusals, alone and during each harvest, and the ratios
+policy / open.
 """
 
 from __future__ import annotations
@@ -130,7 +134,13 @@ def ldap_loop(port: int, sources: list[str], conns_per_source: int, loot: Loot,
             for v in attrs.get("mail", []):
                 loot.mails.add(v.lower())
 
-    threads = [threading.Thread(target=one, args=(s,), daemon=True)
+    def guarded(source: str) -> None:
+        try:
+            one(source)
+        except (OSError, TimeoutError, ConnectionError, ValueError, AssertionError):
+            loot.result(-1)  # the server did not answer in 30 s (an overloaded server)
+
+    threads = [threading.Thread(target=guarded, args=(s,), daemon=True)
                for s in sources for _ in range(conns_per_source)]
     for t in threads:
         t.start()
@@ -139,6 +149,13 @@ def ldap_loop(port: int, sources: list[str], conns_per_source: int, loot: Loot,
 
 
 def paged_loop(port: int, source: str, loot: Loot, end: float) -> None:
+    try:
+        _paged_loop(port, source, loot, end)
+    except (OSError, TimeoutError, ConnectionError, ValueError, AssertionError):
+        loot.result(-1)
+
+
+def _paged_loop(port: int, source: str, loot: Loot, end: float) -> None:
     with wire.LdapClient(("127.0.0.1", port), timeout=30, source=source) as client:
         while time.monotonic() < end:
             for filt in (wire.present("mail"), wire.present("objectClass")):
@@ -163,6 +180,13 @@ def paged_loop(port: int, source: str, loot: Loot, end: float) -> None:
 
 
 def json_loop(http_port: int, source: str, loot: Loot, end: float) -> None:
+    try:
+        _json_loop(http_port, source, loot, end)
+    except (OSError, TimeoutError, ValueError):
+        loot.result(-1)
+
+
+def _json_loop(http_port: int, source: str, loot: Loot, end: float) -> None:
     queue: deque[str] = deque(["use"])
     conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30,
                                       source_address=(source, 0))
@@ -202,22 +226,21 @@ def mail_clients(port: int, source: str, clients: int, users: int, seconds: floa
     end = time.monotonic() + seconds
     done = [0] * clients
     refused = [0] * clients
+    failed = [0] * clients
 
     def one(i: int) -> None:
         rng = random.Random(i)
         try:
-            client = wire.LdapClient(("127.0.0.1", port), timeout=30, source=source)
-        except OSError:
-            refused[i] += 1
-            return
-        with client:
-            while time.monotonic() < end:
-                n = rng.randrange(users)
-                r = client.search("c=MO", wire.eq("mail", f"user{n}@bench.example"),
-                                  ["userCertificate;binary"])
-                if r.code != 0 or len(r.entries) != 1:
-                    refused[i] += 1
-                done[i] += 1
+            with wire.LdapClient(("127.0.0.1", port), timeout=30, source=source) as client:
+                while time.monotonic() < end:
+                    n = rng.randrange(users)
+                    r = client.search("c=MO", wire.eq("mail", f"user{n}@bench.example"),
+                                      ["userCertificate;binary"])
+                    if r.code != 0 or len(r.entries) != 1:
+                        refused[i] += 1
+                    done[i] += 1
+        except (OSError, TimeoutError, ConnectionError, ValueError, AssertionError):
+            failed[i] += 1  # no answer in 30 s: an overloaded server
 
     start = time.monotonic()
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(clients)]
@@ -226,7 +249,8 @@ def mail_clients(port: int, source: str, clients: int, users: int, seconds: floa
     for t in threads:
         t.join(seconds + 60)
     elapsed = time.monotonic() - start
-    out.put({"lookups": sum(done), "per_s": sum(done) / elapsed, "refused": sum(refused)})
+    out.put({"lookups": sum(done), "per_s": sum(done) / elapsed, "refused": sum(refused),
+             "timed_out": sum(failed)})
 
 
 def run_mail(port: int, args: argparse.Namespace, users: int, seconds: float) -> Any:
@@ -235,6 +259,33 @@ def run_mail(port: int, args: argparse.Namespace, users: int, seconds: float) ->
         target=mail_clients, args=(port, "127.0.100.1", args.mail_clients, users, seconds, q))
     p.start()
     return p, q
+
+
+def harvest(server: Any, args: argparse.Namespace, users: int) -> tuple[dict[str, Loot], Any]:
+    """Every strategy at once for ``--seconds``, with the mail clients."""
+    end = time.monotonic() + args.seconds
+    loots = {name: Loot() for name in ("ldap-1conn", "ldap-16conn", "ldap-paged",
+                                       "json-prefix", "ldap-16addr", "ldap-16nets")}
+    port, http_port = server.port, server.http_port
+    jobs = [
+        (ldap_loop, (port, ["127.0.1.1"], 1, loots["ldap-1conn"], end)),
+        (ldap_loop, (port, ["127.0.2.1"], 16, loots["ldap-16conn"], end)),
+        (paged_loop, (port, "127.0.3.1", loots["ldap-paged"], end)),
+        (json_loop, (http_port, "127.0.4.1", loots["json-prefix"], end)),
+        (ldap_loop, (port, [f"127.0.5.{i}" for i in range(1, 17)], 1, loots["ldap-16addr"],
+                     end)),
+        (ldap_loop, (port, [f"127.6.{i}.1" for i in range(1, 17)], 1, loots["ldap-16nets"],
+                     end)),
+    ]
+    p, q = run_mail(port, args, users, args.seconds)
+    threads = [threading.Thread(target=fn, args=a, daemon=True) for fn, a in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()) + 60)
+    during = q.get()
+    p.join()
+    return loots, during
 
 
 def config_with(data: Path, lines: list[str], name: str) -> Path:
@@ -283,43 +334,35 @@ def main() -> None:
                       f" {result['refused']} refused", flush=True)
         base_open = [b["per_s"] for b in report["baseline"] if b["server"] == "open"]
         base_policy = [b["per_s"] for b in report["baseline"] if b["server"] == "policy"]
-        # the harvest, every strategy at once, with the mail clients
-        end = time.monotonic() + args.seconds
-        loots = {name: Loot() for name in ("ldap-1conn", "ldap-16conn", "ldap-paged",
-                                           "json-prefix", "ldap-16addr", "ldap-16nets")}
-        port, http_port = guarded.port, guarded.http_port
-        jobs = [
-            (ldap_loop, (port, ["127.0.1.1"], 1, loots["ldap-1conn"], end)),
-            (ldap_loop, (port, ["127.0.2.1"], 16, loots["ldap-16conn"], end)),
-            (paged_loop, (port, "127.0.3.1", loots["ldap-paged"], end)),
-            (json_loop, (http_port, "127.0.4.1", loots["json-prefix"], end)),
-            (ldap_loop, (port, [f"127.0.5.{i}" for i in range(1, 17)], 1,
-                         loots["ldap-16addr"], end)),
-            (ldap_loop, (port, [f"127.6.{i}.1" for i in range(1, 17)], 1,
-                         loots["ldap-16nets"], end)),
-        ]
-        p, q = run_mail(port, args, users, args.seconds)
-        threads = [threading.Thread(target=fn, args=a, daemon=True) for fn, a in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(args.seconds + 60)
-        during = q.get()
-        p.join()
+        # the harvest, every strategy at once, with the mail clients: against the policy,
+        # then the same against the server without it
         report["harvest"] = {}
-        for name, loot in loots.items():
-            share = 100.0 * len(loot.mails) / users
-            report["harvest"][name] = {"addresses": len(loot.mails), "share_pct": share,
-                                       "queries": loot.queries, "refused": loot.refused}
-            print(f"{name:12s} {len(loot.mails):7d} addresses = {share:6.2f} % of {users}"
-                  f" ({loot.queries} queries, refused by code {loot.refused})", flush=True)
-        ratio = during["per_s"] / (sum(base_open) / len(base_open))
-        report["mail_during_harvest"] = during | {"ratio_to_open": ratio}
-        print(f"mail clients during the harvest: {during['per_s']:.0f} lookups/s,"
-              f" {during['refused']} refused; alone: policy"
-              f" {sum(base_policy) / len(base_policy):.0f}/s, open"
-              f" {sum(base_open) / len(base_open):.0f}/s; during / open alone = {ratio:.2f}",
-              flush=True)
+        for name, server in (("policy", guarded), ("open", open_)):
+            loots, during = harvest(server, args, users)
+            report["harvest"][name] = {"mail_clients": during, "strategies": {}}
+            for strategy, loot in loots.items():
+                share = 100.0 * len(loot.mails) / users
+                report["harvest"][name]["strategies"][strategy] = {
+                    "addresses": len(loot.mails), "share_pct": share, "queries": loot.queries,
+                    "refused": loot.refused}
+                print(f"{name:6s} {strategy:12s} {len(loot.mails):7d} addresses ="
+                      f" {share:6.2f} % of {users} ({loot.queries} queries, refused by code"
+                      f" {loot.refused})", flush=True)
+            print(f"{name:6s} mail clients during the harvest: {during['per_s']:.0f} lookups/s,"
+                  f" {during['refused']} refused, {during['timed_out']} connections timed out",
+                  flush=True)
+        alone_policy = sum(base_policy) / len(base_policy)
+        alone_open = sum(base_open) / len(base_open)
+        during_policy = report["harvest"]["policy"]["mail_clients"]["per_s"]
+        during_open = report["harvest"]["open"]["mail_clients"]["per_s"]
+        report["ratios"] = {"alone_policy_to_open": alone_policy / alone_open,
+                            "harvest_policy_to_open": during_policy / during_open,
+                            "harvest_policy_to_open_alone": during_policy / alone_open}
+        print(f"mail clients, policy / open: alone {alone_policy:.0f}/{alone_open:.0f}/s ="
+              f" {alone_policy / alone_open:.2f}; during the harvest"
+              f" {during_policy:.0f}/{during_open:.0f}/s = {during_policy / during_open:.2f};"
+              f" during the harvest with the policy / alone without it ="
+              f" {during_policy / alone_open:.2f}", flush=True)
     finally:
         guarded.close()
         open_.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +182,7 @@ def reach(f: Filter, cfg: PrivacyConfig, allow: Allowlist) -> Reach:
     return NOTHING  # presence, NOT, ordering, an unknown or hidden attribute
 
 
+@lru_cache(maxsize=1024)
 def _public(attr: str, allow: Allowlist) -> str | None:
     t, ok = describe(attr)
     if t is None or not ok or not allow.allows(t):

@@ -29,12 +29,14 @@ page size capped by the server's size limit and resumes from a cookie bound to t
 The lookup policy (``server.privacy``, the service's ``privacy``; None: none) is decided
 here before any store work and before an answer is taken from the cache: for a client
 outside the exempt networks, a search it refuses gets unwillingToPerform naming the policy,
-a client past its budget gets busy, an allowed search is capped at ``max_entries``, and a
-search that may only list glue, CA and CRL entries ends unwillingToPerform at the first
-subscriber entry. Only answers that any client would get alike are kept (allowed for every
-client, within the cap, no subscriber entry withheld), so a kept answer needs no judging —
-only its cost (the subscriber entries it shows, 0 for a lookup by e-mail address) is charged
-to the client's budget.
+an allowed search is capped at ``max_entries``, and a search that may only list glue, CA and
+CRL entries ends unwillingToPerform at the first subscriber entry. The budget: each
+subscriber entry is paid for as it is shown (a lookup by e-mail address costs nothing), a
+client past its budget gets busy at the first one it would be shown, and a listing (scope
+one or subtree) past it is refused before any store work. Only answers that any client would
+get alike are kept (allowed for every client, within the cap, no subscriber entry withheld),
+so a kept answer needs no judging — only its cost is charged to the client's budget, and a
+client past it is not served from the kept answers.
 
 Pre-encoded answers (``server.ldap.answers``): ``answer_raw`` answers a PDU whose bytes after
 the messageID name a kept answer without decoding it; a decoded search looks its normalised
