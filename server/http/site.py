@@ -127,6 +127,9 @@ class OcspHttpFactory(HttpFactory):
         self.http_site.ocsp.set_paths(config.http.ocsp_paths)
         if self.http_site.web is not None:
             self.http_site.web.pages.configure(public_attributes(config), config.http.ocsp_paths)
+            privacy = self.http_site.web.privacy
+            if privacy is not None and getattr(config, "privacy", None) is not None:
+                privacy.configure(config.privacy)
         self.max_body = config.http.max_request_bytes
         self.limits.set_limits(config.http.max_connections,
                                config.http.max_connections_per_address)
