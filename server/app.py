@@ -160,6 +160,8 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
     from server.ldap.server import make_ldap_factory
     from server.metrics import Metrics, set_metrics
     from server.http.site import make_http_factory
+    from server.ldap.schema import Allowlist
+    from server.privacy import Privacy
 
     sc = config.store
     location = sc.read_location
@@ -183,6 +185,8 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
     metrics.watch(store=access.store, feed=feed,
                   signer_expiries=lambda: _signer_expiries(expiries))
     running = Running(store=store, feed=feed, access=access)
+    # the lookup policy and budget, one per process: LDAP and the search pages share it
+    privacy = Privacy(config.privacy, Allowlist.of(config.ldap.attributes), metrics=metrics)
     try:
         feed.start(reactor=reactor)
     except BaseException:
@@ -194,7 +198,7 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
     try:
         if config.ldap.listen:
             ldap_factory = make_ldap_factory(config.ldap, store, feed, tls, now, access=access,
-                                             metrics=metrics)
+                                             metrics=metrics, privacy=privacy)
             running.services["ldap"] = ldap_factory
             metrics.limits["ldap"] = ldap_factory.limits
             running.ports["ldap"] = []
@@ -203,7 +207,8 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
                 running.ports["ldap"].append(port)
                 log.info("LDAP listening on {listener}", listener=desc)
         if config.http.listen:
-            http_factory = make_http_factory(config, store, feed, now, reactor, access=access)
+            http_factory = make_http_factory(config, store, feed, now, reactor, access=access,
+                                             privacy=privacy)
             expiries["service"] = service = http_factory.service
             metrics.limits["http"] = http_factory.limits
             metrics.presigned = lambda: service.presigned

@@ -1,7 +1,7 @@
 """The configuration: one TOML file into frozen dataclasses (``certpub check-config``).
 
 Strategy: the root parses the sections it owns (store, import, ca, log, tls, server) and hands the
-``ldap`` and ``http`` tables to their packages' own parsers; every unknown key anywhere is an
+``ldap``, ``http`` and ``privacy`` tables to their modules' own parsers; every unknown key anywhere is an
 error naming its path, and so is every missing file the configuration points at.
 """
 
@@ -23,6 +23,7 @@ from server.ocsp.config import (
     parse_signer,
 )
 from server.ocsp.p11uri import Pkcs11Uri
+from server.privacy import PrivacyConfig, parse_privacy
 
 DEFAULT_CONFIG_PATH = Path("/etc/certpub/certpub.toml")
 DEFAULT_STORE_PATH = Path("/var/lib/certpub/store.sqlite3")
@@ -119,6 +120,7 @@ class Config:
     log: LogConfig
     server: ServerConfig = ServerConfig()
     pkcs11: Pkcs11Config | None = None  # the token library of pkcs11: signer keys
+    privacy: PrivacyConfig = PrivacyConfig()  # the lookup policy (LDAP and the search pages)
 
     def ca(self, name: str) -> CaConfig | None:
         return next((c for c in self.cas if c.name == name), None)
@@ -192,6 +194,7 @@ def parse_config(data: dict[str, object], source: Path | None = None, *,
 
     ldap = parse_ldap(root.section("ldap"))
     http = parse_http(root.section("http"))
+    privacy = parse_privacy(root.section("privacy"))
 
     tls = None
     if root.has("tls"):
@@ -224,7 +227,7 @@ def parse_config(data: dict[str, object], source: Path | None = None, *,
                                   " table (module, and pin_file or pin_env)")
     root.done()
     return Config(source=source, store=store, import_=import_, cas=tuple(cas), ldap=ldap,
-                  http=http, tls=tls, log=log, server=server, pkcs11=pkcs11)
+                  http=http, tls=tls, log=log, server=server, pkcs11=pkcs11, privacy=privacy)
 
 
 def load_config(path: Path, *, check_files: bool = True) -> Config:

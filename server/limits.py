@@ -6,13 +6,16 @@ connection gets a ``Slot`` that its protocol releases when the connection is los
 releases once however often it is asked to, so a connection closed from both ends at once
 (a server-side close racing the client's) can neither leak nor free its slot twice. Refusals come in floods: one warning per burst (at most one per
 ``warn_interval`` seconds, saying how many were refused since the last one), never one per
-connection; ``refused`` counts them all.
+connection; ``refused`` counts them all. ``TokenBuckets`` is the per-address rate bucket the
+services share (the directory's privacy budget, ``server.privacy``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 from twisted.logger import Logger
@@ -106,3 +109,71 @@ class Slot:
 def peer_host(addr: object) -> str:
     """The client address a limit counts (the host of an IPv4/IPv6 address, else str)."""
     return str(getattr(addr, "host", addr))
+
+
+class TokenBuckets:
+    """A token bucket per key (a client address): ``size`` tokens at most, ``rate`` more per
+    second; a take may overdraw it (the cost of an answer is known only once it is sent), and
+    the key then waits until the bucket holds a token again.
+
+    Bounded: beyond ``max_keys`` keys, the buckets that refilled to full (they hold no state)
+    go first, then the least recently used. Thread-safe (the search pages charge from store
+    threads).
+    """
+
+    def __init__(self, size: float, rate: float, *, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 100_000) -> None:
+        self.size = size
+        self.rate = rate
+        self.clock = clock
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def tokens(self, key: str) -> float:
+        """Tokens the key holds now (``size`` for a key never seen)."""
+        found = self._buckets.get(key)
+        if found is None:
+            return self.size
+        tokens, at = found
+        return min(self.size, tokens + max(self.clock() - at, 0.0) * self.rate)
+
+    def wait(self, key: str) -> float:
+        """Seconds until the key holds one token again; 0 when it holds one now."""
+        missing = 1.0 - self.tokens(key)
+        if missing <= 0:
+            return 0.0
+        return missing / self.rate if self.rate > 0 else float("inf")
+
+    def take(self, key: str, n: float) -> None:
+        """Spend n tokens of key (down to below zero)."""
+        if n <= 0:
+            return
+        now = self.clock()
+        with self._lock:
+            left = self.tokens(key) - n
+            buckets = self._buckets
+            buckets[key] = (left, now)
+            buckets.move_to_end(key)
+            if len(buckets) > self.max_keys:
+                self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        buckets = self._buckets
+        rate, size = self.rate, self.size
+        full = [k for k, (t, at) in buckets.items() if t + (now - at) * rate >= size]
+        for k in full[: max(len(buckets) - self.max_keys, len(buckets) // 4)]:
+            del buckets[k]
+        while len(buckets) > self.max_keys:
+            buckets.popitem(last=False)
+
+
+def network_of(host: str, v4_bits: int, v6_bits: int) -> str:
+    """The network a host is counted in (``192.0.2.0/24``); the host itself when it is not
+    an IP address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    bits = v4_bits if ip.version == 4 else v6_bits
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))

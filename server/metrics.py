@@ -116,6 +116,11 @@ class Metrics:
         self.ldap_answers = Counter("certpub_ldap_answer_cache",
                                     "LDAP pre-encoded answer lookups.", ["result"], registry=r)
         self._ldap_answers = (self.ldap_answers.labels("miss"), self.ldap_answers.labels("hit"))
+        # server.privacy counts here: searches refused by the lookup policy or the budget
+        self.privacy_refusals = Counter(
+            "certpub_privacy_refusals", "Searches (LDAP) and search pages (HTTP) refused by the"
+            " [privacy] lookup policy or throttled by its budget, by reason.",
+            ["protocol", "reason"], registry=r)
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)

@@ -56,7 +56,7 @@ class HttpSite:
                 return ocsp.post(request, date, client)
         elif (method == b"GET" or method == b"HEAD") and ocsp.is_get(path):
             return ocsp.get(request, date, client)
-        return self._other(request, date)
+        return self._other(request, date, client)
 
     def replay(self, request: wire.Request) -> Replay | None:
         """How to answer the same request bytes again (an OCSP cache hit), else None."""
@@ -67,13 +67,14 @@ class HttpSite:
             return ocsp.replay(request)
         return None
 
-    def _other(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
+    def _other(self, request: wire.Request, date: bytes,
+               client: str = "-") -> Reply | Deferred[Reply]:
         method, path = request.method, request.path
         if path.startswith((b"/ca/", b"/crl/")):
             return self.publication.file(request, date)
         web = self.web
         if web is not None and web.wants(path):
-            return web.handle(request, date)
+            return web.handle(request, date, client)
         ops = self.ops
         if ops is not None and path == b"/healthz":
             return ops.healthz(request, date)  # type: ignore[no-any-return]
@@ -126,6 +127,9 @@ class OcspHttpFactory(HttpFactory):
         self.http_site.ocsp.set_paths(config.http.ocsp_paths)
         if self.http_site.web is not None:
             self.http_site.web.pages.configure(public_attributes(config), config.http.ocsp_paths)
+            privacy = self.http_site.web.privacy
+            if privacy is not None and getattr(config, "privacy", None) is not None:
+                privacy.configure(config.privacy)
         self.max_body = config.http.max_request_bytes
         self.limits.set_limits(config.http.max_connections,
                                config.http.max_connections_per_address)
@@ -138,9 +142,10 @@ def public_attributes(config: Any) -> tuple[str, ...]:
 
 
 def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[], datetime],
-                      reactor: Any, access: Any = None) -> OcspHttpFactory:
+                      reactor: Any, access: Any = None, privacy: Any = None) -> OcspHttpFactory:
     """The HTTP listener's factory; raises SignerError when a signer is unusable. ``access``
-    (a threaded StoreAccess) runs its store reads in the store threads."""
+    (a threaded StoreAccess) runs its store reads in the store threads; ``privacy`` (a
+    ``server.privacy.Privacy``, shared with LDAP) judges and budgets the search pages."""
     service = OcspService(config, store, clock_now, access=access)
     service.warn_expiring()
     service.signing = make_signing_queue(config, service, store, access, reactor, clock_now)
@@ -149,7 +154,8 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
     pages = WebPages(lambda: service.published, public_attributes(config), config.http.ocsp_paths,
                      clock_now)
     site = HttpSite(OcspRoute(service, config.http.ocsp_paths),
-                    PublicationRoute(service, store, access), WebRoute(pages, store, access))
+                    PublicationRoute(service, store, access),
+                    WebRoute(pages, store, access, privacy))
     limits = ConnectionLimits(config.http.max_connections, config.http.max_connections_per_address,
                               service="http", log=log)
     factory = OcspHttpFactory(site, service, max_body=config.http.max_request_bytes,

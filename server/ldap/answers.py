@@ -95,6 +95,7 @@ class Answer:
     size: int = 0
     raw: list[bytes] = field(default_factory=list)  # raw request keys that name this answer
     normal: NormalKey | None = None
+    cost: int = 0  # subscriber entries it shows, charged to a client's privacy budget
 
     def __post_init__(self) -> None:
         self.size = sum(len(op) for op in self.ops) + OVERHEAD

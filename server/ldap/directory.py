@@ -338,9 +338,11 @@ class Directory:
     # --- search -----------------------------------------------------------------------------
 
     def search(self, base: Entry | Hit, scope: int, f: Filter, now: datetime,
-               after: Position | None = None) -> Iterator[Hit | None]:
+               after: Position | None = None, candidates: int | None = None
+               ) -> Iterator[Hit | None]:
         """Matching entries, each with the position a paged search resumes after; None now
-        and then while scanning, so the caller can check its limits."""
+        and then while scanning, so the caller can check its limits. ``candidates``: read
+        at most this many index candidates (fewer than ``scan_limit``: a capped search)."""
         hit = base if isinstance(base, Hit) else Hit(base, (0, 0, "", 0))
         entry = hit.entry
         if scope == BASE or entry.kind in ("subschema", "cert"):
@@ -350,7 +352,7 @@ class Directory:
             return
         p = plan(f, self.allow)
         if p is not None:
-            yield from self._indexed(p.queries, entry, scope, f, now, after)
+            yield from self._indexed(p.queries, entry, scope, f, now, after, candidates)
         else:
             yield from self._walk(entry, scope, f, now, after)
 
@@ -373,10 +375,10 @@ class Directory:
                 return True
         return parsed.is_within(base.parsed or names.DN(()))
 
-    def _candidates(self, q: IndexQuery, records: bool
+    def _candidates(self, q: IndexQuery, records: bool, limit: int
                     ) -> list[tuple[int, str, CertRecord | None]]:
         """(certificate id, entry key, the record when ``records``) of q's candidates."""
-        s, limit = self.store, self.scan_limit
+        s = self.store
         if q.kind == "eq" and not records:
             return [(i, k, None) for i, k in s.published_matches(q.attr, q.value, limit)]
         if q.kind == "eq":
@@ -398,7 +400,8 @@ class Directory:
         return [(c.id, c.directory_key, c) for c in rows]
 
     def _indexed(self, queries: Sequence[IndexQuery], base: Entry, scope: int, f: Filter,
-                 now: datetime, after: Position | None) -> Iterator[Hit | None]:
+                 now: datetime, after: Position | None,
+                 limit: int | None = None) -> Iterator[Hit | None]:
         """The one scan loop over index candidates: CA entries, then each candidate entry
         (in order of its first certificate), then, for certificate queries, the certificate
         entries below it."""
@@ -414,9 +417,10 @@ class Directory:
         per_cert = any(q.kind in ("cert", "serial") for q in queries)
         truncated = False
         candidates: dict[int, tuple[str, CertRecord | None]] = {}
+        limit = self.scan_limit if limit is None else min(limit, self.scan_limit)
         for q in queries:
-            rows = self._candidates(q, per_cert)
-            truncated = truncated or len(rows) >= self.scan_limit
+            rows = self._candidates(q, per_cert, limit)
+            truncated = truncated or len(rows) >= limit
             for cid, key, record in rows:
                 candidates[cid] = (key, record)
         yield None

@@ -91,7 +91,8 @@ class LdapProtocol(Protocol, TimeoutMixin):
         self._buf = bytearray()
         self._closing = False
         self.session = Session(factory, conn, _SessionLog(),
-                               info=getattr(factory, "log_info", True) is not False)
+                               info=getattr(factory, "log_info", True) is not False,
+                               host=peer.rsplit(":", 1)[0])
         self._slots: deque[_Slot] = deque()  # answers waiting for earlier ones
         if factory.call_later is not None:
             self.callLater = factory.call_later

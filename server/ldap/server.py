@@ -27,6 +27,7 @@ from server.ldap.protocol import LdapProtocol, info_enabled
 from server.ldap.schema import Allowlist
 from server.ldap.session import KNOWN_CONTROLS, STARTTLS, WHOAMI
 from server.limits import ConnectionLimits, peer_host
+from server.privacy import Privacy
 from server.storeaccess import StoreAccess
 
 log = Logger(namespace="certpub.ldap")
@@ -44,8 +45,9 @@ class LdapFactory(ServerFactory):
                  cooperator: Cooperator | None = None,
                  call_later: Callable[..., Any] | None = None,
                  access: StoreAccess | None = None, answers: AnswerCache | None = None,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, privacy: Privacy | None = None) -> None:
         self.config = config
+        self.privacy = privacy  # the lookup policy and budget (None: none)
         # the one seam every store read goes through (inline: on the reactor thread)
         self.access = access if access is not None else StoreAccess("", 0, store=directory.store)
         self.directory = directory
@@ -124,14 +126,18 @@ class LdapFactory(ServerFactory):
         ones stay, even above a lowered limit); the other ``[ldap]`` keys need a restart."""
         self.limits.set_limits(config.ldap.max_connections,
                                config.ldap.max_connections_per_address)
+        if self.privacy is not None and getattr(config, "privacy", None) is not None:
+            self.privacy.configure(config.privacy)  # new connections are judged by it
 
 
 def make_ldap_factory(config: LdapConfig, store: DirectoryStore, feed: Any,
                       tls: Any | None, now: Callable[[], datetime],
-                      access: StoreAccess | None = None, metrics: Any = None) -> LdapFactory:
+                      access: StoreAccess | None = None, metrics: Any = None,
+                      privacy: Privacy | None = None) -> LdapFactory:
     """The LDAP service over a store; ``feed`` (a ChangeFeed or None) invalidates its caches;
     ``access`` (threaded) makes the store calls run in its pool, through its store proxy;
-    ``metrics`` (a ``server.metrics.Metrics``) counts operations and answer-cache lookups."""
+    ``metrics`` (a ``server.metrics.Metrics``) counts operations and answer-cache lookups;
+    ``privacy`` (shared with the search pages) is the lookup policy and budget."""
     extensions = [WHOAMI] + ([STARTTLS] if tls is not None else [])
     if access is None:
         access = StoreAccess("", 0, store=store)
@@ -149,6 +155,6 @@ def make_ldap_factory(config: LdapConfig, store: DirectoryStore, feed: Any,
         feed.subscribe(directory.invalidate)
         feed.subscribe(answers.invalidate)
     factory = LdapFactory(config, directory, tls, now, access=access, answers=answers,
-                          metrics=metrics)
+                          metrics=metrics, privacy=privacy)
     factory.feed = feed
     return factory

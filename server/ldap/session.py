@@ -26,6 +26,18 @@ that many entries), the time limit likewise (timeLimitExceeded); paging (RFC 269
 page size capped by the server's size limit and resumes from a cookie bound to the search
 (a foreign cookie → unwillingToPerform).
 
+The lookup policy (``server.privacy``, the service's ``privacy``; None: none) is decided
+here before any store work and before an answer is taken from the cache: for a client
+outside the exempt networks, a search it refuses gets unwillingToPerform naming the policy,
+an allowed search is capped at ``max_entries``, and a search that may only list glue, CA and
+CRL entries ends unwillingToPerform at the first subscriber entry. The budget: each
+subscriber entry is paid for as it is shown (a lookup by e-mail address costs nothing), a
+client past its budget gets busy at the first one it would be shown, and a listing (scope
+one or subtree) past it is refused before any store work. Only answers that any client would
+get alike are kept (allowed for every client, within the cap, no subscriber entry withheld),
+so a kept answer needs no judging — only its cost is charged to the client's budget, and a
+client past it is not served from the kept answers.
+
 Pre-encoded answers (``server.ldap.answers``): ``answer_raw`` answers a PDU whose bytes after
 the messageID name a kept answer without decoding it; a decoded search looks its normalised
 key up; a finished search that qualifies is kept. While the change feed cannot read the store
@@ -52,6 +64,8 @@ from server.ldap.entries import parse_dn, render
 from server.ldap.errors import LdapError, ResultCode
 from server.ldap.filters import Match, evaluate, to_text
 from server.ldap.schema import describe, select
+from server.privacy import BUDGET, OPEN, PRIVATE_KINDS, LdapRule
+from server.privacy import message as privacy_message
 from store import names
 from store.sqlbase import StoreError
 
@@ -67,6 +81,7 @@ _REQUEST_TAGS: dict[type, int] = {codec.SearchRequest: SEARCH_DONE, codec.BindRe
                                   codec.ExtendedRequest: EXTENDED}
 _OPERATION = {SEARCH_DONE: "search", BIND: "bind", COMPARE: "compare", EXTENDED: "extended",
               **{tag: "write" for tag in WRITE_TAGS.values()}}
+CANDIDATES = 5  # index candidates a capped search reads, per entry of its cap
 _UNSAFE = re.compile(r'[\x00-\x1f"\\]')
 
 
@@ -141,8 +156,15 @@ class SearchJob(Job):
     def __init__(self, session: Session, op: int, message_id: int, started: float,
                  req: codec.SearchRequest, paged: tuple[int, bytes] | None,
                  fingerprint: bytes, after: Position | None, now: datetime,
-                 cache_key: NormalKey | None, rest: bytes, epoch: int) -> None:
+                 cache_key: NormalKey | None, rest: bytes, epoch: int,
+                 rule: LdapRule = OPEN, public: LdapRule = OPEN) -> None:
         super().__init__(session, op, message_id, started)
+        self.rule = rule  # the privacy policy's decision for this client
+        self.public = public  # and for a client that is not exempt (what may be kept)
+        self.private = 0  # subscriber and certificate entries shown
+        # its subscriber entries cost the client's budget (checked at the first one)
+        self.budgeted = session.judged and not rule.free
+        self.throttled = 0.0  # seconds the client was told to wait
         self.req = req
         self.paged = paged
         self.fingerprint = fingerprint
@@ -170,8 +192,14 @@ class SearchJob(Job):
                 self.until = base.until
             else:
                 self.keys = None
-            results = directory.search(base, req.scope, req.filter, self.now, self.after)
+            rule = self.rule
+            # a capped search reads a bounded number of index candidates (the privacy cap
+            # makes every typed search capped: a harvester's loop costs little store work)
+            results = directory.search(base, req.scope, req.filter, self.now, self.after,
+                                       None if rule.cap is None else CANDIDATES * rule.cap)
             size = min(req.size_limit or cfg.size_limit, cfg.size_limit)
+            if rule.cap is not None:
+                size = min(size, rule.cap)
             deadline = self.started + min(req.time_limit or cfg.time_limit, cfg.time_limit)
             page = min(self.paged[0], cfg.size_limit) if self.paged is not None else None
             if page is not None:
@@ -196,6 +224,18 @@ class SearchJob(Job):
                     cookie = _encode_cookie(last, self.fingerprint)
                     self.ended = Ended(ResultCode.SUCCESS, count, controls=_paged(cookie))
                     return
+                if hit.entry.kind in PRIVATE_KINDS:
+                    if rule.structural:  # a listing reached the subscribers
+                        self.ended = Ended(ResultCode.UNWILLING_TO_PERFORM, count, rule.message)
+                        return
+                    if self.budgeted:  # each subscriber entry is paid for as it is shown
+                        wait = s.privacy.wait(s.host)
+                        if wait > 0:
+                            self.throttled = wait
+                            self.ended = Ended(ResultCode.BUSY, count, _busy(s.privacy, wait))
+                            return
+                        s.privacy.charge(s.host, 1)
+                    self.private += 1
                 self._show(hit, render(hit.entry, selection, allow, req.types_only))
                 count += 1
                 last = hit.position
@@ -268,9 +308,13 @@ class Session:
     """The operations of one connection: bind, search, compare, extended, abandon, unbind."""
 
     def __init__(self, service: Service, conn: int, log: Log, *, info: bool = True,
-                 tls: bool = False) -> None:
+                 tls: bool = False, host: str = "") -> None:
         self.service = service
         self.conn = conn
+        self.host = host  # the client's address (the privacy policy's exemptions, budget)
+        privacy = getattr(service, "privacy", None)
+        self.privacy = privacy  # server.privacy.Privacy, or None: no policy
+        self.judged = privacy is not None and not privacy.exempt(host)
         self.log = log
         self.info = info  # build per-operation log lines
         self.tls = tls
@@ -293,12 +337,15 @@ class Session:
         answer = answers.by_raw(rest, now.timestamp())
         if answer is None:
             return None
+        if self.judged and answer.cost and self.privacy.wait(self.host) > 0:
+            return None  # decoded, run, and answered busy
         self.op += 1
         if self.info:
             self._log_search(answer.log)
         data = answer.encode(message_id)
         service.record_cache(True)
         self._searched(ResultCode.SUCCESS, answer.entries, 0.0, "")
+        self._charge(answer.cost)
         return data
 
     # --- messages ----------------------------------------------------------------------------
@@ -319,9 +366,11 @@ class Session:
                 job.abandoned = True
             return Reply()
         paged: tuple[int, bytes] | None = None
+        critical = False
         for control in msg.controls:
             if control.oid == PAGED and isinstance(req, codec.SearchRequest):
                 paged = codec.decode_paged_value(control.value)
+                critical = control.critical
             elif control.critical and control.oid not in KNOWN_CONTROLS:
                 tag = (WRITE_TAGS[req.kind] if isinstance(req, codec.WriteRequest)
                        else _REQUEST_TAGS.get(type(req)))
@@ -331,7 +380,7 @@ class Session:
                                           ResultCode.UNAVAILABLE_CRITICAL_EXTENSION,
                                           message=f"control {control.oid} is not supported"))
         if isinstance(req, codec.SearchRequest):
-            return self._search(msg, req, paged, busy)
+            return self._search(msg, req, paged, busy, critical)
         if isinstance(req, codec.BindRequest):
             return Reply(self._bind(msg.message_id, req))
         if isinstance(req, codec.CompareRequest):
@@ -376,14 +425,28 @@ class Session:
         data = b"".join([frame(mid, op) for op in job.ops]) + frame(mid, done)
         self._searched(ended.code, ended.entries, self.service.timer() - job.started,
                        ended.message, op=job.op)
-        if job.cache_key is not None and ended.code == ResultCode.SUCCESS:
+        public = job.public
+        cost = 0 if public.free else job.private  # what a kept answer costs (paid above)
+        if (job.rule.structural and ended.code == ResultCode.UNWILLING_TO_PERFORM
+                and self.privacy is not None):
+            self.privacy.refused("ldap", job.rule.reason)
+        if job.throttled:
+            self.privacy.throttled(self.host, "ldap", job.throttled)
+        if (job.cache_key is not None and ended.code == ResultCode.SUCCESS
+                and not public.refused and not (public.structural and job.private)
+                and (public.cap is None or ended.entries <= public.cap)):
             req = job.req
             answer = Answer((*job.ops, done), ended.entries, job.until,
                             None if job.keys is None else frozenset(job.keys),
                             (req.base, req.scope, req.deref, job.filter_text,
-                             " ".join(req.attributes)))
+                             " ".join(req.attributes)), cost=cost)
             self.service.answers.put(job.cache_key, job.rest, answer, job.epoch)
         return data
+
+    def _charge(self, cost: int) -> None:
+        """The client was shown ``cost`` subscriber entries (its privacy budget)."""
+        if cost and self.judged:
+            self.privacy.charge(self.host, cost)
 
     # --- bind, compare, extended -------------------------------------------------------------
 
@@ -460,7 +523,7 @@ class Session:
     # --- search ------------------------------------------------------------------------------
 
     def _search(self, msg: codec.Message, req: codec.SearchRequest,
-                paged: tuple[int, bytes] | None, busy: bool) -> Reply:
+                paged: tuple[int, bytes] | None, busy: bool, critical: bool = False) -> Reply:
         service = self.service
         filter_text = to_text(req.filter, 1 << 20)  # once: the log line, the cache key
         if self.info:
@@ -471,6 +534,24 @@ class Session:
         refusal = self._refusal(busy)
         if refusal is not None:
             return Reply(self._search_done(message_id, ResultCode.BUSY, 0, refusal, started))
+        rule = public = OPEN
+        privacy = self.privacy
+        if privacy is not None:
+            public = privacy.ldap(req.filter, req.scope, None if paged is None else critical)
+            if self.judged:
+                rule = public
+                if rule.refused:
+                    privacy.refused("ldap", rule.reason)
+                    return Reply(self._search_done(message_id, ResultCode.UNWILLING_TO_PERFORM,
+                                                   0, rule.message, started))
+                if not rule.paging:
+                    paged = None  # a non-critical control: answered as without it
+                if req.scope != 0 and not rule.free:  # a listing past the budget: no work
+                    wait = privacy.wait(self.host)
+                    if wait > 0:
+                        privacy.throttled(self.host, "ldap", wait)
+                        return Reply(self._search_done(message_id, ResultCode.BUSY, 0,
+                                                       _busy(privacy, wait), started))
         fingerprint = b""
         after: Position | None = None
         if paged is not None:
@@ -490,31 +571,36 @@ class Session:
         key: NormalKey | None = None
         rest = b""
         if answers.enabled and not msg.controls and service.answers_current():
-            key = self._normal_key(req, filter_text)
+            key = self._normal_key(req, filter_text, rule.cap)
             split = split_message_id(msg.raw) if msg.raw else None
             if key is not None and split is not None:
                 rest = split[1]
                 answer = answers.by_normal(key, rest, now.timestamp())
+                if (answer is not None and answer.cost and self.judged
+                        and privacy.wait(self.host) > 0):
+                    answer = None  # run, and answered busy
                 service.record_cache(answer is not None)
                 if answer is not None:
                     self._searched(ResultCode.SUCCESS, answer.entries, 0.0, "")
+                    self._charge(answer.cost)
                     return Reply(answer.encode(message_id))
             else:
                 key = None
         job = SearchJob(self, self.op, message_id, started, req, paged, fingerprint, after, now,
-                        key, rest, answers.epoch)
+                        key, rest, answers.epoch, rule, public)
         job.filter_text = filter_text
         self.jobs[message_id] = job
         return Reply(job=job)
 
-    def _normal_key(self, req: codec.SearchRequest, filter_text: str) -> NormalKey | None:
+    def _normal_key(self, req: codec.SearchRequest, filter_text: str,
+                    cap: int | None = None) -> NormalKey | None:
         """What determines a search's answer (None: its base is not a DN)."""
         try:
             base = parse_dn(req.base).key
         except names.DNSyntaxError:
             return None
         cfg = self.service.config
-        size = min(req.size_limit or cfg.size_limit, cfg.size_limit)
+        size = min(req.size_limit or cfg.size_limit, cfg.size_limit, cap or cfg.size_limit)
         return (base, req.scope, filter_text,
                 tuple(a.lower() for a in req.attributes), req.types_only, size)
 
@@ -539,6 +625,10 @@ class Session:
                           conn=self.conn, op=self.op if op is None else op, err=int(code),
                           nentries=count, etime=seconds, text=clean(message))
         self.service.record("search", int(code), seconds)
+
+
+def _busy(privacy: Any, wait: float) -> str:
+    return f"{privacy_message(BUDGET, privacy.config)} (in {wait:.0f} s)"
 
 
 def _paged(cookie: bytes) -> bytes:

@@ -30,7 +30,8 @@ from server.web import i18n, view
 from server.web.query import (
     KINDS, MAX_QUERY, MAX_RESULTS, PAGE_SIZE, QueryError, Search, parse_search,
 )
-from server.web.search import find
+from server.web.search import Found, find
+from server.privacy import NOT_EXACT, WebGuard
 
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
@@ -143,9 +144,11 @@ class WebPages:
 
     # --- search -----------------------------------------------------------------------------
 
-    def search_page(self, store: Any, query: bytes | None, lang: Lang) -> Answer:
+    def search_page(self, store: Any, query: bytes | None, lang: Lang,
+                    guard: WebGuard | None = None) -> Answer:
         """The search form, with the results of a search; without a search (and only then)
-        also without the store (``store`` None or unreadable: no CRL numbers)."""
+        also without the store (``store`` None or unreadable: no CRL numbers). ``guard``:
+        the privacy policy and budget of the client (None: exempt, or no policy)."""
         t = lang.t
         try:
             search: Search | None = parse_search(query)
@@ -168,10 +171,16 @@ class WebPages:
         if search is not None:
             values.update(text=search.text, kind=search.kind, ca=search.ca)
             ca_id = self._ca_id(cas, search.ca) if search.ca else None
+            search, refusal = judged(search, guard)
             if search.ca and ca_id is None:
                 values["error"], status = t("error_unknown_ca", ca=search.ca), 404
+            elif refusal is not None:
+                status, key, args = refusal
+                values["error"] = t(key, **args)
             elif not search.empty:
-                found = find(store, search, cas, ca_id, self.allowed)
+                found = find(store, search, cas, ca_id, self.allowed,
+                             guard.cap if guard is not None else MAX_RESULTS)
+                charge(guard, search, found)
                 now = self.now()
                 values.update(
                     searched=True, total=found.total, truncated=found.truncated,
@@ -209,16 +218,24 @@ class WebPages:
                 "der": f"/ca/{name}.crt", "pem": f"/ca/{name}.pem", "crl": f"/crl/{name}.crl"})
         return rows
 
-    def api_search(self, store: Any, query: bytes | None) -> Answer:
+    def api_search(self, store: Any, query: bytes | None, guard: WebGuard | None = None
+                   ) -> Answer:
         try:
             search = parse_search(query)
         except QueryError as exc:
             return self.api_error(400, exc.key, **exc.args_)
+        search, refusal = judged(search, guard)
+        if refusal is not None:
+            return self.api_error(*refusal[:2], **refusal[2])
         cas = self.cas(store)
         ca_id = self._ca_id(cas, search.ca) if search.ca else None
         if search.ca and ca_id is None:
             return self.api_error(404, "error_unknown_ca", ca=search.ca)
-        found = find(store, search, cas, ca_id, self.allowed) if not search.empty else None
+        found = None
+        if not search.empty:
+            found = find(store, search, cas, ca_id, self.allowed,
+                         guard.cap if guard is not None else MAX_RESULTS)
+            charge(guard, search, found)
         now = self.now()
         doc = {
             "query": {"q": search.text, "type": search.kind, "ca": search.ca or None,
@@ -329,6 +346,36 @@ class WebPages:
 
     def stylesheet(self) -> Answer:
         return 200, other_headers(b"text/css; charset=utf-8", b"max-age=86400"), self.css
+
+
+def judged(search: Search, guard: WebGuard | None
+           ) -> tuple[Search, tuple[int, str, dict[str, object]] | None]:
+    """The search as the privacy policy lets it run (a name part too short is dropped when
+    an exact part remains), or its refusal: (status, catalog key, placeholders)."""
+    if guard is None or search.empty:
+        return search, None
+    exact = search.serial is not None or search.sha256 is not None
+    reason, keep = guard.judge(search.name, search.mail, exact)
+    if reason == NOT_EXACT:
+        return search, (403, "error_privacy_exact", {})
+    if reason:
+        cfg = guard.config
+        return search, (400, "error_privacy_short", {"min": cfg.min_chars,
+                                                      "min_cjk": cfg.min_chars_cjk})
+    if not keep:
+        search = dataclasses.replace(search, name=None)
+    return search, None
+
+
+def charge(guard: WebGuard | None, search: Search, found: Found) -> None:
+    """The rows shown cost the client's budget, unless the search named the address of each
+    (a lookup by e-mail address alone)."""
+    if guard is None:
+        return
+    by_mail_only = (search.mail is not None and search.name is None and search.serial is None
+                    and search.sha256 is None)
+    if not by_mail_only:
+        guard.charge(len(found.records))
 
 
 def api_headers() -> list[tuple[bytes, bytes]]:

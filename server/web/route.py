@@ -7,6 +7,9 @@ when the server has them (refusing with 503 when their queue is full), inline ot
 a ``StoreError`` becomes a 503 page. It answers GET and HEAD only. The listener's
 per-address and total connection limits, timeouts and request size limits apply as to OCSP:
 this is the same listener. The access log gets the kind of page, never the search text.
+A search (page or JSON) by a client outside the privacy policy's exempt networks
+(``server.privacy``) is judged by the policy (400/403 in the page's language) and refused
+with 429 and ``Retry-After`` while the client is past its budget; its rows are charged to it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from server.http import wire
 from server.http.publication import Reply, not_allowed, send
 from server.web import i18n
 from server.web.pages import Answer, Lang, WebPages
-from server.web.query import parse_serial
+from server.web.query import QueryError, parse_search, parse_serial
+from server.privacy import Privacy, WebGuard
 from store.sqlbase import StoreError
 
 RETRY = [(b"Retry-After", b"10")]
@@ -52,8 +56,10 @@ def _cert_target(parts: list[str] | None) -> tuple[str, int, str] | None:
 class WebRoute:
     """GET/HEAD of the search pages, certificate pages, downloads and the JSON API."""
 
-    def __init__(self, pages: WebPages, store: Any, access: Any = None) -> None:
+    def __init__(self, pages: WebPages, store: Any, access: Any = None,
+                 privacy: Privacy | None = None) -> None:
         self.pages = pages
+        self.privacy = privacy  # the lookup policy and budget (shared with LDAP)
         self.access = access if access is not None and not access.inline else None
         self.store = access.store if self.access is not None else store
 
@@ -62,7 +68,8 @@ class WebRoute:
         return (path in (b"/", b"/search", b"/static/certpub.css")
                 or path.startswith((b"/cert/", b"/api/")))
 
-    def handle(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
+    def handle(self, request: wire.Request, date: bytes,
+               client: str = "-") -> Reply | Deferred[Reply]:
         path = request.path
         kind = ("static" if path.startswith(b"/static/") else
                 "api" if path.startswith(b"/api/") else
@@ -75,10 +82,15 @@ class WebRoute:
         lang = self._lang(request)
         pages = self.pages
         if kind == "search":
-            if self.access is not None and self.access.busy() and b"q=" not in (request.query or b""):
+            searching = b"q=" in (request.query or b"")
+            if self.access is not None and self.access.busy() and not searching:
                 return self._answer(request, fields, date,
                                     pages.search_page(None, request.query, lang))
-            return self._run(request, fields, date, lang, pages.search_page, request.query, lang)
+            guard = self._guard(client) if searching else None
+            if guard is not None and (wait := self._over_budget(guard, request.query)) > 0:
+                return self._answer(request, fields, date, self._throttled(lang, wait))
+            return self._run(request, fields, date, lang, pages.search_page, request.query, lang,
+                             guard)
         if kind == "cert":
             target = _cert_target(_segments(path, b"/cert/"))
             if target is None:
@@ -92,7 +104,10 @@ class WebRoute:
                                  lang)
             return self._run(request, fields, date, lang, pages.cert_page, ca, serial, lang)
         if path == b"/api/v1/search":
-            return self._run(request, fields, date, None, pages.api_search, request.query)
+            guard = self._guard(client)
+            if guard is not None and (wait := self._over_budget(guard, request.query)) > 0:
+                return self._answer(request, fields, date, self._throttled(None, wait))
+            return self._run(request, fields, date, None, pages.api_search, request.query, guard)
         if path.startswith(b"/api/v1/cert/"):
             target = _cert_target(_segments(path, b"/api/v1/cert/"))
             if target is not None and not target[2]:
@@ -112,6 +127,36 @@ class WebRoute:
     def _answer(self, request: wire.Request, fields: dict[str, Any], date: bytes,
                 answer: Answer) -> Reply:
         return send(request, answer, fields, date)
+
+    def _guard(self, client: str) -> WebGuard | None:
+        """The privacy policy for this client's search; None when exempt or without one."""
+        privacy = self.privacy
+        if privacy is None or privacy.exempt(client):
+            return None
+        return WebGuard(privacy, client)
+
+    @staticmethod
+    def _over_budget(guard: WebGuard, query: bytes | None) -> float:
+        """Seconds the client must wait (0: none): a search by e-mail address alone costs
+        nothing and is never throttled, nor is a query the page refuses anyway."""
+        try:
+            search = parse_search(query)
+        except QueryError:
+            return 0.0
+        if search.mail is not None and search.name is None and search.serial is None:
+            return 0.0
+        return guard.privacy.over_budget(guard.host, "http")
+
+    def _throttled(self, lang: Lang | None, wait: float) -> Answer:
+        """429: the client was shown its budget of rows; ``Retry-After`` says when to retry."""
+        seconds = max(1, int(wait + 0.999))
+        if lang is None:
+            code, headers, body = self.pages.api_error(429, "error_privacy_budget",
+                                                       seconds=seconds)
+        else:
+            code, headers, body = self.pages.message(429, lang, "error_title",
+                                                     "error_privacy_budget", seconds=seconds)
+        return code, headers + [(b"Retry-After", str(seconds).encode())], body
 
     def _unavailable(self, lang: Lang | None) -> Answer:
         if lang is None:

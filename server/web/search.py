@@ -34,12 +34,14 @@ class Found:
 
 
 def find(store: Any, search: Search, cas: Mapping[int, CaRecord], ca_id: int | None,
-         allowed: frozenset[str]) -> Found:
-    """The page ``search.page`` of the certificates matching search (in CA ca_id if given)."""
+         allowed: frozenset[str], limit: int = MAX_RESULTS) -> Found:
+    """The page ``search.page`` of the certificates matching search (in CA ca_id if given),
+    of at most ``limit`` matches listed (the privacy policy's cap)."""
+    limit = min(limit, MAX_RESULTS)
     ids: list[int] = []
     seen: set[int] = set()
     truncated = False
-    want = MAX_RESULTS + 1
+    want = limit + 1
 
     def add(found: list[int]) -> None:
         for i in found:
@@ -59,9 +61,9 @@ def find(store: Any, search: Search, cas: Mapping[int, CaRecord], ca_id: int | N
                                                ca_id=ca_id, scan=SCAN_LIMIT)
             truncated = truncated or more
             add(found)
-    if len(ids) > MAX_RESULTS:
+    if len(ids) > limit:
         truncated = True
-        del ids[MAX_RESULTS:]
+        del ids[limit:]
     start = (search.page - 1) * PAGE_SIZE
     page_ids = ids[start:start + PAGE_SIZE]
     records = store.certs_by_ids(page_ids) if page_ids else []

@@ -75,7 +75,8 @@ def copy_store(src: Path, folder: Path) -> Path:
 
 def start_live(pki: Any, store_path: Path, *, tls: Any = None, listen: str = LOOPBACK,
                ldap: dict[str, Any] | None = None, http: dict[str, Any] | None = None,
-               now: Callable[[], datetime] | None = None) -> Live:
+               now: Callable[[], datetime] | None = None,
+               privacy: dict[str, Any] | None = None) -> Live:
     """Both listeners of one ``app.start``; blocks (call from a fixture, not a test body)."""
     from server import app
     from server.config import load_config
@@ -88,6 +89,7 @@ def start_live(pki: Any, store_path: Path, *, tls: Any = None, listen: str = LOO
         http=dataclasses.replace(config.http, listen=(listen,), **({"idle_timeout": 3.0}
                                                                     | (http or {}))),
         tls=tls,
+        privacy=dataclasses.replace(config.privacy, **(privacy or {})),
     )
     running = pytest_twisted.blockon(
         app.start(config, reactor, now or (lambda: datetime.now(UTC))))

@@ -6,6 +6,9 @@ telephoneNumber. Each request is made twice where it can be — once with the su
 true private value, once with a false one — and the two answers must be identical, so no
 answer tells whether a guess was right. (The certificates themselves carry their full subject:
 publishing ``userCertificate`` publishes it; see docs/hostile.md.)
+
+These tests list whole subtrees: they run as an operator would, from a network the lookup
+policy exempts (``[privacy] exempt``; the policy itself: tests/ldap/test_privacy_clients.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from tests.hostile import wire
 from tests.hostile.conftest import Live, in_thread
+
+EXEMPT = {"exempt": ("127.0.0.0/8",)}
+
+
+@pytest.fixture
+def live(serve: Any) -> Live:
+    """The demo listeners, with loopback exempt from the lookup policy."""
+    return serve(privacy=EXEMPT)  # type: ignore[no-any-return]
 
 PHONE = ObjectIdentifier("2.5.4.20")
 PRIVATE_OIDS = {PHONE: "telephoneNumber", NameOID.STREET_ADDRESS: "street",

@@ -82,8 +82,11 @@ async def test_search_page_certificate_page_downloads_and_api(served_pki: Any,
         assert headers["Vary"] == "Accept-Language"
         assert "default-src 'none'" in headers["Content-Security-Policy"]
         # /search is the same page; a Chinese name
-        status, body, _ = await get(base, "/search?q=" + quote("陳") + "&lang=zh-Hant")
+        status, body, _ = await get(base, "/search?q=" + quote("陳大") + "&lang=zh-Hant")
         assert status == 200 and "陳大文" in body.decode() and '<html lang="zh-Hant">' in body.decode()
+        # one character of a Chinese name is a listing, refused by the default [privacy]
+        status, body, _ = await get(base, "/search?q=" + quote("陳") + "&lang=zh-Hant")
+        assert status == 400 and "為保障私隱" in body.decode()
         # the certificate page, its serial spelled another way
         status, body, _ = await get(base, f"/cert/{revoked.ca}/0x00{revoked.serial:X}")
         page = body.decode()
