@@ -133,7 +133,9 @@ class OcspHttpFactory(HttpFactory):
         if self.http_site.web is not None:
             self.http_site.web.pages.configure(public_attributes(config), config.http.ocsp_paths)
         self.max_body = config.http.max_request_bytes
-        self.http_site.ops_allowed = config.ops.public_allows
+        ops = getattr(config, "ops", None)
+        if ops is not None:
+            self.http_site.ops_allowed = ops.public_allows
         self.limits.set_limits(config.http.max_connections,
                                config.http.max_connections_per_address)
 
