@@ -392,9 +392,10 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 if pids:
                     pid = pids[victim % len(pids)]
                     victim += 1
+                    at = now_mono()  # before the kill: requests in flight then are its
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    tally.fault("worker kill", at := now_mono(), at)
+                    tally.fault("worker kill", at, now_mono())
                     kills["worker"] += 1
             if t >= next_importer:
                 next_importer += args.importer_kill_every
@@ -522,6 +523,7 @@ def summarize(args: argparse.Namespace, duration: float, truth: Truth, tally: Ta
                     for k in sorted(set(rss_start) | set(rss_end))},
         "store_watch_errors": store_errors[:5],
         "steady_error_samples": tally.steady_samples,
+        "in_flight_at_fault": tally.in_flight,
         "loadavg_end": [round(load1, 2), round(load5, 2)],
     }
 
@@ -538,6 +540,9 @@ def report(r: dict[str, Any]) -> str:
              "error answers (fault window | protocol | kind: count):"]
     lines += [f"  {k}: {n}" for k, n in r["errors"].items()] or ["  none"]
     lines += [f"  (steady: {e})" for e in r["steady_error_samples"][:5]]
+    lines.append(f"of the fault errors, asked before the fault and failed in it: "
+                 f"{len(r['in_flight_at_fault'])}")
+    lines += [f"  ({e})" for e in r["in_flight_at_fault"][:10]]
     lines.append(f"WRONG ANSWERS: {len(r['wrong'])}")
     lines += [f"  {w}" for w in r["wrong"][:20]]
     lines.append(f"revocations: {r['revocations']} dropped, {r['revocations_unanswered']} "

@@ -1,4 +1,5 @@
-"""Connection limits shared by the listeners: in total and per client address.
+"""Connection limits shared by the listeners: in total and per client address; and
+``bytes_waiting``, which both listeners ask before an idle close.
 
 Strategy: a factory asks ``admit(host)`` in ``buildProtocol`` and returns ``None`` when it is
 refused (Twisted then closes the socket at once, before reading anything); an admitted
@@ -11,9 +12,11 @@ connection; ``refused`` counts them all.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -106,3 +109,17 @@ class Slot:
 def peer_host(addr: object) -> str:
     """The client address a limit counts (the host of an IPv4/IPv6 address, else str)."""
     return str(getattr(addr, "host", addr))
+
+
+def bytes_waiting(transport: Any) -> bool:
+    """Whether the client's next bytes are in the socket, not read yet (a peek, no read);
+    False when the socket cannot be seen (test transports) or says end of stream."""
+    sock = getattr(transport, "socket", None)
+    if sock is None:  # TLS: the TCP transport under the TLS protocol
+        sock = getattr(getattr(transport, "transport", None), "socket", None)
+    if sock is None:
+        return False
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # EAGAIN: nothing there; or a broken connection, closed anyway
+        return False
