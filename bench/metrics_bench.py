@@ -9,10 +9,11 @@ checks the pid and packs the new value into the file. This prints CPU µs per re
 - ``observe``: what the LDAP listener did per operation before (``Counter.inc`` plus
   ``Histogram.observe``), in memory (one process) and in the shared files;
 - ``tally``: what it does now (``Metrics.tally``: a dict and a bucket in memory, folded into
-  the counters once per batch by ``flush``; here a flush every 64 operations, what a busy
-  listener sees in ``FLUSH_DELAY``), in both modes;
-- ``access log``: the HTTP listener's path (``AccessLog.record``, one ``flush`` per 64
-  requests: a log event and ``requests_tallied``), in both modes;
+  the metric objects by ``Metrics.flush``, which a worker runs once a second; here once per
+  ``--flush-every`` operations), in both modes;
+- ``access log``: the HTTP listener's path (``AccessLog.record``, its batch of 64 written as
+  one log event and added to the tallies, and the tallies folded once per ``--flush-every``
+  requests), in both modes;
 - ``scrape``: one ``render`` of a registry with the shared files of two workers.
 
 Each mode runs in a child process of its own (prometheus_client picks the value class at
@@ -36,20 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCH = 64
 
 
-class _Later:
-    """A reactor's callLater that never calls: the bench flushes by hand."""
-
-    def callLater(self, delay: float, fn: object) -> _Later:  # noqa: N802 - Twisted's name
-        return self
-
-    def active(self) -> bool:
-        return True
-
-    def cancel(self) -> None:
-        pass
-
-
-def child(n: int) -> dict[str, float]:
+def child(n: int, every: int) -> dict[str, float]:
     """In a child process: µs per request of each path, in this process's mode."""
     sys.path.insert(0, str(ROOT))
     from twisted.logger import globalLogPublisher
@@ -60,7 +48,6 @@ def child(n: int) -> dict[str, float]:
     globalLogPublisher._observers = []  # the access log's events go nowhere (not measured)
     metrics = m.Metrics(process=False)
     m.set_metrics(metrics)
-    metrics.clock = _Later()  # as the reactor: a flush is scheduled, run by hand below
     out: dict[str, float] = {}
 
     counter = metrics.requests.labels("ldap", "search", "success")
@@ -74,7 +61,7 @@ def child(n: int) -> dict[str, float]:
     t = time.process_time()
     for i in range(n):
         metrics.tally("ldap", "search", "success", 0.0002 + (i & 7) * 1e-5)
-        if i % BATCH == BATCH - 1:
+        if i % every == every - 1:
             metrics.flush()
     metrics.flush()
     out["tally"] = (time.process_time() - t) / n * 1e6
@@ -90,6 +77,9 @@ def child(n: int) -> dict[str, float]:
             log._scheduled = None
             log.flush()
             log._scheduled = object()
+        if i % every == every - 1:
+            metrics.flush()
+    metrics.flush()
     out["access log"] = (time.process_time() - t) / n * 1e6
 
     if metrics.shared is not None:  # a second worker's files, as under --workers 2
@@ -107,13 +97,14 @@ def child(n: int) -> dict[str, float]:
     return out
 
 
-def run_child(shared: bool, n: int) -> dict[str, float]:
+def run_child(shared: bool, n: int, every: int) -> dict[str, float]:
     env = dict(os.environ)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with tempfile.TemporaryDirectory(prefix="certpub-metrics-bench-") as folder:
         if shared:
             env["PROMETHEUS_MULTIPROC_DIR"] = folder
-        r = subprocess.run([sys.executable, __file__, "--child", str(n)], env=env,
+        r = subprocess.run([sys.executable, __file__, "--child", str(n),
+                            "--flush-every", str(every)], env=env,
                            capture_output=True, text=True, check=True)
     return json.loads(r.stdout)  # type: ignore[no-any-return]
 
@@ -122,17 +113,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--flush-every", type=int, default=1000,
+                        help="requests per Metrics.flush (a worker flushes once a second)")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(child(args.child, args.flush_every)))
         return
     results: dict[str, list[dict[str, float]]] = {"one process": [], "shared files": []}
     for _ in range(args.rounds):
         for mode in results:  # alternating rounds: the machine's load hits both alike
-            results[mode].append(run_child(mode == "shared files", args.n))
+            results[mode].append(run_child(mode == "shared files", args.n, args.flush_every))
     keys = list(results["one process"][0])
-    print(f"µs CPU per request (median of {args.rounds} rounds, n={args.n}; scrape in ms)")
+    print(f"µs CPU per request (median of {args.rounds} rounds, n={args.n}, a flush every"
+          f" {args.flush_every}; scrape in ms)")
     print(f"{'':<14}" + "".join(f"{k:>14}" for k in keys))
     for mode, rounds in results.items():
         print(f"{mode:<14}" + "".join(

@@ -185,7 +185,6 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
         listen = partial(open_store, location, create=False, migrate=False)
     feed = ChangeFeed(access.store, access=access, listen=listen)
     metrics = Metrics(now)
-    metrics.clock = reactor
     set_metrics(metrics)
     expiries: dict[str, Any] = {}  # filled once the OCSP service has loaded its signers
     metrics.watch(store=access.store, feed=feed,

@@ -233,7 +233,7 @@ class OpsRoute:
         if self.before_scrape is not None:
             self.before_scrape()
         self.metrics.flush()  # on the reactor thread, whatever thread renders
-        self.metrics.export()
+        self.metrics.export()  # this worker's own state, fresh
         ctype = CONTENT_TYPE.encode()
         if self.access is None:
             return self._send(request, 200, ctype, self.metrics.render(flush=False), "metrics",

@@ -22,11 +22,14 @@ worker's files every ``EXPORT_EVERY`` seconds and before the worker's own scrape
 a ``live*`` mode: summed, or the worst worker's for the feed; ``process_*`` per worker with
 a ``worker`` label). What is read from the store, the signer certificates and the spool folders
 is the same for every worker, so it is computed by the scraping process, never summed.
-Requests are counted without touching the files per request: the HTTP access log folds a
-batch (``requests_tallied``), LDAP operations are tallied (``tally``) and folded by ``flush``
-every ``FLUSH_DELAY`` seconds and before a scrape; a scrape thus shows the requests of other
-workers finished up to ``FLUSH_DELAY`` earlier. With one process (``--workers 1``, tests) the
-same objects count in memory and ``export`` does nothing.
+Requests are counted without touching the files per request: LDAP operations are tallied in
+memory (``tally``), the HTTP access log adds each batch (``add_tallied``), and ``flush`` folds
+them into the metric objects — so into the files — before a scrape and, in a worker, every
+``EXPORT_EVERY`` seconds: at most one round of file writes per second, whatever the request
+rate (bench/metrics_bench.py). A scrape thus shows other workers' requests up to
+``EXPORT_EVERY`` late, its own worker's at once. With one process (``--workers 1``, tests)
+the same objects count in memory, ``flush`` runs before each scrape and ``export`` does
+nothing.
 """
 
 from __future__ import annotations
@@ -70,7 +73,6 @@ STATS_TTL = 30.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 EXPORT_EVERY = 1.0  # seconds between copies of a worker's own state into its files
-FLUSH_DELAY = 0.02  # seconds an LDAP operation's count may wait (as the HTTP access log's)
 # Exported gauges are summed over live workers, except these (Prometheus' multiprocess modes).
 GAUGE_MODES = {"certpub_feed_generation": "livemin", "certpub_feed_healthy": "livemin",
                "certpub_change_poll_lag_seconds": "livemax", "python_info": "livemax"}
@@ -217,8 +219,7 @@ class Metrics:
                                  ["protocol", "operation"], buckets=LATENCY_BUCKETS, registry=r)
         self.ocsp_cache = Counter("certpub_ocsp_cache", "OCSP response cache lookups.",
                                   ["result"], registry=r)
-        for result in ("hit", "miss"):
-            self.ocsp_cache.labels(result)
+        self._ocsp_lookups = (self.ocsp_cache.labels("miss"), self.ocsp_cache.labels("hit"))
         self.signer_refusals = Counter(
             "certpub_ocsp_signer_unavailable",
             "Signatures refused because the CA's signing token (PKCS#11) did not answer;"
@@ -226,10 +227,10 @@ class Metrics:
         self.ldap_answers = Counter("certpub_ldap_answer_cache",
                                     "LDAP pre-encoded answer lookups.", ["result"], registry=r)
         self._ldap_answers = (self.ldap_answers.labels("miss"), self.ldap_answers.labels("hit"))
+        # counts not folded into the metric objects yet (see ``flush``)
         self._tallies: dict[tuple[str, str, str], list[Any]] = {}
-        self._ldap_cache_counts = [0, 0]  # misses, hits since the last flush
-        self.clock: Any = None  # the reactor: schedules flush() (without one: at once)
-        self._scheduled: Any = None
+        self._ldap_cache_counts = [0, 0]  # misses, hits
+        self._ocsp_cache_counts = [0, 0]  # misses, hits
         if process:
             ProcessCollector(registry=self.worker_registry)
             PlatformCollector(registry=self.worker_registry)
@@ -260,32 +261,25 @@ class Metrics:
         if self._exported is None:
             return
         try:
+            self.flush()
             self._exported.write(self.worker_registry.collect())
         except Exception:  # noqa: BLE001 - metrics never break the server
             log.failure("metrics: export failed")
 
     def flush(self) -> None:
-        """Fold the tallied LDAP operations into the counters (on the reactor thread)."""
-        scheduled, self._scheduled = self._scheduled, None
-        if scheduled is not None and scheduled.active():
-            scheduled.cancel()
+        """Fold the counts tallied in memory into the metric objects (on the reactor thread:
+        before a scrape, every ``EXPORT_EVERY`` seconds in a worker, at stop)."""
         tallies, self._tallies = self._tallies, {}
         for (protocol, operation, result), (count, total, buckets) in tallies.items():
             self.requests_tallied(protocol, operation, result, count, total, buckets)
-        misses, hits = self._ldap_cache_counts
-        if misses or hits:
-            self._ldap_cache_counts = [0, 0]
+        for counts, children in ((self._ldap_cache_counts, self._ldap_answers),
+                                 (self._ocsp_cache_counts, self._ocsp_lookups)):
+            misses, hits = counts
             if misses:
-                self._ldap_answers[0].inc(misses)
+                children[0].inc(misses)
             if hits:
-                self._ldap_answers[1].inc(hits)
-
-    def _schedule(self) -> None:
-        if self._scheduled is None:
-            if self.clock is None:
-                self.flush()
-            else:
-                self._scheduled = self.clock.callLater(FLUSH_DELAY, self.flush)
+                children[1].inc(hits)
+            counts[0] = counts[1] = 0
 
     # --- called by the protocol code (never raise) ---------------------------------------
 
@@ -316,35 +310,44 @@ class Metrics:
                 values[i].inc(n)
 
     def cache_lookups(self, hits: int, misses: int) -> None:
-        """Count OCSP response cache lookups (several at once)."""
-        if hits:
-            self.ocsp_cache.labels("hit").inc(hits)
-        if misses:
-            self.ocsp_cache.labels("miss").inc(misses)
+        """Count OCSP response cache lookups (several at once; folded by ``flush``)."""
+        counts = self._ocsp_cache_counts
+        counts[0] += misses
+        counts[1] += hits
 
     def cache(self, hit: bool) -> None:
         """Count one OCSP response cache lookup."""
-        self.ocsp_cache.labels("hit" if hit else "miss").inc()
+        self._ocsp_cache_counts[hit] += 1
 
     def ldap_cache(self, hit: bool) -> None:
         """Count one lookup of the LDAP pre-encoded answers (folded by ``flush``)."""
         self._ldap_cache_counts[hit] += 1
-        self._schedule()
 
     def tally(self, protocol: str, operation: str, result: str, seconds: float) -> None:
-        """``request`` for the hot path: counted in memory, folded into the counters by
-        ``flush`` (a shared file is written per batch, not per request)."""
+        """``request`` for the hot path: counted in memory, folded into the metric objects by
+        ``flush`` (with several workers a shared file is written per flush, not per request)."""
         tally = self._tallies.get((protocol, operation, result))
         if tally is None:
-            tally = self._tallies[protocol, operation, result] = [0, 0.0,
-                                                                  [0] * len(_BOUNDS)]
+            tally = self._tallies[protocol, operation, result] = [0, 0.0, [0] * len(_BOUNDS)]
         if seconds < 0:
             seconds = 0.0
         tally[0] += 1
         tally[1] += seconds
         tally[2][bisect_left(_BOUNDS, seconds)] += 1
-        if self._scheduled is None:
-            self._schedule()
+
+    def add_tallied(self, protocol: str, operation: str, result: str, count: int,
+                    seconds: float, buckets: list[int]) -> None:
+        """``requests_tallied`` for the hot path: added to the tallies ``flush`` folds."""
+        tally = self._tallies.get((protocol, operation, result))
+        if tally is None:
+            self._tallies[protocol, operation, result] = [count, seconds, list(buckets)]
+            return
+        tally[0] += count
+        tally[1] += seconds
+        totals = tally[2]
+        for i, n in enumerate(buckets):
+            if n:
+                totals[i] += n
 
     def signer_unavailable(self, ca: str) -> None:
         """Count one signature the CA's token did not make (answered tryLater)."""
