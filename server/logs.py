@@ -499,7 +499,8 @@ class LevelFilter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("log_level") in self.levels and event.get("log_namespace"):
-            if event["log_namespace"] == "log_legacy" and twisted_noise(event):
+            if event.get("log_format") in _FACTORY_FORMATS or (
+                    event["log_namespace"] == "log_legacy" and twisted_noise(event)):
                 return
             self.observer(event)
 
@@ -510,6 +511,8 @@ class LevelFilter:
 # (``server.app``: msg="listening" service=... endpoint=...).
 _TWISTED_NOISE = re.compile(r"\S+ starting on \d+|\(\S+ Port \d+ Closed\)"
                             r"|(?:Starting|Stopping) factory .*", re.S)
+# twisted.internet.protocol.Factory.doStart/doStop (a noisy factory, new-style events)
+_FACTORY_FORMATS = frozenset(("Starting factory {factory!r}", "Stopping factory {factory!r}"))
 
 
 def twisted_noise(event: dict[str, Any]) -> bool:
