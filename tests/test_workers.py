@@ -442,3 +442,21 @@ def test_one_metrics_for_all_workers_kept_across_kill_and_reload(
     settled(ops_port, family, answered, seen, **labels)
     batch()
     assert seen == sorted(seen) and seen[-1] == answered == 150
+
+
+def test_metrics_dir_is_fresh_and_stale_ones_are_removed(tmp_path: Path) -> None:
+    from server.workers import METRICS_PREFIX, make_metrics_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    stale = tmp_path / f"{METRICS_PREFIX}{dead.pid}"  # a supervisor killed with -9
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"x")
+    running = tmp_path / f"{METRICS_PREFIX}{os.getppid()}"  # another supervisor, alive
+    running.mkdir()
+    other = tmp_path / "certpub-metrics-notapid"
+    other.mkdir()
+    path = make_metrics_dir(tmp_path)
+    assert path == tmp_path / f"{METRICS_PREFIX}{os.getpid()}"
+    assert path.is_dir() and not any(path.iterdir()) and path.stat().st_mode & 0o777 == 0o700
+    assert not stale.exists() and running.is_dir() and other.is_dir()
