@@ -30,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 GRACE = 1.0  # seconds after a commit by which every answer must reflect it
 WINDOW = 5.0  # seconds after a fault during which errors are counted against it
+IN_FLIGHT = 1.0  # a request asked this long before a fault and failing in it is the fault's
 STORE_POLL = 0.02
 CA_NAME = "soak"
 SERIAL_BASE = 0x10000
@@ -211,11 +212,12 @@ class Tally:
         """The fault an error of a request asked at t and failed at until (default t) is
         counted against: the latest one whose span, from its start to WINDOW seconds after
         its end, overlaps [t, until]; "steady" when none. A request in flight when a worker
-        is killed was asked before the kill and fails after it: it is the kill's."""
+        is killed was asked before the kill and fails after it: it is the kill's, when it was
+        asked at most IN_FLIGHT seconds before (one that hung longer is not explained)."""
         until = t if until is None else until
         with self.lock:
             for start, end, kind in reversed(self.faults):
-                if start <= until and t <= end + WINDOW:
+                if start <= until and start - IN_FLIGHT <= t <= end + WINDOW:
                     return kind
         return "steady"
 
