@@ -5,7 +5,7 @@ Usage:
       && certpub import --config DATA/certpub.toml DATA/crl.pem && python bench/gen_ldif.py DATA
   python bench/ldap_bench.py DATA [--connections 1,16,64] [--rounds 3] [--seconds 3]
                              [--window 8] [--clients 2] [--kinds mail,base] [--json OUT]
-                             [--distinct 4096] [--cold]
+                             [--distinct 4096] [--cold] [--padded-msgid]
 
 Two searches, both asking for ``userCertificate;binary`` only:
   mail  base c=MO, scope sub, (mail=user<random i>@bench.example)  — one entry
@@ -41,6 +41,10 @@ from ``bench/pg_env.py`` was just copied in, like slapd's) and prints how much o
 data files is resident at the start, after that read and at the end (``fincore``; slapd's
 mdb file is sparse, its size is the configured maximum);
 ``--cold`` skips the read, to measure a store that is not cached.
+
+``--padded-msgid`` numbers requests from 1 and still sends each messageID in 4 octets
+(``02 04 00 00 00 01``: leading zero octets, not DER, as some clients send; slapd takes them),
+to measure that such requests reach certpub's pre-encoded answers too.
 
 More certpub servers in the same rounds: ``--certpub-config NAME=CONFIG`` (repeatable) starts one
 from CONFIG instead of DATA/certpub.toml, e.g. the PostgreSQL variant written by
@@ -118,7 +122,8 @@ def message(msgid: int, op: bytes) -> bytes:
 
 
 def client(port: int, conns: int, kind: str, users: int, window: int, t_meas: float,
-           t_end: float, seed: int, out: mp.Queue, distinct: int = 4096) -> None:
+           t_end: float, seed: int, out: mp.Queue, distinct: int = 4096,
+           first_id: int = 0x01000000) -> None:
     rng = random.Random(seed)
     ops = [request(kind, rng.randrange(users)) for _ in range(distinct)]
     sel = selectors.DefaultSelector()
@@ -128,7 +133,7 @@ def client(port: int, conns: int, kind: str, users: int, window: int, t_meas: fl
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socks.append(s)
     state = {}
-    next_id = 0x01000000
+    next_id = first_id  # below 0x01000000 the 4 octets carry leading zeros (--padded-msgid)
     k = 0
     now = time.monotonic
     for s in socks:
@@ -373,7 +378,8 @@ class Certpub:
 
 
 def run_round(port: int, pid: int, conns: int, kind: str, users: int, window: int,
-              clients: int, seconds: float, seed: int, distinct: int = 4096) -> dict[str, float]:
+              clients: int, seconds: float, seed: int, distinct: int = 4096,
+              first_id: int = 0x01000000) -> dict[str, float]:
     ctx = mp.get_context("fork")
     q: mp.Queue = ctx.Queue()
     procs = min(clients, conns)
@@ -381,7 +387,7 @@ def run_round(port: int, pid: int, conns: int, kind: str, users: int, window: in
     t_meas = time.monotonic() + 0.3 + 0.5  # connect, then 0.5 s of warm-up
     t_end = t_meas + seconds
     workers = [ctx.Process(target=client, args=(port, n, kind, users, window, t_meas, t_end,
-                                                seed * 100 + i, q, distinct))
+                                                seed * 100 + i, q, distinct, first_id))
                for i, n in enumerate(shares)]
     for w in workers:
         w.start()
@@ -444,6 +450,8 @@ def main() -> None:
     ap.add_argument("--db-pid", action="append", default=[], metavar="NAME=PID",
                     help="count PID's process tree (e.g. the PostgreSQL postmaster of "
                     "bench/pg_env.py) as server NAME's CPU; also reported alone (db%%, db µs)")
+    ap.add_argument("--padded-msgid", action="store_true",
+                    help="messageIDs from 1, each in 4 octets (02 04 00 00 00 01): not DER")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     assert args.seconds <= 5, "each round is bounded at 5 s"
@@ -513,7 +521,8 @@ def main() -> None:
                     for name in order:
                         port, pid = servers[name]
                         res = run_round(port, pid, conns, kind, users, args.window, args.clients,
-                                        args.seconds, 1000 + r, args.distinct)
+                                        args.seconds, 1000 + r, args.distinct,
+                                        1 if args.padded_msgid else 0x01000000)
                         rounds[name].append(res)
                         print(f"  {name:8} conns={conns:<3} {kind:5} round {r + 1}: "
                               f"{res['rate']:8.0f}/s p99 {res['p99_ms']:7.2f} ms  "

@@ -41,6 +41,11 @@ MAX_ANSWER_BYTES = 256 * 1024  # a larger answer is not kept (it would evict man
 NormalKey = tuple[str, int, str, tuple[str, ...], bool, int]
 
 
+# The longest messageID INTEGER read on the fast path: 4 octets hold MAX_INT, and a few
+# leading zero octets of padding are taken as a BER reader would.
+MESSAGE_ID_OCTETS = 8
+
+
 def message_id_bytes(message_id: int) -> bytes:
     """The BER INTEGER of a messageID (tag, length, minimal two's complement)."""
     body = message_id.to_bytes(max(1, (message_id.bit_length() + 8) // 8), "big")
@@ -54,8 +59,12 @@ def frame(message_id: int, op: bytes) -> bytes:
 
 
 def split_message_id(pdu: bytes) -> tuple[int, bytes] | None:
-    """(messageID, the rest) of a whole LDAPMessage PDU whose messageID is minimally encoded
-    and in range; None otherwise (the full decoder then says what is wrong)."""
+    """(messageID, the rest) of a whole LDAPMessage PDU whose messageID is a non-negative
+    INTEGER in range; None otherwise (the full decoder then says what is wrong).
+
+    A messageID padded with leading zero octets (``02 04 00 00 00 01``: strictly not DER, but
+    BER readers such as slapd's take it) is read as its value, so such a client reaches the
+    pre-encoded answers too; the answer carries the minimal encoding, as slapd's does."""
     if len(pdu) < 7:
         return None
     first = pdu[1]
@@ -63,11 +72,11 @@ def split_message_id(pdu: bytes) -> tuple[int, bytes] | None:
     if pos + 2 > len(pdu) or pdu[pos] != 0x02:
         return None
     n = pdu[pos + 1]
-    if not 1 <= n <= 4 or pos + 2 + n > len(pdu):
+    if not 1 <= n <= MESSAGE_ID_OCTETS or pos + 2 + n > len(pdu):
         return None
     raw = pdu[pos + 2 : pos + 2 + n]
-    if raw[0] & 0x80 or (n > 1 and raw[0] == 0 and not raw[1] & 0x80):
-        return None
+    if raw[0] & 0x80:
+        return None  # negative: the decoder refuses it
     message_id = int.from_bytes(raw, "big")
     if message_id > MAX_INT:
         return None

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from server.ldap import codec
-from server.ldap.answers import AnswerCache
+from server.ldap.answers import AnswerCache, split_message_id
 from server.ldap.config import LdapConfig
 from server.ldap.directory import Directory
 from server.ldap.errors import AdminLimitExceeded, NoSuchObject, ProtocolError, ResultCode
@@ -248,9 +248,40 @@ def test_malformed_vectors_are_protocol_errors(service: Service, name: str) -> N
 def test_a_non_minimal_message_id_is_decoded_not_looked_up(service: Service) -> None:
     session = Session(service, 1, Log())
     data = vector("msgid-nonminimal.ber")
-    assert session.answer_raw(data) is None
+    assert session.answer_raw(data) is None  # an unbind: never a kept answer
     reply = session.receive(codec.decode_message(data))
     assert reply.close  # an unbind, message 1
+
+
+def padded(pdu: bytes, octets: int) -> bytes:
+    """pdu (short-form length, one-octet messageID) with its messageID padded to octets."""
+    assert pdu[0] == 0x30 and pdu[1] < 0x80 and pdu[2:4] == b"\x02\x01"
+    body = b"\x02" + bytes((octets,)) + bytes(octets - 1) + pdu[4:5] + pdu[5:]
+    return b"\x30" + bytes((len(body),)) + body
+
+
+def test_a_padded_message_id_is_answered_from_the_kept_answers(service: Service) -> None:
+    # 02 04 00 00 00 01: not DER, but slapd answers it at full speed; so must the fast path
+    session = Session(service, 1, Log())
+    minimal = send(session, "search-mail.ber")
+    data = padded(vector("search-mail.ber"), 4)
+    assert codec.decode_message(data).message_id == 1  # the decoder reads it too
+    raw = session.answer_raw(data)
+    assert raw is not None
+    assert [(m.id, m.value.toWire()) for m in decode(raw)] == \
+        [(m.id, m.value.toWire()) for m in minimal]
+    # the answer carries the minimal encoding, as slapd's does
+    at = 2 if raw[1] < 0x80 else 2 + (raw[1] & 0x7F)
+    assert raw[at:at + 3] == b"\x02\x01\x01"
+
+
+@pytest.mark.parametrize("mid", [b"\x02\x01\x80",  # negative
+                                 b"\x02\x05\x00\x80\x00\x00\x00",  # 2**31: out of range
+                                 b"\x02\x09" + bytes(8) + b"\x01"])  # past the padding bound
+def test_a_message_id_out_of_range_is_never_looked_up(mid: bytes) -> None:
+    op = b"\x42\x00"
+    body = mid + op
+    assert split_message_id(b"\x30" + bytes((len(body),)) + body) is None
 
 
 def test_jobs_are_generators_that_read_nothing_until_iterated(service: Service) -> None:
