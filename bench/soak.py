@@ -115,6 +115,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+READY_IN_A_ROW = 10  # /healthz answers in a row before the load starts
+
+
+def wait_ready(ops_port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until every worker answers: the supervisor binds the sockets before its workers are
+    up, so a port that accepts says nothing. /healthz on the ops listener answered 200 by
+    READY_IN_A_ROW connections in a row (each reaches a worker the kernel picks; one not up
+    yet holds its connection past the short timeout)."""
+    import urllib.request
+
+    end, in_a_row = now_mono() + timeout, 0
+    while now_mono() < end and in_a_row < READY_IN_A_ROW:
+        if proc.poll() is not None:
+            raise RuntimeError(f"certpub serve exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/healthz", timeout=2) as r:
+                in_a_row = in_a_row + 1 if r.status == 200 else 0
+        except OSError:
+            in_a_row = 0
+            time.sleep(0.2)
+    if in_a_row < READY_IN_A_ROW:
+        raise RuntimeError(f"certpub serve not ready after {timeout} s")
+
+
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     end = now_mono() + timeout
     while now_mono() < end:
@@ -174,6 +198,7 @@ class Soak:
     importd: subprocess.Popen[bytes] | None = None
     importd_starts: int = 0
     rss: dict[str, list[float]] = field(default_factory=dict)
+    ops_port: int = 0
 
     def start_serve(self) -> None:
         log = open(self.folder / "serve.log", "ab")
@@ -184,6 +209,7 @@ class Soak:
         log.close()
         wait_port(self.ldap_port, self.serve)
         wait_port(self.http_port, self.serve)
+        wait_ready(self.ops_port, self.serve)  # load starts once every worker answers
         end = now_mono() + 60
         while len(children(self.serve.pid)) < self.args.workers and now_mono() < end:
             time.sleep(0.1)
@@ -219,7 +245,7 @@ class Soak:
 
 
 def write_config(folder: Path, location: str, ldap_port: int, http_port: int,
-                 threads: int) -> Path:
+                 threads: int, ops_port: int) -> Path:
     store = (f'url = "{location}"\nthreads = {threads}' if location.startswith("postgresql")
              else f'path = "{location}"')
     text = f"""# written by bench/soak.py
@@ -243,6 +269,9 @@ listen = ["tcp:{ldap_port}:interface=127.0.0.1"]
 
 [http]
 listen = ["tcp:{http_port}:interface=127.0.0.1"]
+
+[ops]
+listen = ["tcp:{ops_port}:interface=127.0.0.1"]
 
 [log]
 level = "warn"
@@ -314,9 +343,10 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[Soak, Truth]:
         cluster = PgCluster.start(bindir)
     try:
         location = cluster.create_database() if cluster else str(folder / "store.sqlite3")
-        ldap_port, http_port = free_port(), free_port()
-        config = write_config(folder, location, ldap_port, http_port, args.threads)
-        soak = Soak(args, folder, ca, config, location, ldap_port, http_port, cluster)
+        ldap_port, http_port, ops_port = free_port(), free_port(), free_port()
+        config = write_config(folder, location, ldap_port, http_port, args.threads, ops_port)
+        soak = Soak(args, folder, ca, config, location, ldap_port, http_port, cluster,
+                    ops_port=ops_port)
         r = subprocess.run(certpub("import", str(bundle), str(crl), "--config", str(config)),
                            env=child_env(), cwd=ROOT, capture_output=True, text=True,
                            timeout=300, check=False)
@@ -392,9 +422,10 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 if pids:
                     pid = pids[victim % len(pids)]
                     victim += 1
+                    at = now_mono()  # before the kill: requests in flight then are its
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    tally.fault("worker kill", at := now_mono(), at)
+                    tally.fault("worker kill", at, now_mono())
                     kills["worker"] += 1
             if t >= next_importer:
                 next_importer += args.importer_kill_every
@@ -522,6 +553,7 @@ def summarize(args: argparse.Namespace, duration: float, truth: Truth, tally: Ta
                     for k in sorted(set(rss_start) | set(rss_end))},
         "store_watch_errors": store_errors[:5],
         "steady_error_samples": tally.steady_samples,
+        "in_flight_at_fault": tally.in_flight,
         "loadavg_end": [round(load1, 2), round(load5, 2)],
     }
 
@@ -538,6 +570,9 @@ def report(r: dict[str, Any]) -> str:
              "error answers (fault window | protocol | kind: count):"]
     lines += [f"  {k}: {n}" for k, n in r["errors"].items()] or ["  none"]
     lines += [f"  (steady: {e})" for e in r["steady_error_samples"][:5]]
+    lines.append(f"of the fault errors, asked before the fault and failed in it: "
+                 f"{len(r['in_flight_at_fault'])}")
+    lines += [f"  ({e})" for e in r["in_flight_at_fault"][:10]]
     lines.append(f"WRONG ANSWERS: {len(r['wrong'])}")
     lines += [f"  {w}" for w in r["wrong"][:20]]
     lines.append(f"revocations: {r['revocations']} dropped, {r['revocations_unanswered']} "

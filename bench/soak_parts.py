@@ -30,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 GRACE = 1.0  # seconds after a commit by which every answer must reflect it
 WINDOW = 5.0  # seconds after a fault during which errors are counted against it
+IN_FLIGHT = 1.0  # a request asked this long before a fault and failing in it is the fault's
 STORE_POLL = 0.02
 CA_NAME = "soak"
 SERIAL_BASE = 0x10000
@@ -203,15 +204,31 @@ class Tally:
     wrong: list[str] = field(default_factory=list)
     faults: list[tuple[float, float, str]] = field(default_factory=list)  # start, end, kind
     steady_samples: list[str] = field(default_factory=list)
+    # errors of requests asked before a fault began and failed after it (in flight at a
+    # worker kill): counted against the fault; the old rule (asked time only) called them steady
+    in_flight: list[str] = field(default_factory=list)
 
-    def window(self, t: float) -> str:
-        """The fault an error at t is counted against: the latest one begun by t and not
-        over for WINDOW seconds; "steady" when none."""
+    def window(self, t: float, until: float | None = None) -> str:
+        """The fault an error of a request asked at t and failed at until (default t) is
+        counted against: the latest one whose span, from its start to WINDOW seconds after
+        its end, overlaps [t, until]; "steady" when none. A request in flight when a worker
+        is killed was asked before the kill and fails after it: it is the kill's, when it was
+        asked at most IN_FLIGHT seconds before (one that hung longer is not explained)."""
+        until = t if until is None else until
         with self.lock:
             for start, end, kind in reversed(self.faults):
-                if start <= t <= end + WINDOW:
+                if start <= until and start - IN_FLIGHT <= t <= end + WINDOW:
                     return kind
         return "steady"
+
+    def _nearest(self, t: float) -> str:
+        """Where t falls relative to the last fault begun by t (for unexplained errors)."""
+        with self.lock:
+            before = [(start, kind) for start, _, kind in self.faults if start <= t]
+        if not before:
+            return "before any fault"
+        start, kind = before[-1]
+        return f"{t - start:.3f} s after a {kind}"
 
     def fault(self, kind: str, start: float, end: float | None = None) -> int:
         """Record a fault; end None: still going on (see ``fault_over``)."""
@@ -229,11 +246,19 @@ class Tally:
             self.served[protocol] += 1
 
     def error(self, protocol: str, kind: str, t: float, detail: str = "") -> None:
-        w = self.window(t)
+        """An error answer to a request asked at t (monotonic), seen now."""
+        failed = now_mono()
+        w = self.window(t, failed)
+        if w != "steady" and self.window(t) == "steady":
+            with self.lock:
+                self.in_flight.append(f"{protocol} {kind}: asked {failed - t:.3f} s before it"
+                                      f" failed, in flight at a {w}: {detail}")
         with self.lock:
             self.errors[(w, protocol, kind)] += 1
-            if w == "steady" and len(self.steady_samples) < 20:  # errors no fault explains
-                self.steady_samples.append(f"{protocol} {kind}: {detail}")
+        if w == "steady" and len(self.steady_samples) < 20:  # errors no fault explains
+            where = f"asked {self._nearest(t)}, failed {failed - t:.3f} s later"
+            with self.lock:
+                self.steady_samples.append(f"{protocol} {kind} ({where}): {detail}")
 
     def wrong_answer(self, text: str) -> None:
         with self.lock:

@@ -1,4 +1,5 @@
-"""Connection limits shared by the listeners: in total and per client address.
+"""Connection limits shared by the listeners: in total and per client address; and
+``bytes_waiting``, which both listeners ask before an idle close.
 
 Strategy: a factory asks ``admit(host)`` in ``buildProtocol`` and returns ``None`` when it is
 refused (Twisted then closes the socket at once, before reading anything); an admitted
@@ -13,10 +14,12 @@ services share (the directory's privacy budget, ``server.privacy``).
 from __future__ import annotations
 
 import ipaddress
+import socket
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -177,3 +180,17 @@ def network_of(host: str, v4_bits: int, v6_bits: int) -> str:
         return host
     bits = v4_bits if ip.version == 4 else v6_bits
     return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+
+
+def bytes_waiting(transport: Any) -> bool:
+    """Whether the client's next bytes are in the socket, not read yet (a peek, no read);
+    False when the socket cannot be seen (test transports) or says end of stream."""
+    sock = getattr(transport, "socket", None)
+    if sock is None:  # TLS: the TCP transport under the TLS protocol
+        sock = getattr(getattr(transport, "transport", None), "socket", None)
+    if sock is None:
+        return False
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # EAGAIN: nothing there; or a broken connection, closed anyway
+        return False

@@ -356,3 +356,47 @@ def test_sigusr1_and_sigterm_in_a_real_process(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert lines(Path(str(path) + ".1")) == [f"before {i}" for i in range(100)]
     assert [m for m in lines(path) if m.startswith("after")] == [f"after {i}" for i in range(100)]
+
+
+# --- Twisted's own listener lines are not certpub's log ------------------------------------
+
+NOISE_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+    from twisted.python import log as legacy
+    from server.logs import flush_buffered, start_logging
+
+    start_logging("logfmt", "info", Path(sys.argv[1]))
+
+    class LdapFactory(Factory):  # noisy, as Twisted's factories are by default
+        pass
+
+    def run():
+        port = reactor.listenTCP(0, LdapFactory(), interface="127.0.0.1")
+        legacy.msg("a legacy line that is not about a port")
+        port.stopListening().addCallback(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(run)
+    reactor.run()
+    flush_buffered()
+""")
+
+
+def test_twisted_port_and_factory_lines_are_dropped(tmp_path: Path) -> None:
+    """Friction (a) of issue 25: 'LdapFactory starting on 1389' and 'Starting factory
+    <...LdapFactory object at 0x...>' (and their stop lines) no longer reach the log; other
+    legacy lines still do. certpub logs one line per listener itself (server.app)."""
+    path = tmp_path / "serve.log"
+    proc = subprocess.run([sys.executable, "-c", NOISE_SCRIPT, str(path)], cwd=REPO,
+                          timeout=60, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    text = path.read_text()
+    assert "a legacy line that is not about a port" in text
+    for noise in ("starting on", "Starting factory", "Stopping factory", "Port", "0x"):
+        assert noise not in text, text
+    assert logs.twisted_noise({"message": ("LdapFactory starting on 1389",)})
+    assert not logs.twisted_noise({"message": ("LdapFactory starting on 1389", "x")})
+    assert not logs.twisted_noise({"message": ("conn=7 starting on time",)})

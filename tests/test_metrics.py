@@ -290,3 +290,30 @@ def test_a_tally_counts_as_its_observations() -> None:
     fa, fb = families(a), families(b)
     assert fa["certpub_requests"] == fb["certpub_requests"]
     assert fa["certpub_request_seconds"] == fb["certpub_request_seconds"]
+
+
+def test_export_copies_a_workers_own_families_counters_only_grow() -> None:
+    """What a worker writes into the shared files (here in memory): gauges as they are,
+    counters by their growth, process_* with the worker's slot as a label."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from server.metrics import _Exported
+
+    exported = _Exported(worker=2)
+
+    def families(refused: float, rss: float) -> Iterator[Any]:
+        c = CounterMetricFamily("certpub_connections_refused", "x", labels=["service"])
+        c.add_metric(["http"], refused)
+        g = GaugeMetricFamily("process_resident_memory_bytes", "x")
+        g.add_metric([], rss)
+        yield from (c, g)
+
+    exported.write(families(5, 100))
+    exported.write(families(8, 90))
+    exported.write(families(3, 80))  # never down (a counter of this process only grows)
+    refused = exported.metrics["certpub_connections_refused"]
+    assert refused.labels("http")._value.get() == 8
+    rss = exported.metrics["process_resident_memory_bytes"]
+    assert rss._labelnames == ("worker",) and rss.labels("2")._value.get() == 80
+    assert rss._multiprocess_mode == "livesum"
+    assert metrics_module.GAUGE_MODES["certpub_feed_generation"] == "livemin"

@@ -85,3 +85,8 @@ def test_fault_windows(soak_main) -> None:  # type: ignore[no-untyped-def]
     assert tally.window(15.5) == "steady" and tally.window(100.0) == "database down"
     tally.fault_over(down, 36.0)
     assert tally.window(40.0) == "database down" and tally.window(41.5) == "steady"
+    # a request in flight at a fault (asked before it, failed after it) is the fault's
+    assert tally.window(9.95, 10.02) == "worker kill"
+    assert tally.window(9.0, 9.5) == "steady" and tally.window(15.5, 16.0) == "steady"
+    assert tally.window(29.9, 30.1) == "database down"
+    assert tally.window(20.0, 30.1) == "steady"  # hung 10 s before the fault: not explained

@@ -144,7 +144,7 @@ def _metrics(groups: Iterable[list[Any]]) -> None:
             tally[2][latency_bucket(us / 1e6)] += n
         m = get_metrics()
         for (protocol, operation, result), (count, us_total, buckets) in tallies.items():
-            m.requests_tallied(protocol, operation, result, count, us_total / 1e6, buckets)
+            m.add_tallied(protocol, operation, result, count, us_total / 1e6, buckets)
         m.cache_lookups(hits, misses)
     except Exception:  # noqa: BLE001 - metrics never break a request
         log.failure("metrics update failed")

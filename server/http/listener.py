@@ -42,7 +42,7 @@ from zope.interface import implementer
 
 from server.http import wire
 from server.http.accesslog import AccessLog
-from server.limits import ConnectionLimits, peer_host
+from server.limits import ConnectionLimits, bytes_waiting, peer_host
 
 perf_counter = time.perf_counter
 
@@ -183,9 +183,17 @@ class HttpChannel(Protocol):
         self._resume(4)
 
     def _idle_check(self) -> None:
-        """No byte for ``timeout`` seconds: close (re-armed while bytes keep coming)."""
+        """No byte for ``timeout`` seconds: close (re-armed while bytes keep coming).
+
+        Not while an answer is still being computed (the client waits for it, it is not
+        idle), nor when a request's bytes are already in the socket: the reactor runs timers
+        before it reads, so a request arriving in the same turn as the timeout would be
+        discarded unanswered by the close (the client sees the connection closed without a
+        response) — it is read and answered instead, and the clock starts again."""
         reactor = self.factory.reactor
         left = self._last + self.timeout - reactor.seconds()
+        if left <= 0 and (self._pending or bytes_waiting(self.transport)):
+            self._last, left = reactor.seconds(), self.timeout
         if left > 0:
             self._idle = reactor.callLater(left, self._idle_check)
             return

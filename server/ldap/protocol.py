@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from server.ldap import codec
 from server.ldap.errors import ProtocolError, ResultCode
 from server.ldap.session import Job, Reply, Session, clean
+from server.limits import bytes_waiting
 from server.logs import LevelFilter
 
 if TYPE_CHECKING:
@@ -123,8 +124,14 @@ class LdapProtocol(Protocol, TimeoutMixin):
         log.info("conn={conn} closed", conn=self.conn)
 
     def timeoutConnection(self) -> None:
-        if self.session.jobs or self._slots:
-            self.resetTimeout()
+        # Not idle: answers still being computed, or a request already in the socket (the
+        # reactor runs timers before it reads: closing now would drop it unanswered, and the
+        # client would see "session terminated by server"); it is read next, then the clock
+        # starts again.
+        # (setTimeout, not resetTimeout: the mixin has dropped the call that fired, and
+        # resetting nothing would leave the connection without an idle timeout for good)
+        if self.session.jobs or self._slots or bytes_waiting(self.transport):
+            self.setTimeout(self.factory.config.idle_timeout)
             return
         log.info("conn={conn} idle timeout", conn=self.conn)
         self._disconnect(ResultCode.UNAVAILABLE, "idle timeout")

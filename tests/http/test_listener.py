@@ -273,6 +273,65 @@ def test_idle_timeout_closes_and_aborts(env: dict[str, Any]) -> None:
     assert site.limits.total == 0
 
 
+def test_idle_timeout_spares_a_request_arriving_in_the_same_turn(env: dict[str, Any]) -> None:
+    """The soak's race, made on purpose: the client sends its next keep-alive request just as
+    the idle timeout expires. The reactor runs the timer before it reads the socket, so the
+    request's bytes wait unread when the timer fires; closing then would discard the request
+    (the client sees RemoteDisconnected). The channel peeks, keeps the connection and answers."""
+    import socket
+
+    site = env["site"]()
+    proto, transport = connect(site)
+    ours, client = socket.socketpair()
+    try:
+        transport.socket = ours  # what tcp.Server has: the connection's socket
+        der = request_der(env["ca"], [1])
+        proto.dataReceived(post(b"/ocsp", der))
+        assert transport.value().startswith(b"HTTP/1.1 200 ")
+        transport.clear()
+        env["reactor"].advance(site.timeout - 0.5)
+        client.sendall(post(b"/ocsp", der))  # arrives in the turn the timer fires
+        env["reactor"].advance(0.5)
+        assert not transport.disconnecting
+        proto.dataReceived(ours.recv(65536))  # the reactor's read, after its timers
+        assert transport.value().startswith(b"HTTP/1.1 200 ")
+        env["reactor"].advance(site.timeout)  # then silent: closed at the next timeout
+        assert transport.disconnecting
+    finally:
+        ours.close()
+        client.close()
+    proto.connectionLost(None)
+
+
+def test_idle_timeout_waits_for_an_answer_being_computed(env: dict[str, Any]) -> None:
+    """A request whose answer takes longer than idle_timeout is answered, not cut off."""
+    from server.http.listener import HttpFactory
+    from server.limits import ConnectionLimits
+
+    reactor = env["reactor"]
+    answer: Deferred[Any] = Deferred()
+
+    class Slow:
+        def handle(self, request: Any, date: bytes, client: str = "-") -> Any:
+            return answer
+
+        def replay(self, request: Any) -> None:
+            return None
+
+    factory = HttpFactory(Slow(), max_body=1000, timeout=30.0, reactor=reactor,
+                          limits=ConnectionLimits(10, 10, service="http"))
+    factory.access.reactor = None
+    proto, transport = connect(factory)
+    proto.dataReceived(get(b"/slow"))
+    reactor.advance(45)
+    assert not transport.disconnecting
+    answer.callback((b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 200, 0, {"kind": "x"}))
+    assert transport.value().startswith(b"HTTP/1.1 200 OK")
+    reactor.advance(31)
+    assert transport.disconnecting
+    proto.connectionLost(None)
+
+
 def test_one_log_line_per_pipelined_request(env: dict[str, Any]) -> None:
     site = env["site"]()
     der = request_der(env["ca"], [3])
@@ -474,6 +533,7 @@ def test_access_lines_of_a_batch(env: dict[str, Any]) -> None:
             proto.dataReceived(get(b"/nothing"))
             assert access_lines(events) == []
             reactor.advance(FLUSH_DELAY)
+        metrics.flush()  # what a scrape does first
         value = metrics.registry.get_sample_value
         assert value("certpub_requests_total", {"protocol": "ocsp", "operation": "status",
                                                 "result": "successful"}) == 6

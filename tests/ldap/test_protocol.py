@@ -315,3 +315,39 @@ def test_responses_decode_with_ldaptor() -> None:
         (b"cn", [b"Ana"]), (b"userCertificate;binary", [b"\x30\x00"])]
     msg, _ = pureber.berDecodeObject(DECODER, codec.encode_result(2**31 - 1, 0x65, 4, "c=MO", "x"))
     assert msg.id == 2**31 - 1 and msg.value.resultCode == 4 and msg.value.matchedDN == b"c=MO"
+
+
+def test_idle_timeout_spares_a_request_arriving_in_the_same_turn(make: Any) -> None:
+    """The soak's race, made on purpose: a search sent just as idle_timeout expires is in the
+    socket, unread, when the timer fires (the reactor runs timers before it reads). Closing
+    then would drop it ("session terminated by server"); the protocol peeks, keeps the
+    connection and answers; a connection silent for the next timeout is closed as before."""
+    import socket
+
+    client = make(idle_timeout=30.0)
+    ours, peer = socket.socketpair()
+    try:
+        client.transport.socket = ours  # what tcp.Server has: the connection's socket
+        assert done(client.send(search("(mail=*)", size=1))).resultCode in (0, 4)
+        client.clock.advance(29.5)
+        peer.sendall(search("(cn=*)", mid=3, size=1))  # arrives in the turn the timer fires
+        client.clock.advance(0.5)
+        assert not client.closed
+        assert done(client.send(ours.recv(65536))).resultCode in (0, 4)
+        client.clock.advance(30.0)
+        assert client.closed  # silent since: the usual Notice of Disconnection and close
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_idle_timeout_rearms_while_an_answer_is_computed(make: Any) -> None:
+    """A timeout that fires while an answer is pending starts a new one (it used to reset a
+    call the mixin had already dropped: the connection then never timed out again)."""
+    client = make(idle_timeout=30.0)
+    client.proto._slots.append(object())  # an answer still being computed
+    client.clock.advance(30.0)
+    assert not client.closed
+    client.proto._slots.clear()
+    client.clock.advance(30.0)
+    assert client.closed
