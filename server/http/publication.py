@@ -15,11 +15,11 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from server.http import wire
+from server.http.listener import Reply
 from server.ocsp import publish
 from server.ocsp.service import OcspService
 from store.sqlbase import StoreError
 
-Reply = tuple[bytes, int, int, dict[str, Any]]
 
 
 def send(request: wire.Request, reply: publish.Reply, fields: dict[str, Any],
@@ -94,8 +94,7 @@ class PublicationRoute:
 
         def unavailable(failure: Failure) -> Reply:
             failure.trap(StoreError)  # type: ignore[no-untyped-call]
-            return send(request, (503, [(b"Retry-After", b"10")], b"store unavailable\n"),
-                        fields, date)
+            return send(request, wire.unavailable(b"store unavailable\n"), fields, date)
 
         def crl(record: Any) -> Reply:
             return send(request, publish.crl(record), fields, date)

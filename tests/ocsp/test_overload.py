@@ -30,7 +30,7 @@ from server.configtools import ConfigError, Section
 from server.http.site import make_http_factory
 from server.ocsp.config import parse_http
 from server.ocsp.signing import Executor, LocalSigners, SigningQueue
-from server.ocsp.signprocs import ProcessSigners
+from server.ocsp.signing import ProcessSigners
 from server.storeaccess import StoreAccess
 from tests.conftest import require_tool
 from tests.ocsp.helpers import WallClock, config_for, fill_store, make_ca, request_der
@@ -52,7 +52,7 @@ class HeldSigners(Executor):
 
     def run(self, der: bytes, now: Any, sign_unknown: bool) -> defer.Deferred[Any]:
         self.order.append(response_serial(der))
-        signed = self.inner.service.compute(der, now, sign_unknown=sign_unknown, peek=False)
+        signed = self.inner.service.compute(der, now, sign_unknown=sign_unknown)
         d: defer.Deferred[Any] = defer.Deferred()
         self.held.append((d, signed))
         return d
