@@ -422,6 +422,19 @@ def test_config_keys_parse_and_refuse_bad_values() -> None:
         parse_http(Section({"signing_processes": -1}, "http"))
 
 
+def test_signing_processes_has_one_default_in_code_and_toml() -> None:
+    """Production forks: a config built in code signs in processes too unless it says 0."""
+    import tomllib
+
+    from server.ocsp.config import SIGNING_PROCESSES, HttpConfig
+
+    in_code = {f.name: f.default for f in dataclasses.fields(HttpConfig)}["signing_processes"]
+    example = Path(__file__).resolve().parents[2] / "conf" / "certpub.example.toml"
+    documented = tomllib.loads(example.read_text())["http"]["signing_processes"]
+    assert in_code == parse_http(Section({}, "http")).signing_processes == documented \
+        == SIGNING_PROCESSES == 1
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_signing_process_that_dies_is_replaced_and_nothing_hangs(
         tmp_path: Path) -> None:
