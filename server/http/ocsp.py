@@ -9,7 +9,7 @@ raw body, a GET's path): views of the one cache of ready answers (``server.ocsp.
 The next time, the request is answered from the view — the complete HTTP response bytes
 (status line, Connection, Date, Content-Type, the RFC 5019 caching headers of a GET,
 Content-Length, the DER; a matching ``If-None-Match`` gets the 304 variant), kept per HTTP
-version / persistence in ``Ready.views`` — after ``Ready.live`` said it may still be served
+version / persistence in ``Ready.views`` — by ``Ready.serve``, once it found the answer live
 (no change-feed invalidation since, before its refresh time, same Date second and max-age);
 so a hit is one dict lookup, that check and one write, without ASN.1. A dead view sends the
 request back to ``OcspService.answer``, which knows what is current.
@@ -134,28 +134,28 @@ def not_modified(if_none_match: bytes | None, if_modified_since: bytes | None,
     return False
 
 
-Variant = tuple[bytes, bool, bool]  # (HTTP version, keep-alive, no body)
+Variant = tuple[bytes, bool, bool, bool]  # (HTTP version, keep-alive, no body, 304)
 
 
-def served(ready: Ready, key: Variant, not_mod: bool, get: bool, date: bytes,
-           count: bool = True) -> Reply | None:
-    """The reply of variant key from a view of the cache at date; None when the answer is
-    no longer live (``Ready.live``)."""
-    if not ready.live(date, count):
-        return None
-    data = ready.views.get(key)
-    if data is None:
-        data = ready.views[key] = _bytes(ready, key, not_mod, get, date)
-    return data, 304 if not_mod else 200, 0 if key[2] else len(ready.entry.der), ready.fields
+def _build_post(ready: Ready, key: Variant, date: bytes) -> Reply:
+    """A view's reply to a POST of variant key at date (``Ready.build``)."""
+    return _build(ready, key, date, None)
 
 
-def _bytes(ready: Ready, key: Variant, not_mod: bool, get: bool, date: bytes) -> bytes:
+def _build_get(ready: Ready, key: Variant, date: bytes) -> Reply:
+    """A view's reply to a GET or HEAD of variant key at date, with the caching headers."""
+    return _build(ready, key, date, ready.clock())
+
+
+def _build(ready: Ready, key: Variant, date: bytes, get_now: datetime | None) -> Reply:
     entry = ready.entry
     headers = [(b"Content-Type", OCSP_RESPONSE)]
-    if get:
-        headers += get_headers(OcspService.outcome(entry, "hit"), ready.clock())
-    return wire.response(304 if not_mod else 200, headers, entry.der, version=key[0],
+    if get_now is not None:
+        headers += get_headers(OcspService.outcome(entry, "hit"), get_now)
+    not_mod = key[3]
+    data = wire.response(304 if not_mod else 200, headers, entry.der, version=key[0],
                          keep_alive=key[1], date=date, head=key[2])
+    return data, 304 if not_mod else 200, 0 if key[2] else len(entry.der), ready.fields
 
 
 class OcspRoute:
@@ -195,7 +195,7 @@ class OcspRoute:
              client: str = "-") -> Reply | Deferred[Reply]:
         ready = self._post_hot.get(request.body)
         if ready is not None:
-            reply = self._hot_reply(ready, request, date, False)
+            reply = self._hot_reply(ready, request, date)
             if reply is not None:
                 return reply
         return self._answer(request, request.body, date, client, get=False)
@@ -205,7 +205,7 @@ class OcspRoute:
         """GET (or HEAD) of ``prefix/<base64 DER>``; ``is_get(path)`` is true."""
         ready = self._get_hot.get(request.path)
         if ready is not None:
-            reply = self._hot_reply(ready, request, date, True)
+            reply = self._hot_reply(ready, request, date)
             if reply is not None:
                 return reply
             der = ready.der  # the path's decoding, kept by the view
@@ -223,37 +223,39 @@ class OcspRoute:
         raise MalformedRequest("not an OCSP path")  # is_get said it was: a bug
 
     @staticmethod
-    def _variant(ready: Ready, request: wire.Request, get: bool) -> tuple[Variant, bool] | None:
-        """(variant key, 304?) of the view's answer to request; None when the request
-        carries validators only the general path decides."""
+    def _variant(ready: Ready, request: wire.Request) -> Variant | None:
+        """The variant of the view's answer to request; None when the request carries
+        validators only the general path decides."""
         headers = request.headers
         not_mod = False
-        if get and (b"if-none-match" in headers or b"if-modified-since" in headers):
+        if ready.build is _build_get and (b"if-none-match" in headers
+                                          or b"if-modified-since" in headers):
             if headers.get(b"if-none-match") != ready.entry.etag.encode():
                 return None  # other validators: answered the general way
             not_mod = True  # (a POST is never answered 304)
-        return (request.version, request.keep_alive, request.method == b"HEAD" or not_mod), not_mod
+        return (request.version, request.keep_alive, request.method == b"HEAD" or not_mod,
+                not_mod)
 
-    def _hot_reply(self, ready: Ready, request: wire.Request, date: bytes,
-                   get: bool) -> Reply | None:
+    def _hot_reply(self, ready: Ready, request: wire.Request, date: bytes) -> Reply | None:
         """The view's answer to request, or None when it is no longer live (or not for it)."""
-        variant = self._variant(ready, request, get)
+        variant = self._variant(ready, request)
         if variant is None:
             return None
-        return served(ready, variant[0], variant[1], get, date)
+        return ready.serve(variant, date)  # type: ignore[no-any-return]
 
     def replay(self, request: wire.Request) -> Callable[[bytes], Reply | None] | None:
         """How to answer the same request again from its view (the listener's memo of
         whole requests: a view of the same ``Ready``), or None when it has none."""
-        get = request.method != b"POST"
-        ready = (self._get_hot if get else self._post_hot).get(
-            request.path if get else request.body)
+        if request.method == b"POST":
+            ready = self._post_hot.get(request.body)
+        else:
+            ready = self._get_hot.get(request.path)
         if ready is None:
             return None
-        variant = self._variant(ready, request, get)
+        variant = self._variant(ready, request)
         if variant is None:
             return None
-        return partial(served, ready, variant[0], variant[1], get)
+        return partial(ready.serve, variant)
 
     def _answer(self, request: wire.Request, der: bytes, date: bytes, client: str, *,
                 get: bool) -> Reply | Deferred[Reply]:
@@ -266,15 +268,16 @@ class OcspRoute:
         ready = out.ready
         if ready is not None:  # a hit by raw bytes: keep its view
             ready.fields = reply_fields(out)
+            ready.build = _build_get if get else _build_post
             table = self._get_hot if get else self._post_hot
             if len(table) >= service.cache.max_entries:
                 table.clear()
             table[request.path if get else der] = ready
-            variant = self._variant(ready, request, get)
+            variant = self._variant(ready, request)
             if variant is not None:
-                reply = served(ready, variant[0], variant[1], get, date, count=False)
+                reply = ready.serve(variant, date, False)  # answer() counted this hit
                 if reply is not None:
-                    return reply
+                    return reply  # type: ignore[no-any-return]
         return self._reply(out, request, date, now if get else None)
 
     @staticmethod

@@ -21,8 +21,8 @@ revoked meanwhile), so it must not outlive that change in the cache.
 
 Views: the HTTP adapter's tables of hot requests (POST body or GET path -> answer) and the
 listener's memo of whole reads do not copy answers; they hold a ``Ready``, which the cache
-hands out for a live entry (``ResponseCache.ready``). ``Ready.live`` is the one liveness check
-every view makes before it serves: no invalidation since it was handed out (the cache's
+hands out for a live entry (``ResponseCache.ready``). ``Ready.serve`` holds the one liveness
+check every view makes before it serves: no invalidation since it was handed out (the cache's
 ``epoch``), before its refresh time, and within the same Date second and ``max-age`` value
 that its memo of encoded bytes (``Ready.views``) was made for; a dead ``Ready`` is dropped
 and the request goes back to the cache. The epoch check is global on purpose: a view may
@@ -83,11 +83,12 @@ def raw_key(request_der: bytes) -> bytes:
 class Ready:
     """A live cache entry as a view holds it, with the view's memo of encoded answers.
 
-    ``views`` (variant -> bytes, filled by the adapter) and ``fields`` hold while ``live``
-    says so; the memo is emptied whenever the Date second or the ``max-age`` value moves."""
+    ``serve`` is what a view calls per request: the liveness check, then the memo
+    (``views``: variant -> the adapter's reply, made by ``build`` the first time in a
+    window), which is emptied whenever the Date second or the ``max-age`` value moves."""
 
     __slots__ = ("cache", "entry", "epoch", "clock", "date", "lo", "hi", "views", "fields",
-                 "der")
+                 "der", "build")
 
     def __init__(self, cache: ResponseCache, entry: CachedResponse, epoch: int,
                  clock: Any, der: bytes) -> None:
@@ -98,20 +99,22 @@ class Ready:
         self.der = der  # the request it answers (a GET path's decoding, kept)
         self.date = b""
         self.lo = self.hi = _NEVER
-        self.views: dict[Any, bytes] = {}
-        self.fields: Any = None
+        self.views: dict[Any, Any] = {}
+        self.fields: Any = None  # the adapter's log fields of a hit
+        # the adapter's reply of a variant: build(ready, variant, date), kept in views
+        self.build: Any = None
 
-    def live(self, date: bytes, count: bool = True) -> bool:
-        """Whether this answer may still be served, at Date date (counted as a hit if so,
-        unless it was counted already): the one liveness check of every view (see the module
-        docstring)."""
+    def serve(self, variant: Any, date: bytes, count: bool = True) -> Any:
+        """The adapter's reply of variant at Date date while this answer is live (counted
+        as a hit, unless it was counted already), else None: the one liveness check of
+        every view (see the module docstring)."""
         if self.epoch != self.cache.epoch:
-            return False
+            return None
         now = self.clock()
         if date != self.date or not self.lo <= now < self.hi:
             entry = self.entry
             if now >= entry.refresh_at:
-                return False
+                return None
             self.views.clear()
             self.date = date
             # max-age = int(next_update - now) stays m on (next - m - 1, next - m]
@@ -122,7 +125,10 @@ class Ready:
                 self.hi = min(self.hi, entry.next_update - m * _SECOND + _TICK)
         if count:
             self.cache.hits += 1
-        return True
+        reply = self.views.get(variant)
+        if reply is None:
+            reply = self.views[variant] = self.build(self, variant, date)
+        return reply
 
 
 class ResponseCache:
@@ -146,7 +152,7 @@ class ResponseCache:
 
     def _live(self, key: bytes, now: datetime) -> CachedResponse | None:
         """The entry under key while before its refresh time (dropped from then on); the
-        lock is held. ``Ready.live`` makes the same check for the views."""
+        lock is held. ``Ready.serve`` makes the same check for the views."""
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -168,7 +174,7 @@ class ResponseCache:
 
     def ready(self, key: bytes, now: datetime, clock: Any, der: bytes) -> Ready | None:
         """The live entry under key as a view's ``Ready`` (a miss is counted here, a hit by
-        ``Ready.live`` when it is served)."""
+        ``Ready.serve`` when it is served)."""
         with self._lock:
             entry = self._live(key, now)
             if entry is None:

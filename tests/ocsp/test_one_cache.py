@@ -79,7 +79,7 @@ def test_a_revocation_reaches_every_layer_holding_the_answer(tmp_path: Path,
         assert service.cache.peek(raw_key(der), now) is None
         assert all(view(http_date()) is None for view in views)  # the listener's memo
         for table, key in ((route._post_hot, der), (route._get_hot, path)):
-            assert not table[key].live(http_date())  # the hot tables
+            assert table[key].serve((b"HTTP/1.1", True, False, False), http_date()) is None
         # ... and every way in answers "revoked": the service's call, and the wire (first
         # through the dead views, then through the views made anew), again and again
         assert answer(service, der).statuses == ("revoked",)
