@@ -321,7 +321,6 @@ async def test_threaded_feed_delivers_on_the_reactor_without_overlapping(
         assert feed.healthy
     finally:
         gate.release.set()
-        queue.stop()
         access.stop()
 
 
