@@ -18,7 +18,7 @@ ALLOWED = {OCSP / "signworker.py"}
 def test_importing_the_service_imports_no_twisted() -> None:
     code = ("import sys, server.ocsp.service, server.ocsp.cache, server.ocsp.codec, "
             "server.ocsp.der, server.ocsp.responder, server.ocsp.requestor, "
-            "server.ocsp.signer, server.ocsp.publish, server.ocsp.config\n"
+            "server.ocsp.signer, server.ocsp.publish, server.ocsp.config, server.ocsp.outcome\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'twisted'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True)
