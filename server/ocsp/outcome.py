@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from server.ocsp.cache import CachedResponse, Ready
 from server.ocsp.codec import InternalError, OcspError, OcspRequest, encode_error
@@ -59,9 +59,9 @@ class Signed:
     unknown: bool = False  # every CertID names a serial the store does not know
 
 
-@dataclass(frozen=True)
-class Work:
-    """A request that needs a signature, as ``triage`` hands it to the signing seam."""
+class Work(NamedTuple):
+    """A request that needs a signature, as ``triage`` hands it to the signing seam (a
+    named tuple: made once per request that needs a signature, on the reactor thread)."""
 
     der: bytes
     request: OcspRequest
