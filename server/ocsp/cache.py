@@ -150,42 +150,45 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _live(self, key: bytes, now: datetime) -> CachedResponse | None:
-        """The entry under key while before its refresh time (dropped from then on); the
-        lock is held. ``Ready.serve`` makes the same check for the views."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if now >= entry.refresh_at:
-            self._drop(key)
-            return None
-        self._entries.move_to_end(key)
-        return entry
+    # The cache's own look-ups drop an entry at its refresh time (the same test as in
+    # ``Ready.serve``, written out in each: they run once per request that misses a view).
 
     def get(self, key: bytes, now: datetime) -> CachedResponse | None:
         """The live entry under key, counting a hit or a miss."""
         with self._lock:
-            entry = self._live(key, now)
+            entry = self._entries.get(key)
+            if entry is not None and now >= entry.refresh_at:
+                self._drop(key)
+                entry = None
             if entry is None:
                 self.misses += 1
-            else:
-                self.hits += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
             return entry
 
     def ready(self, key: bytes, now: datetime, clock: Any, der: bytes) -> Ready | None:
         """The live entry under key as a view's ``Ready`` (a miss is counted here, a hit by
         ``Ready.serve`` when it is served)."""
         with self._lock:
-            entry = self._live(key, now)
+            entry = self._entries.get(key)
+            if entry is not None and now >= entry.refresh_at:
+                self._drop(key)
+                entry = None
             if entry is None:
                 self.misses += 1
                 return None
+            self._entries.move_to_end(key)
             return Ready(self, entry, self.epoch, clock, der)
 
     def peek(self, key: bytes, now: datetime) -> CachedResponse | None:
         """Like get, without counting (for the second key of one request)."""
         with self._lock:
-            return self._live(key, now)
+            entry = self._entries.get(key)
+            if entry is None or now >= entry.refresh_at:
+                return None
+            self._entries.move_to_end(key)
+            return entry
 
     def put(self, keys: Sequence[bytes], entry: CachedResponse,
             epoch: int | None = None) -> bool:
