@@ -12,7 +12,6 @@ chunk is done again in the importer process.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import signal
@@ -28,6 +27,7 @@ from twisted.logger import Logger
 
 from importer.formats import MAX_FILE_BYTES, FileRejected, extract, read_file
 from importer.verify import Anchor, Verified, Verifier
+from store.lifeline import die_with_parent
 
 log = Logger()
 
@@ -118,13 +118,7 @@ def init_worker(anchors: list[Anchor], parent: int) -> None:
     # systemd and terminals signal the whole group; the importer decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(0)  # the importer died before prctl took effect
+    die_with_parent(parent)
 
 
 def run_task(task: str, items: Sequence[Any]) -> list[Any]:

@@ -173,7 +173,7 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
     access.start()
     listen: Callable[[], Any] | None = None
     # PostgreSQL: LISTEN for commits. Not on a replica: NOTIFY is not replicated and a hot
-    # standby refuses LISTEN, so a node reading a replica polls (README "Several nodes").
+    # standby refuses LISTEN, so a node reading a replica polls (docs/store.md "Several nodes").
     if callable(getattr(store, "wait_for_change", None)) and sc.read_url is None:
         listen = partial(open_store, location, create=False, migrate=False)
     feed = ChangeFeed(access.store, access=access, listen=listen)

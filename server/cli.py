@@ -119,30 +119,13 @@ def _workers_arg(text: str) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from store import is_postgres_url, open_store
+    from server.status import print_status
+    from store import is_postgres_url
 
     config = _config(args)
-    location = config.store.location
-    if not is_postgres_url(location) and not config.store.path.exists():
+    if not is_postgres_url(config.store.location) and not config.store.path.exists():
         raise CliError(f"store {config.store.path} does not exist yet: run certpub import first")
-    store = open_store(location, create=False, migrate=config.store.migrate == "auto")
-    try:
-        t = now()
-        rows = store.stats(t)
-        print(f"store {config.store.shown}  generation {store.generation()}")
-        # The four counts partition the CA's certificates and add up to "total": "revoked"
-        # leaves out the certificates on hold, "expired" counts only the never-revoked ones.
-        header = (f"{'CA':<12} {'good':>8} {'revoked':>8} {'on hold':>8} {'expired':>8}"
-                  f" {'total':>8}  {'CRL':>5}  {'CRL nextUpdate':<20}  last import")
-        print(header)
-        for s in rows:
-            nu = s.ca.crl_next_update.strftime("%Y-%m-%d %H:%M:%SZ") if s.ca.crl_next_update else "-"
-            last = s.last_import.strftime("%Y-%m-%d %H:%M:%SZ") if s.last_import else "-"
-            crl = str(s.ca.crl_number) if s.ca.crl_number is not None else "-"
-            print(f"{s.ca.name:<12} {s.good:>8} {s.revoked:>8} {s.on_hold:>8} {s.expired:>8}"
-                  f" {s.total:>8}  {crl:>5}  {nu:<20}  {last}")
-    finally:
-        store.close()
+    print_status(config, now())
     return 0
 
 

@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.configtools import ConfigError, Section
+from server.configtools import ConfigError, Section, check_key_file
 from store import is_postgres_url, redact_location
 from server.ldap.config import LdapConfig, parse_ldap
 from server.ocsp.config import (
@@ -200,8 +200,6 @@ def parse_config(data: dict[str, object], source: Path | None = None, *,
         if check_files:
             _existing_file(t, "certificate", tls.certificate)
             _existing_file(t, "key", tls.key)
-            from server.ocsp.signer import check_key_file  # owner-only, as the signer keys
-
             check_key_file(tls.key, t.key("key"))
         t.done()
 

@@ -3,12 +3,15 @@
 Strategy: a ``Section`` wraps one TOML table and remembers which keys were read; ``done()``
 rejects whatever is left, so an unknown (misspelt) key stops the start instead of being
 silently ignored. Each package parses its own section into its own frozen dataclass.
+``check_key_file`` (owner-only key, PIN and TLS key files) and its ``SignerError`` live here
+with the other checks, so the config modules need not import the OCSP signer.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +27,23 @@ class ConfigError(Exception):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
+
+
+class SignerError(ConfigError):
+    """A signer that cannot be used; str() names the configuration key and the reason."""
+
+
+def check_key_file(path: Path, key: str) -> None:
+    """Refuse a key file that group or others may access (it must be owner-only)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise SignerError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise SignerError(
+            key, f"{path} has mode {mode:04o}: a private key must not be readable by group or"
+            f" others; run chmod 600 {path}")
 
 
 def _type_name(value: object) -> str:

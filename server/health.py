@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from server import storeaccess
 from server.metrics import CONTENT_TYPE, Metrics
 from store.model import CaRecord, Generation
 from store.sqlite import StoreError
@@ -77,14 +78,9 @@ class HealthCheck:
 
     def check_deferred(self) -> defer.Deferred[tuple[bool, dict[str, Any]]]:
         """``check`` with the store read in the store threads (inline without them)."""
-        if self.access is None:
-            return defer.execute(self.check)
-        if self.access.busy():
-            return defer.succeed(self._verdict(StoreError("store threads busy")))
-        reading: defer.Deferred[tuple[int, list[CaRecord]] | StoreError] = self.access.run(
-            self._read_store)
-        verdict: defer.Deferred[tuple[bool, dict[str, Any]]] = reading.addCallback(self._verdict)
-        return verdict
+        verdict = storeaccess.read(self.access, self._read_store, unavailable=self._verdict,
+                                   then=self._verdict)
+        return verdict if isinstance(verdict, defer.Deferred) else defer.succeed(verdict)
 
     def _read_store(self) -> tuple[int, list[CaRecord]] | StoreError:
         """The store's generation and CAs, or why they cannot be read."""

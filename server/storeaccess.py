@@ -14,6 +14,10 @@ so a dropped database connection heals itself. ``busy`` tells callers when the q
 of the pool is full (a dead database): they answer busy/tryLater at once instead of queueing
 without bound.
 
+``read`` is the one way a request path uses all this: the value at once when there is no
+pool, a Deferred of it when there is, and the caller's "unavailable" answer when the pool is
+full or the store raised ``StoreError`` — so no caller writes the three cases again.
+
 ``iterate`` is the same seam for work done in steps (an LDAP search: one step per entry):
 inline it runs the steps on the reactor for up to ``INLINE_BUDGET`` seconds and hands the
 rest to a ``Cooperator``, so one long search does not starve the other clients; threaded it
@@ -25,11 +29,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from store import open_store
@@ -37,6 +42,7 @@ from store.sqlite import StoreError
 
 log = Logger()
 T = TypeVar("T")
+R = TypeVar("R")
 INLINE_BUDGET = 0.002  # seconds inline steps run before they become cooperative
 PENDING_PER_THREAD = 64  # jobs queued or running per pool thread before callers are refused
 _MISSING = object()
@@ -179,6 +185,45 @@ class StoreAccess:
             store.close()
         except Exception:  # noqa: BLE001 - it is being dropped because it failed
             log.debug("closing a failed thread store failed")
+
+
+@overload
+def read(access: StoreAccess | None, fn: Callable[..., T], *args: Any,
+         unavailable: Callable[[StoreError], T]) -> T | defer.Deferred[T]: ...
+
+
+@overload
+def read(access: StoreAccess | None, fn: Callable[..., T], *args: Any,
+         unavailable: Callable[[StoreError], R], then: Callable[[T], R]
+         ) -> R | defer.Deferred[R]: ...
+
+
+def read(access: StoreAccess | None, fn: Callable[..., Any], *args: Any,
+         unavailable: Callable[[StoreError], Any],
+         then: Callable[[Any], Any] | None = None) -> Any:
+    """``then(fn(*args))``: at once without a pool (``access`` None or inline), else a
+    Deferred of it with ``fn`` run in a pool thread. A ``StoreError`` from ``fn``, or a full
+    pool (``busy``), gives ``unavailable(error)`` instead, at once when the pool is full; any
+    other exception propagates (raised at once, or as the Deferred's failure)."""
+    if access is None or access.inline:
+        try:
+            value = fn(*args)
+        except StoreError as exc:
+            return unavailable(exc)
+        return value if then is None else then(value)
+    if access.busy():
+        return unavailable(StoreError("store threads busy"))
+
+    def failed(failure: Failure) -> Any:
+        failure.trap(StoreError)  # type: ignore[no-untyped-call]
+        return unavailable(failure.value)  # type: ignore[arg-type]
+
+    d: defer.Deferred[Any] = access.run(fn, *args)
+    return d.addCallbacks(then or _same, failed)
+
+
+def _same(value: T) -> T:
+    return value
 
 
 def _drain(steps: Iterator[Any]) -> None:

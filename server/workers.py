@@ -22,7 +22,6 @@ which closes the race of a parent killed between ``fork()`` and the ``prctl()``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import os
 import select
@@ -41,6 +40,7 @@ from twisted.logger import Logger
 from server.config import Config, LogConfig, load_config
 from server.configtools import ConfigError
 from server.logs import LineObserver
+from store.lifeline import die_with_parent
 
 STOP_TIMEOUT = 15.0  # seconds between the forwarded SIGTERM and SIGKILL
 MAX_START_FAILURES = 3  # failed starts in a row of one worker before the parent gives up
@@ -49,8 +49,6 @@ MAX_BACKOFF = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long starts its backoff over
 DEFAULT_BACKLOG = 50  # Twisted's default for tcp: endpoints
 _SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD)
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-ORPHANED = 75  # EX_TEMPFAIL: the exit code of a worker whose supervisor died before it was set up
 
 
 class SupervisorError(Exception):
@@ -179,22 +177,6 @@ class Worker:
     failures: int = 0  # failed starts in a row
     crashes: int = 0  # deaths in a row of a worker that lived less than STABLE_AFTER
     restart_at: float = 0.0
-
-
-def die_with_parent(parent: int) -> None:
-    """Make this (forked) process end when the process parent dies; end it now if it already has.
-
-    SIGKILL, not SIGTERM: with the supervisor gone nobody would escalate a graceful stop that
-    hangs (say a store thread blocked on an unreachable database), and a worker writes nothing
-    that a kill could leave half done. Elsewhere than Linux only the immediate check is made.
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
-    if os.getppid() != parent:  # the parent died between fork() and prctl()
-        os._exit(ORPHANED)
 
 
 def run_worker(index: int, config: Config, config_path: Path,

@@ -59,7 +59,7 @@ def to_pyformat(sql: str) -> str:
 
 def _adapt(value: Any) -> Any:
     # PostgreSQL text cannot hold NUL: store and look up U+FFFD instead, the same way on
-    # both sides, so a name with a NUL still round-trips to itself (see README).
+    # both sides, so a name with a NUL still round-trips to itself (see docs/store.md, "NUL").
     if isinstance(value, str) and "\x00" in value:
         return value.replace("\x00", "\ufffd")
     return value

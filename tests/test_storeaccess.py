@@ -19,7 +19,7 @@ from twisted.internet import defer, reactor, threads
 from server.feed import ChangeFeed
 from server.health import HealthCheck
 from server.ocsp.service import OcspService
-from server.storeaccess import StoreAccess, ThreadStore
+from server.storeaccess import StoreAccess, ThreadStore, read
 from store.model import CaId, RevocationReason, Serial
 from store.sqlite import Store, StoreError
 from tests.ocsp.helpers import answer, T0, config_for, fill_store, make_ca, request_der
@@ -184,6 +184,10 @@ async def test_a_failing_thread_store_is_reopened(ocsp_env: dict[str, Any]) -> N
         access.stop()
 
 
+def unavailable(exc: StoreError) -> str:
+    return f"unavailable: {exc}"
+
+
 @pytest_twisted.ensureDeferred
 async def test_busy_when_the_queue_is_full(ocsp_env: dict[str, Any]) -> None:
     release = threading.Event()
@@ -191,11 +195,52 @@ async def test_busy_when_the_queue_is_full(ocsp_env: dict[str, Any]) -> None:
     try:
         d = access.run(release.wait, WAIT)
         assert access.busy()
+        called: list[bool] = []  # read() answers "unavailable" at once, running nothing
+        assert read(access, lambda: called.append(True), unavailable=unavailable,
+                    then=lambda _: "never") == "unavailable: store threads busy"
+        assert not called
         release.set()
         assert await d is True
         assert not access.busy()
     finally:
         release.set()
+        access.stop()
+
+
+# --- read: the one way request paths use the access ------------------------------------
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["no access", "inline access"])
+def test_read_without_a_pool_answers_at_once(ocsp_env: dict[str, Any], inline: bool) -> None:
+    store = ocsp_env["store"]
+    access = StoreAccess(str(ocsp_env["path"]), 0, store=store) if inline else None
+    generation = int(store.generation())
+    assert read(access, lambda: int(store.generation()), unavailable=unavailable,
+                then=lambda g: f"gen {g}") == f"gen {generation}"
+    assert read(access, lambda x: x + 1, 1, unavailable=unavailable) == 2  # then: the value
+    assert read(access, BrokenStore().generation, unavailable=unavailable) == (
+        "unavailable: could not connect to server: Connection refused")
+    with pytest.raises(ZeroDivisionError):  # anything else is the caller's bug: it propagates
+        read(access, lambda: 1 // 0, unavailable=unavailable)
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_with_a_pool_answers_later(ocsp_env: dict[str, Any]) -> None:
+    access = threaded(ocsp_env["path"], threads_=1)
+    try:
+        d = read(access, lambda: int(access.store.generation()), unavailable=unavailable,
+                 then=lambda g: (threading.get_ident(), f"gen {g}"))
+        assert isinstance(d, defer.Deferred)
+        ident, text = await d
+        assert ident == threading.get_ident()  # then runs on the reactor thread
+        assert text == f"gen {int(ocsp_env['store'].generation())}"
+        broken = read(access, BrokenStore().generation, unavailable=unavailable,
+                      then=lambda _: "never")
+        assert await broken == "unavailable: could not connect to server: Connection refused"
+        with pytest.raises(ZeroDivisionError):
+            await read(access, lambda: 1 // 0, unavailable=unavailable)
+        assert access.pending == 0
+    finally:
         access.stop()
 
 

@@ -277,7 +277,7 @@ def test_workers_die_with_a_killed_supervisor(server: tuple[Server, int, int]) -
 
 def test_worker_forked_from_a_dead_parent_exits() -> None:
     """The race at fork: a worker whose parent is not the supervisor any more exits at once."""
-    code = ("from server.workers import die_with_parent\n"
+    code = ("from store.lifeline import die_with_parent\n"
             "die_with_parent(1)\n"  # pretend the supervisor was pid 1: it is not our parent
             "print('still running')\n")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,

@@ -1,7 +1,7 @@
 """A SoftHSM2 token of its own for the demo (``certpub demo --hsm``), the tests and the benchmark.
 
-Strategy: everything through SoftHSM2's own tool, as an operator would do it (README "OCSP keys
-in an HSM"): a folder with a ``softhsm2.conf`` naming a token folder beside it (the library
+Strategy: everything through SoftHSM2's own tool, as an operator would do it (docs/hsm.md, the
+SoftHSM2 steps): a folder with a ``softhsm2.conf`` naming a token folder beside it (the library
 finds it through the ``SOFTHSM2_CONF`` environment variable), ``softhsm2-util --init-token``,
 then ``softhsm2-util --import`` of each OCSP signer key (imported keys are sensitive and not
 extractable), after which the key file is deleted and the configuration names the key by its

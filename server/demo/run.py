@@ -240,9 +240,9 @@ def run_demo(folder: Path, *, ldap_port: int, http_port: int, serve: bool, fresh
         check_ports(folder, ldap_port, http_port)
     m = prepare(folder, ldap_port, http_port, fresh, hsm)
     config = load_config(Path(m["config"]))
-    from server.cli import cmd_status
+    from server.status import print_status
 
-    cmd_status(type("A", (), {"config": m["config"]})())  # type: ignore[arg-type]
+    print_status(config, _now())
     print()
     print(commands(m, ldap_port, http_port))
     if m.get("softhsm2_conf"):

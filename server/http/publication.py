@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
+from server import storeaccess
 from server.http import wire
 from server.http.listener import Reply
 from server.ocsp import publish
@@ -63,18 +63,11 @@ class PublicationRoute:
             return send(request, publish.index_page(list(self.service.published.values()),
                                                     records, ocsp_paths), fields, date)
 
-        if self.access is None:
-            return page(self._read_records())
-        if self.access.busy():
-            return page({})
-        d: Deferred[dict[str, Any]] = self.access.run(self._read_records)
-        return d.addCallback(page)
+        return storeaccess.read(self.access, self._read_records,
+                                unavailable=lambda _: page({}), then=page)
 
     def _read_records(self) -> dict[str, Any]:
-        try:
-            return {name: self.store.ca_by_name(name) for name in self.service.published}
-        except StoreError:
-            return {}
+        return {name: self.store.ca_by_name(name) for name in self.service.published}
 
     def file(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
         """``/ca/…`` or ``/crl/…``."""
@@ -92,19 +85,11 @@ class PublicationRoute:
         if kind != "crl" or ext != "crl":
             return send(request, publish.not_found(), fields, date)
 
-        def unavailable(failure: Failure) -> Reply:
-            failure.trap(StoreError)  # type: ignore[no-untyped-call]
+        def unavailable(_: StoreError) -> Reply:
             return send(request, wire.unavailable(b"store unavailable\n"), fields, date)
 
         def crl(record: Any) -> Reply:
             return send(request, publish.crl(record), fields, date)
 
-        if self.access is None:
-            try:
-                return crl(self.store.ca_by_name(name))
-            except StoreError:
-                return unavailable(Failure())  # type: ignore[no-untyped-call]
-        if self.access.busy():
-            return unavailable(Failure(StoreError("store threads busy")))  # type: ignore[no-untyped-call]
-        d: Deferred[Any] = self.access.run(self.store.ca_by_name, name)
-        return d.addCallbacks(crl, unavailable)
+        return storeaccess.read(self.access, self.store.ca_by_name, name,
+                                unavailable=unavailable, then=crl)

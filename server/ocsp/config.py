@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.configtools import ConfigError, Section
+from server.configtools import ConfigError, Section, check_key_file
 from server.ocsp.p11uri import Pkcs11Uri, is_pkcs11_uri, parse_pkcs11_uri
 
 MIN_VALIDITY = 8 * 3600.0  # CA/B Baseline Requirements 4.9.9
@@ -124,8 +124,6 @@ def parse_pkcs11(sec: Section, *, check_files: bool = True) -> Pkcs11Config:
             if not cfg.pin_file.is_file():
                 raise ConfigError(sec.key("pin_file"), f"file {cfg.pin_file} does not exist or"
                                   " is not a file")
-            from server.ocsp.signer import check_key_file  # owner-only, as key files
-
             check_key_file(cfg.pin_file, sec.key("pin_file"))
     sec.done()
     return cfg

@@ -15,7 +15,6 @@ RFC 6960 §4.2.2.2 (delegated responders), RFC 5019 §2.2.2 / RFC 9919 (algorith
 
 from __future__ import annotations
 
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from server.configtools import ConfigError
+from server.configtools import SignerError, check_key_file  # their home; imported from here too
 from server.ocsp.codec import ResponderId, key_hash
 from server.ocsp.p11uri import Pkcs11Uri
 
@@ -39,10 +38,6 @@ if TYPE_CHECKING:
 
 EXPIRY_WARNING = timedelta(days=30)
 MIN_RSA_BITS = 2048
-
-
-class SignerError(ConfigError):
-    """A signer that cannot be used; str() names the configuration key and the reason."""
 
 
 SignFunction = Callable[[bytes], bytes]
@@ -176,19 +171,6 @@ def _read_certificate(path: Path, key: str) -> x509.Certificate:
         return x509.load_der_x509_certificate(data)
     except ValueError:
         raise SignerError(key, f"{path} is not a PEM or DER certificate") from None
-
-
-def check_key_file(path: Path, key: str) -> None:
-    """Refuse a key file that group or others may access (it must be owner-only)."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise SignerError(key, f"cannot read {path}: {exc.strerror or exc}") from None
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise SignerError(
-            key, f"{path} has mode {mode:04o}: a private key must not be readable by group or"
-            f" others; run chmod 600 {path}")
 
 
 def _read_key(path: Path, key: str) -> Any:

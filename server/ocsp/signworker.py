@@ -25,6 +25,8 @@ import traceback
 from datetime import datetime
 from typing import Any, BinaryIO
 
+from store.lifeline import die_with_parent
+
 NICE = 10  # CPU priority below the server's: signing yields to cheap answers
 REPLY_BATCH = 8  # answers written together at most: the parent hands out more meanwhile
 _FRAME = struct.Struct(">I")
@@ -130,8 +132,6 @@ def main(argv: list[str]) -> int:
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the frames
     if len(argv) > 1:
-        from server.workers import die_with_parent
-
         die_with_parent(int(argv[1]))
     frames = Frames(0)
     pending = frames.read()

@@ -16,8 +16,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
+from server import storeaccess
 from server.http import wire
 from server.http.listener import Reply
 from server.http.publication import not_allowed, send
@@ -124,18 +124,8 @@ class WebRoute:
     def _run(self, request: wire.Request, fields: dict[str, Any], date: bytes,
              lang: Lang | None, fn: Callable[..., Answer], *args: Any) -> Reply | Deferred[Reply]:
         """fn(store, *args) in a store thread (or inline), answered; StoreError → 503."""
-        if self.access is None:
-            try:
-                answer = fn(self.store, *args)
-            except StoreError:
-                answer = self._unavailable(lang)
-            return self._answer(request, fields, date, answer)
-        if self.access.busy():
+        def unavailable(_: StoreError) -> Reply:
             return self._answer(request, fields, date, self._unavailable(lang))
 
-        def failed(failure: Failure) -> Reply:
-            failure.trap(StoreError)  # type: ignore[no-untyped-call]
-            return self._answer(request, fields, date, self._unavailable(lang))
-
-        d: Deferred[Answer] = self.access.run(fn, self.store, *args)
-        return d.addCallbacks(lambda answer: self._answer(request, fields, date, answer), failed)
+        return storeaccess.read(self.access, fn, self.store, *args, unavailable=unavailable,
+                                then=lambda answer: self._answer(request, fields, date, answer))

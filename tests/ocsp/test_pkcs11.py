@@ -381,12 +381,13 @@ def test_demo_hsm_serves_with_its_keys_in_a_token(tmp_path: Path) -> None:
     assert "SOFTHSM2_CONF=" in out
 
 
-# --- the README's set-up, step by step --------------------------------------------------------
+# --- docs/hsm.md's set-up, step by step -------------------------------------------------------
 
 
 def test_readme_steps_with_pkcs11_tool(tmp_path: Path) -> None:
     """A key generated in the token by pkcs11-tool, certified by `openssl x509 -force_pubkey`,
-    its certificate written beside it, checked by `certpub check-config` (README, steps 1-5)."""
+    its certificate written beside it, checked by `certpub check-config` (docs/hsm.md,
+    steps 1-5)."""
     require_softhsm()
     tool, openssl = require_tool("pkcs11-tool"), require_tool("openssl")
     token = create_token(tmp_path / "hsm", pin=PIN)
