@@ -151,35 +151,34 @@ class ResponseCache:
         return len(self._entries)
 
     # The cache's own look-ups drop an entry at its refresh time (the same test as in
-    # ``Ready.serve``, written out in each: they run once per request that misses a view).
+    # ``Ready.serve``): they hand entries out in the first place.
+
+    def _take(self, key: bytes, now: datetime) -> CachedResponse | None:
+        """The live entry under key, or None counted as a miss (the lock is held)."""
+        entry = self._entries.get(key)
+        if entry is not None and now >= entry.refresh_at:
+            self._drop(key)
+            entry = None
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        return entry
 
     def get(self, key: bytes, now: datetime) -> CachedResponse | None:
         """The live entry under key, counting a hit or a miss."""
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and now >= entry.refresh_at:
-                self._drop(key)
-                entry = None
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
+            entry = self._take(key, now)
+            if entry is not None:
+                self.hits += 1
             return entry
 
     def ready(self, key: bytes, now: datetime, clock: Any, der: bytes) -> Ready | None:
         """The live entry under key as a view's ``Ready`` (a miss is counted here, a hit by
         ``Ready.serve`` when it is served)."""
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and now >= entry.refresh_at:
-                self._drop(key)
-                entry = None
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            return Ready(self, entry, self.epoch, clock, der)
+            entry = self._take(key, now)
+            return None if entry is None else Ready(self, entry, self.epoch, clock, der)
 
     def peek(self, key: bytes, now: datetime) -> CachedResponse | None:
         """Like get, without counting (for the second key of one request)."""
