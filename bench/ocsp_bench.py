@@ -33,7 +33,10 @@ openssl (default: all but floor-direct).
 
 ``--certpub-config NAME=CONFIG`` (repeatable) adds a certpub target started from CONFIG instead
 of DATA/certpub.toml (e.g. ``bench/pg_env.py``'s PostgreSQL variant), in the same rotation;
-``--db-pid NAME=PID`` adds PID's process tree (that PostgreSQL server) to NAME's server CPU and
+``--certpub-root NAME=DIR`` (repeatable) adds a certpub target run from another checkout DIR
+(its ``.venv/bin/certpub``, so its own code) with the same DATA/certpub.toml, in the same
+rotation: an A/B of two versions of the code measured paired and alternating (e.g.
+``--certpub-root main=/work/main``). ``--db-pid NAME=PID`` adds PID's process tree (that PostgreSQL server) to NAME's server CPU and
 CPU per request, also reported alone ("of it db").
 """
 
@@ -234,7 +237,7 @@ class Certpub(Target):
     name = "certpub"
 
     def __init__(self, data: Path, work: Path, workers: int, *, name: str = "certpub",
-                 config: Path | None = None) -> None:
+                 config: Path | None = None, root: Path | None = None) -> None:
         self.name = name
         self.port = free_port()
         text = (config or data / "certpub.toml").read_text()
@@ -246,8 +249,10 @@ class Certpub(Target):
         text += f'\n[log]\nfile = "{work}/certpub.log"\n\n[server]\nworkers = {workers}\n'
         self.config = work / "certpub.toml"
         self.config.write_text(text)
-        exe = Path(sys.executable).with_name("certpub")
+        exe = (root / ".venv" / "bin" / "certpub" if root is not None
+               else Path(sys.executable).with_name("certpub"))
         self.proc = subprocess.Popen([str(exe), "serve", "--config", str(self.config)],
+                                     cwd=root,
                                      stdout=open(work / "certpub.out", "wb"),  # noqa: SIM115 - lives with the server
                                      stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc)
@@ -429,6 +434,9 @@ def main() -> None:
     parser.add_argument("--certpub-config", action="append", default=[], metavar="NAME=CONFIG",
                         help="one more certpub target, called NAME, from CONFIG instead of "
                         "DATA/certpub.toml (repeatable; e.g. bench/pg_env.py's PostgreSQL store)")
+    parser.add_argument("--certpub-root", action="append", default=[], metavar="NAME=DIR",
+                        help="one more certpub target, called NAME, run from the checkout DIR "
+                        "(its .venv): A/B of two versions in the same rotation (repeatable)")
     parser.add_argument("--db-pid", action="append", default=[], metavar="NAME=PID",
                         help="count PID's process tree (e.g. bench/pg_env.py's PostgreSQL "
                         "postmaster) as target NAME's server CPU; also reported alone (db cpu)")
@@ -462,6 +470,10 @@ def main() -> None:
         for spec in args.certpub_config:
             name, _, config = spec.partition("=")
             targets.append(Certpub(data, work, args.workers, name=name, config=Path(config)))
+            wanted.append(name)
+        for spec in args.certpub_root:
+            name, _, root = spec.partition("=")
+            targets.append(Certpub(data, work, args.workers, name=name, root=Path(root)))
             wanted.append(name)
         post = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/ocsp-request\r\n"
                 b"Content-Length: %d\r\n\r\n" % len(reqs["plain"]) + reqs["plain"])

@@ -10,7 +10,7 @@ benchmark measures it in the same rotation as certpub, nginx and ``openssl ocsp`
 
 ``--direct`` (the benchmark's ``floor-direct`` target) sends the answer straight to the
 socket while the transport has nothing buffered, as certpub's listener does
-(``server.http.listener.direct_send``): the floor of that write path, so that certpub's own
+(``server.twistedwrite.socket_writer``): the floor of that write path, so that certpub's own
 cost per answer can be read against both.
 """
 

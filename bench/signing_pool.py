@@ -101,12 +101,12 @@ def main() -> None:
     rnd = iter(range(1 << 60))
 
     def nonce_miss() -> Any:
-        return service.compute(reqs["nonce_prefix"] + os.urandom(32), now, peek=False)
+        return service.compute(reqs["nonce_prefix"] + os.urandom(32), now)
 
     def unknown_miss() -> Any:
         serial = (0x10 << (8 * (SERIAL_OCTETS - 1))) + next(rnd)
         der = reqs["unknown_prefix"] + serial.to_bytes(SERIAL_OCTETS, "big")
-        return service.compute(der, now, peek=False)
+        return service.compute(der, now)
 
     assert nonce_miss().outcome.status == "successful"
     assert unknown_miss().unknown

@@ -221,9 +221,9 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
             metrics.limits["http"] = http_factory.limits
             metrics.presigned = lambda: service.presigned
             metrics.presign_backlog = lambda: service.presign_backlog
-            if service.signing is not None:
-                from server.ocsp.signing import OverloadCollector
+            from server.ocsp.signing import OverloadCollector, SigningQueue
 
+            if isinstance(service.signing, SigningQueue):  # (always, with a reactor)
                 metrics.register_worker(OverloadCollector(service.signing))
             metrics.spools = config.import_.spool
         health = HealthCheck(access.store, feed, now, lambda: _signer_expiries(expiries),

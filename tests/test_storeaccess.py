@@ -22,7 +22,7 @@ from server.ocsp.service import OcspService
 from server.storeaccess import StoreAccess, ThreadStore, read
 from store.model import CaId, RevocationReason, Serial
 from store.sqlite import Store, StoreError
-from tests.ocsp.helpers import T0, config_for, fill_store, make_ca, request_der
+from tests.ocsp.helpers import answer, T0, config_for, fill_store, make_ca, request_der
 
 WAIT = 30.0  # seconds any event wait may take before the test fails (never reached normally)
 
@@ -247,6 +247,17 @@ async def test_read_with_a_pool_answers_later(ocsp_env: dict[str, Any]) -> None:
 # --- OCSP: the stale-insert race, errors from a pool thread ---------------------------------
 
 
+def signing_queue(service: OcspService, access: Any) -> Any:
+    """The server's signing seam on service: the queue, signing in the store threads."""
+    from twisted.internet import reactor
+
+    from server.ocsp.signing import LocalSigners, SigningQueue
+
+    service.signing = SigningQueue(service, LocalSigners(service, access, reactor),
+                                   service.config, reactor=reactor)
+    return service.signing
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_response_read_before_a_revocation_is_not_cached(ocsp_env: dict[str, Any]) -> None:
     """The miss reads ``good``, the feed voids serial 2 while it signs: never cached."""
@@ -259,10 +270,11 @@ async def test_a_response_read_before_a_revocation_is_not_cached(ocsp_env: dict[
     feed = ChangeFeed(store)
     feed.prime()
     feed.subscribe(service.on_changes)
+    queue = signing_queue(service, access)
     der = request_der(ocsp_env["ca"], [2])
     try:
         gate.armed = True
-        pending = service.respond_later(der)
+        pending = answer(service, der)
         assert isinstance(pending, defer.Deferred)
         assert await wait_event(gate.entered)
         with store.batch(T0) as b:  # the importer revokes meanwhile
@@ -275,15 +287,16 @@ async def test_a_response_read_before_a_revocation_is_not_cached(ocsp_env: dict[
         assert first.cache == "miss" and first.statuses == ("good",)
         assert len(service.cache) == 0
         gate.armed = False
-        again = await defer.maybeDeferred(service.respond_later, der)
+        again = await defer.maybeDeferred(answer, service, der)
         assert again.cache == "miss" and again.statuses == ("revoked",)
-        third = await defer.maybeDeferred(service.respond_later, der)
+        third = await defer.maybeDeferred(answer, service, der)
         assert third.cache == "hit" and third.statuses == ("revoked",)
         resp = c_ocsp.load_der_ocsp_response(third.der)
         assert resp.responses and next(iter(resp.responses)).certificate_status == (
             c_ocsp.OCSPCertStatus.REVOKED)
     finally:
         gate.release.set()
+        queue.stop()
         access.stop()
 
 
@@ -291,8 +304,8 @@ def test_an_insert_without_invalidation_in_between_is_kept(ocsp_env: dict[str, A
     """The epoch check drops only what an invalidation overtook (inline here)."""
     service = OcspService(config_for(ocsp_env["ca"]), ocsp_env["store"], Clock())
     der = request_der(ocsp_env["ca"], [1])
-    assert service.respond(der).cache == "miss"
-    assert service.respond(der).cache == "hit"
+    assert answer(service, der).cache == "miss"
+    assert answer(service, der).cache == "hit"
     epoch = service.cache.epoch
     service.on_changes([])  # any batch moves the epoch, even one that voids nothing
     assert service.cache.epoch == epoch + 1
@@ -304,7 +317,9 @@ async def test_store_errors_in_a_pool_thread_map_to_try_later_and_503(
     access = threaded(ocsp_env["path"], BrokenStore)
     try:
         service = OcspService(config_for(ocsp_env["ca"]), None, Clock(), access=access)  # type: ignore[arg-type]
-        out = await defer.maybeDeferred(service.respond_later, request_der(ocsp_env["ca"], [1]))
+        queue = signing_queue(service, access)
+        out = await defer.maybeDeferred(answer, service, request_der(ocsp_env["ca"], [1]))
+        queue.stop()
         assert out.status == "try_later" and out.der == c_ocsp_try_later()
         health = HealthCheck(access.store, None, Clock(), dict, access=access)
         ok, body = await health.check_deferred()

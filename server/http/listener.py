@@ -16,9 +16,12 @@ A request seen before is answered without parsing: when a read is exactly one co
 keep-alive request, arriving on a connection with nothing buffered and nothing pending (so
 the same bytes always parse the same way), and its route can replay the answer
 (``Handler.replay``: an OCSP cache hit), the factory remembers read → replay. The next read
-of the same bytes on any connection calls the replay with the current Date — it says again
-whether the answer is live (the response cache's epoch, the refresh time, the Date second)
-and gives the bytes or None (then the read takes the normal path and the entry is dropped).
+of the same bytes on any connection calls the replay with the current Date — a view of the
+one cache of ready answers (``server.ocsp.cache.Ready``): its ``live`` check says whether the
+answer may still be served (the cache's epoch, the refresh time, the max-age window, the
+Date second) and the replay gives the bytes or None (then the read takes the normal path
+and the entry is dropped). Answers are written at once while the transport holds nothing
+(``server.twistedwrite``).
 The memo is bounded (``MEMO_ENTRIES`` reads of at most ``MEMO_READ_BYTES``, cleared when
 full) and cleared by a reload (new limits, paths or signers). Everything per request still
 happens once per request: the access record, the idle clock.
@@ -31,7 +34,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol as TypingProtocol
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -40,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from zope.interface import implementer
 
+from server import twistedwrite
 from server.http import wire
 from server.http.accesslog import AccessLog
 from server.limits import ConnectionLimits, bytes_waiting, peer_host
@@ -53,7 +56,8 @@ MAX_PENDING = 32  # answers in computation per connection before reading pauses
 MEMO_ENTRIES = 4096  # remembered reads (one whole request each) per listener
 MEMO_READ_BYTES = 2048  # longer reads are never remembered
 
-# What a route returns: the complete response bytes, the status, the body size, the log fields.
+# What a route returns: the complete response bytes, the status, the body size, the log fields
+# (the one definition: routes import it from here).
 Reply = tuple[bytes, int, int, dict[str, Any]]
 
 
@@ -89,24 +93,6 @@ def failed_reply(request: wire.Request, failure: Failure | None = None) -> Reply
     return data, 500, 0, {"kind": "http"}
 
 
-def direct_send(transport: Any) -> Callable[[bytes], int] | None:
-    """The socket's ``send`` when transport is a plain TCP connection whose write buffer we
-    can see (Twisted's ``tcp.Connection``), else None (TLS, test transports).
-
-    ``transport.write`` only buffers: the bytes leave on the reactor's next turn, when epoll
-    says the socket is writable, at the price of two ``epoll_ctl`` calls and a ``doWrite``
-    dispatch per answer — a third of the reactor's own cost of a small answer. An answer
-    written while nothing is buffered goes straight to the socket instead (what the kernel
-    does not take, and everything while something is buffered, goes through
-    ``transport.write``, so the order of bytes and the producer's back-pressure stay the
-    transport's)."""
-    if (type(transport) is not tcp.Server or getattr(transport, "TLS", True)
-            or not hasattr(transport, "_tempDataBuffer") or not hasattr(transport, "dataBuffer")):
-        return None
-    sock = getattr(transport, "socket", None)
-    return sock.send if sock is not None else None  # type: ignore[no-any-return]
-
-
 @implementer(IPushProducer)
 class HttpChannel(Protocol):
     """One HTTP connection."""
@@ -132,13 +118,14 @@ class HttpChannel(Protocol):
         self._abort: Any = None
         self._paused = 0  # bit 1: transport asked us to pause; 2: too many pending; 4: backoff
         self._backoff: Any = None
-        self._socket_send: Callable[[bytes], int] | None = None
+        # write now while the transport holds nothing (``server.twistedwrite``), else buffered
+        self._send: Callable[[bytes], None] = self._write_later
 
     # --- connection ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
-        self._socket_send = direct_send(self.transport)
+        self._send = twistedwrite.socket_writer(self.transport)
         if self.timeout:
             self._last = self.factory.reactor.seconds()
             self._idle = self.factory.reactor.callLater(self.timeout, self._idle_check)
@@ -328,21 +315,7 @@ class HttpChannel(Protocol):
             self.transport.unregisterProducer()
         self.transport.loseConnection()
 
-    def _send(self, data: bytes) -> None:
-        """Write data now when the transport has nothing buffered (see ``direct_send``),
-        else (and whatever the socket did not take) through the transport's buffer."""
-        send = self._socket_send
-        if send is not None:
-            t = self.transport
-            if (not t.dataBuffer and not t._tempDataBuffer and t.connected and not t.TLS
-                    and not t.disconnecting):
-                try:
-                    n = send(data)
-                except OSError:  # EAGAIN; or an error the transport reports once it writes
-                    n = 0
-                if n == len(data):
-                    return
-                data = data[n:]
+    def _write_later(self, data: bytes) -> None:
         self.transport.write(data)
 
     def _write(self, data: bytes) -> None:

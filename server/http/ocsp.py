@@ -1,19 +1,18 @@
 """OCSP over HTTP (RFC 6960 appendix A, RFC 5019 §5-6): GET and POST at the OCSP paths.
 
-Strategy: a request is identified by what it sends — a POST's raw body, a GET's path — and
-a request seen before is answered from ``_Hot``: the complete HTTP response bytes of its
-pre-signed response (status line, Connection, Date, Content-Type, the RFC 5019 caching
-headers of a GET, Content-Length, the DER; a matching ``If-None-Match`` gets the 304
-variant), built once per second (Date and ``max-age`` move each second) and per HTTP
-version / persistence. So a hit is one dict lookup and one write, without ASN.1. A hot
-answer is only served while it is live: until its refresh time, and while the response
-cache has seen no change-feed invalidation since (``ResponseCache.epoch``); otherwise the
-request goes back through ``OcspService.lookup``, which knows what is current. Everything
-else (a first request, a nonce, a conditional GET with other validators, errors) is answered
-through ``OcspService.respond_to`` — the one call that may need a signature and may return
-a Deferred: it goes through the bounded, per-address fair signing queue
-(``server.ocsp.signing``), which answers at once (``tryLater`` or a pre-signed response)
-when that queue is full, so a flood of requests to sign never delays a hit.
+Strategy: every request goes to ``OcspService.answer`` (DER and ``now`` in, an outcome out,
+or a Deferred of one when it needs a signature: the signing queue, ``server.ocsp.signing``,
+which answers at once — ``tryLater`` or a pre-signed response — when it is full, so a flood
+of requests to sign never delays a hit). A hit by raw bytes comes with the cache's
+``Ready`` of it, which this route keeps in a table of hot requests per method (a POST's
+raw body, a GET's path): views of the one cache of ready answers (``server.ocsp.cache``).
+The next time, the request is answered from the view — the complete HTTP response bytes
+(status line, Connection, Date, Content-Type, the RFC 5019 caching headers of a GET,
+Content-Length, the DER; a matching ``If-None-Match`` gets the 304 variant), kept per HTTP
+version / persistence in ``Ready.views`` — by ``Ready.serve``, once it found the answer live
+(no change-feed invalidation since, before its refresh time, same Date second and max-age);
+so a hit is one dict lookup, that check and one write, without ASN.1. A dead view sends the
+request back to ``OcspService.answer``, which knows what is current.
 A POST is parsed whatever its Content-Type: RFC 6960 A.1 asks for
 ``application/ocsp-request``, but some clients send none, and the bytes either decode as an
 OCSPRequest or get ``malformedRequest`` anyway.
@@ -24,18 +23,19 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
-from functools import partial
+from datetime import datetime
 from email.utils import parsedate_to_datetime
+from functools import partial
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 
 from server.http import wire
+from server.http.listener import Reply
 from server.ocsp import publish
-from server.ocsp.cache import CachedResponse
-from server.ocsp.codec import MalformedRequest, encode_error
+from server.ocsp.cache import Ready
+from server.ocsp.codec import MalformedRequest
 from server.ocsp.service import OcspService, Outcome
 
 OCSP_RESPONSE = b"application/ocsp-response"
@@ -44,8 +44,6 @@ RFC_STATUS = {"successful": "successful", "malformed_request": "malformedRequest
               "sign_required": "sigRequired", "unauthorized": "unauthorized"}
 # Requests remembered with their hot answer, per method: the response cache's bound
 # (``http.cache_entries``); a full table is cleared (its entries stay in the cache).
-GET_MEMO_ENTRIES = 10_000  # GET path -> request DER (a pure function of the path)
-Reply = tuple[bytes, int, int, dict[str, Any]]
 
 
 def decode_get_path(rest: bytes) -> bytes:
@@ -136,77 +134,38 @@ def not_modified(if_none_match: bytes | None, if_modified_since: bytes | None,
     return False
 
 
-_NEVER = datetime.min.replace(tzinfo=UTC)
-_SECOND = timedelta(seconds=1)
+Variant = tuple[bytes, bool, bool, bool]  # (HTTP version, keep-alive, no body, 304)
 
 
-class _Hot:
-    """A pre-signed response as complete HTTP bytes, per variant, for the current second.
+def _build_post(ready: Ready, key: Variant, date: bytes) -> Reply:
+    """A view's reply to a POST of variant key at date (``Ready.build``)."""
+    return _build(ready, key, date, None)
 
-    The variants hold while the Date is the same and the service's clock is inside
-    ``[lo, hi)``: before the refresh time and, for a GET, while ``max-age`` (whole seconds
-    to nextUpdate) keeps its value; so a hit compares, and does no date arithmetic."""
 
-    __slots__ = ("entry", "epoch", "fields", "get", "date", "lo", "hi", "variants", "etag",
-                 "size")
+def _build_get(ready: Ready, key: Variant, date: bytes) -> Reply:
+    """A view's reply to a GET or HEAD of variant key at date, with the caching headers."""
+    return _build(ready, key, date, ready.clock())
 
-    def __init__(self, entry: CachedResponse, epoch: int, get: bool) -> None:
-        self.entry = entry
-        self.epoch = epoch
-        self.get = get
-        self.fields = reply_fields(OcspService.outcome(entry, "hit"))
-        self.etag = entry.etag.encode()
-        self.size = len(entry.der)
-        self.date = b""
-        self.lo = self.hi = _NEVER
-        self.variants: dict[tuple[bytes, bool, bool], bytes] = {}
 
-    def answer(self, service: OcspService, key: tuple[bytes, bool, bool], not_mod: bool,
-               date: bytes) -> Reply | None:
-        """The reply of variant key (version, keep-alive, no body) at date; None when this
-        answer is no longer live (a change-feed invalidation, its refresh time)."""
-        if self.epoch != service.cache.epoch:
-            return None
-        now = service.now()
-        if date != self.date or not self.lo <= now < self.hi:
-            entry = self.entry
-            if now >= entry.refresh_at:
-                return None
-            self.variants.clear()
-            self.date = date
-            self.lo, self.hi = _NEVER, entry.refresh_at
-            if self.get:  # max-age = int(next_update - now) stays m on (next - m - 1, next - m]
-                m = max(0, int((entry.next_update - now).total_seconds()))
-                if m:
-                    self.lo = max(self.lo, entry.next_update - (m + 1) * _SECOND
-                                  + timedelta(microseconds=1))
-                    self.hi = min(self.hi, entry.next_update - m * _SECOND
-                                  + timedelta(microseconds=1))
-        service.cache.hits += 1
-        data = self.variants.get(key)
-        if data is None:
-            data = self.variants[key] = self._bytes(key, not_mod, date, now)
-        return data, 304 if not_mod else 200, 0 if key[2] else self.size, self.fields
-
-    def _bytes(self, key: tuple[bytes, bool, bool], not_mod: bool, date: bytes,
-               now: datetime) -> bytes:
-        entry = self.entry
-        headers = [(b"Content-Type", OCSP_RESPONSE)]
-        if self.get:
-            headers += get_headers(OcspService.outcome(entry, "hit"), now)
-        return wire.response(304 if not_mod else 200, headers, entry.der, version=key[0],
-                             keep_alive=key[1], date=date, head=key[2])
+def _build(ready: Ready, key: Variant, date: bytes, get_now: datetime | None) -> Reply:
+    entry = ready.entry
+    headers = [(b"Content-Type", OCSP_RESPONSE)]
+    if get_now is not None:
+        headers += get_headers(OcspService.outcome(entry, "hit"), get_now)
+    not_mod = key[3]
+    data = wire.response(304 if not_mod else 200, headers, entry.der, version=key[0],
+                         keep_alive=key[1], date=date, head=key[2])
+    return data, 304 if not_mod else 200, 0 if key[2] else len(entry.der), ready.fields
 
 
 class OcspRoute:
-    """Answers OCSP GETs and POSTs; pre-signed answers straight from bytes."""
+    """Answers OCSP GETs and POSTs; pre-signed answers straight from the cache's views."""
 
     def __init__(self, service: OcspService, paths: tuple[str, ...]) -> None:
         self.service = service
         self.set_paths(paths)
-        self._post_hot: dict[bytes, _Hot] = {}
-        self._get_hot: dict[bytes, _Hot] = {}
-        self._get_memo: dict[bytes, bytes] = {}
+        self._post_hot: dict[bytes, Ready] = {}  # POST body -> view
+        self._get_hot: dict[bytes, Ready] = {}  # GET path -> view
 
     def set_paths(self, paths: tuple[str, ...]) -> None:
         """The OCSP paths (a reload may change them)."""
@@ -217,10 +176,9 @@ class OcspRoute:
         self.get_prefixes = tuple(sorted((p.rstrip("/").encode("latin-1") + b"/" for p in paths),
                                          key=len, reverse=True))
         self._get_hot = {}
-        self._get_memo = {}
 
     def forget(self) -> None:
-        """Drop every hot answer (a reload: new signers)."""
+        """Drop every view (a reload: new signers)."""
         self._post_hot = {}
         self._get_hot = {}
 
@@ -235,9 +193,9 @@ class OcspRoute:
 
     def post(self, request: wire.Request, date: bytes,
              client: str = "-") -> Reply | Deferred[Reply]:
-        hot = self._post_hot.get(request.body)
-        if hot is not None:
-            reply = self._hot_reply(hot, request, date)
+        ready = self._post_hot.get(request.body)
+        if ready is not None:
+            reply = self._hot_reply(ready, request, date)
             if reply is not None:
                 return reply
         return self._answer(request, request.body, date, client, get=False)
@@ -245,86 +203,82 @@ class OcspRoute:
     def get(self, request: wire.Request, date: bytes,
             client: str = "-") -> Reply | Deferred[Reply]:
         """GET (or HEAD) of ``prefix/<base64 DER>``; ``is_get(path)`` is true."""
-        hot = self._get_hot.get(request.path)
-        if hot is not None:
-            reply = self._hot_reply(hot, request, date)
+        ready = self._get_hot.get(request.path)
+        if ready is not None:
+            reply = self._hot_reply(ready, request, date)
             if reply is not None:
                 return reply
-        der = self._get_memo.get(request.path)
-        if der is None:
+            der = ready.der  # the path's decoding, kept by the view
+        else:
             try:
                 der = self._get_der(request.path)
             except MalformedRequest as exc:
-                out = Outcome(encode_error("malformed_request"), "malformed_request", "-",
-                              reason=str(exc))
-                return self._reply(out, request, date, None)
+                return self._reply(Outcome.error(exc), request, date, None)
         return self._answer(request, der, date, client, get=True)
 
     def _get_der(self, path: bytes) -> bytes:
         for p in self.get_prefixes:
             if path.startswith(p) and len(path) > len(p) and (p != b"/" or path[1:2] == b"M"):
-                der = decode_get_path(path[len(p):])
-                memo = self._get_memo
-                if len(memo) >= GET_MEMO_ENTRIES:
-                    memo.clear()
-                memo[path] = der
-                return der
+                return decode_get_path(path[len(p):])
         raise MalformedRequest("not an OCSP path")  # is_get said it was: a bug
 
     @staticmethod
-    def _variant(hot: _Hot, request: wire.Request) -> tuple[tuple[bytes, bool, bool], bool] | None:
-        """(variant key, 304?) of the hot answer to request; None when the request carries
+    def _variant(ready: Ready, request: wire.Request) -> Variant | None:
+        """The variant of the view's answer to request; None when the request carries
         validators only the general path decides."""
         headers = request.headers
         not_mod = False
-        if hot.get and (b"if-none-match" in headers or b"if-modified-since" in headers):
-            if headers.get(b"if-none-match") != hot.etag:
+        if ready.build is _build_get and (b"if-none-match" in headers
+                                          or b"if-modified-since" in headers):
+            if headers.get(b"if-none-match") != ready.entry.etag.encode():
                 return None  # other validators: answered the general way
             not_mod = True  # (a POST is never answered 304)
-        return (request.version, request.keep_alive, request.method == b"HEAD" or not_mod), not_mod
+        return (request.version, request.keep_alive, request.method == b"HEAD" or not_mod,
+                not_mod)
 
-    def _hot_reply(self, hot: _Hot, request: wire.Request, date: bytes) -> Reply | None:
-        """The hot answer to request, or None when it is no longer live (or not for it)."""
-        variant = self._variant(hot, request)
+    def _hot_reply(self, ready: Ready, request: wire.Request, date: bytes) -> Reply | None:
+        """The view's answer to request, or None when it is no longer live (or not for it)."""
+        variant = self._variant(ready, request)
         if variant is None:
             return None
-        return hot.answer(self.service, variant[0], variant[1], date)
+        return ready.serve(variant, date)  # type: ignore[no-any-return]
 
     def replay(self, request: wire.Request) -> Callable[[bytes], Reply | None] | None:
-        """How to answer the same request again from its hot answer (the listener's memo of
-        whole requests), or None when it has none."""
+        """How to answer the same request again from its view (the listener's memo of
+        whole requests: a view of the same ``Ready``), or None when it has none."""
         if request.method == b"POST":
-            hot = self._post_hot.get(request.body)
+            ready = self._post_hot.get(request.body)
         else:
-            hot = self._get_hot.get(request.path)
-        if hot is None:
+            ready = self._get_hot.get(request.path)
+        if ready is None:
             return None
-        variant = self._variant(hot, request)
+        variant = self._variant(ready, request)
         if variant is None:
             return None
-        return partial(hot.answer, self.service, variant[0], variant[1])
+        return partial(ready.serve, variant)
 
     def _answer(self, request: wire.Request, der: bytes, date: bytes, client: str, *,
                 get: bool) -> Reply | Deferred[Reply]:
         service = self.service
         now = service.now()
-        entry = service.lookup(der, now)
-        if entry is not None:
-            hot = _Hot(entry, service.cache.epoch, get)
+        out = service.answer(der, now, client)
+        if type(out) is not Outcome:
+            return out.addCallback(self._reply, request, date,  # type: ignore[no-any-return]
+                                   now if get else None)
+        ready = out.ready
+        if ready is not None:  # a hit by raw bytes: keep its view
+            ready.fields = reply_fields(out)
+            ready.build = _build_get if get else _build_post
             table = self._get_hot if get else self._post_hot
             if len(table) >= service.cache.max_entries:
                 table.clear()
-            table[request.path if get else der] = hot
-            reply = self._hot_reply(hot, request, date)
-            if reply is not None:
-                service.cache.hits -= 1  # lookup counted this hit already
-                return reply
-            return self._reply(service.outcome(entry, "hit"), request, date,
-                               now if get else None)
-        outcome = service.respond_to(der, now, client)
-        if isinstance(outcome, Deferred):
-            return outcome.addCallback(self._reply, request, date, now if get else None)
-        return self._reply(outcome, request, date, now if get else None)
+            table[request.path if get else der] = ready
+            variant = self._variant(ready, request)
+            if variant is not None:
+                reply = ready.serve(variant, date, False)  # answer() counted this hit
+                if reply is not None:
+                    return reply  # type: ignore[no-any-return]
+        return self._reply(out, request, date, now if get else None)
 
     @staticmethod
     def _reply(out: Outcome, request: wire.Request, date: bytes,

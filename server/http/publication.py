@@ -15,11 +15,11 @@ from twisted.internet.defer import Deferred
 
 from server import storeaccess
 from server.http import wire
+from server.http.listener import Reply
 from server.ocsp import publish
 from server.ocsp.service import OcspService
 from store.sqlbase import StoreError
 
-Reply = tuple[bytes, int, int, dict[str, Any]]
 
 
 def send(request: wire.Request, reply: publish.Reply, fields: dict[str, Any],
@@ -86,8 +86,7 @@ class PublicationRoute:
             return send(request, publish.not_found(), fields, date)
 
         def unavailable(_: StoreError) -> Reply:
-            return send(request, (503, [(b"Retry-After", b"10")], b"store unavailable\n"),
-                        fields, date)
+            return send(request, wire.unavailable(b"store unavailable\n"), fields, date)
 
         def crl(record: Any) -> Reply:
             return send(request, publish.crl(record), fields, date)

@@ -19,9 +19,10 @@ from datetime import datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, cooperate
 from twisted.logger import Logger
 
+from server import twistedwrite
 from server.http import wire
 from server.http.accesslog import AccessLog
 from server.http.listener import HttpFactory, Replay, Reply
@@ -34,8 +35,7 @@ from server.ocsp import publish
 from server.ocsp.service import REFRESH_EVERY, OcspService
 from server.web.pages import WebPages
 from server.web.route import WebRoute
-from server.ocsp.signing import LocalSigners, SigningQueue
-from server.ocsp.signprocs import ProcessSigners
+from server.ocsp.signing import LocalSigners, ProcessSigners, SigningQueue
 
 log = Logger(namespace="server.http")
 
@@ -97,9 +97,9 @@ class OcspHttpFactory(HttpFactory):
     """The listener's factory with the OCSP service's periodic work and SIGHUP reload."""
 
     def __init__(self, site: HttpSite, service: OcspService, *, max_body: int, timeout: float,
-                 reactor: Any, limits: ConnectionLimits) -> None:
+                 reactor: Any, limits: ConnectionLimits, access: AccessLog | None = None) -> None:
         super().__init__(site, max_body=max_body, timeout=timeout, reactor=reactor,
-                         limits=limits, access=AccessLog(reactor))
+                         limits=limits, access=access if access is not None else AccessLog(reactor))
         self.service = service
         self.http_site = site
         self._loops: list[LoopingCall] = []
@@ -120,8 +120,7 @@ class OcspHttpFactory(HttpFactory):
             if loop.running:
                 loop.stop()
         self._loops = []
-        if self.service.signing is not None:
-            self.service.signing.stop()
+        self.service.signing.stop()
         super().stopFactory()
 
     def reload(self, config: Any) -> None:
@@ -154,9 +153,15 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
     """The HTTP listener's factory; raises SignerError when a signer is unusable. ``access``
     (a threaded StoreAccess) runs its store reads in the store threads; ``privacy`` (a
     ``server.privacy.Privacy``, shared with LDAP) judges and budgets the search pages."""
-    service = OcspService(config, store, clock_now, access=access)
+    twistedwrite.available()  # the start-up check of Twisted's write internals (logged once)
+    service = OcspService(config, store, clock_now, access=access, schedule=cooperate_slices)
     service.warn_expiring()
-    service.signing = make_signing_queue(config, service, store, access, reactor, clock_now)
+    access_log = AccessLog(reactor)
+    # its pacing weighs the requests the listener answered without it (the access log's count)
+    queue = make_signing_queue(config, service, store, access, reactor, clock_now,
+                               requests=access_log.count)
+    if queue is not None:
+        service.signing = queue
     if feed is not None:
         feed.subscribe(service.on_changes)
     pages = WebPages(lambda: service.published, public_attributes(config), config.http.ocsp_paths,
@@ -171,14 +176,19 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
         site.ops_allowed = ops.public_allows
     factory = OcspHttpFactory(site, service, max_body=config.http.max_request_bytes,
                               timeout=getattr(config.http, "idle_timeout", 30.0),
-                              reactor=reactor, limits=limits)
-    if service.signing is not None:  # its pacing weighs the requests answered without it
-        service.signing.requests = factory.access.count
+                              reactor=reactor, limits=limits, access=access_log)
     return factory
 
 
+def cooperate_slices(work: Any) -> Any:
+    """Run an iterator of work a slice at a time on the reactor (the service's re-signing);
+    a Deferred fired when done."""
+    return cooperate(work).whenDone()
+
+
 def make_signing_queue(config: Any, service: OcspService, store: Any, access: Any,
-                       reactor: Any, clock_now: Callable[[], datetime]) -> SigningQueue | None:
+                       reactor: Any, clock_now: Callable[[], datetime], *,
+                       requests: Callable[[], int] | None = None) -> SigningQueue | None:
     """The bounded signing queue and its signers: ``[http] signing_processes`` child
     processes when the store is a file or a database they can open, else in-process."""
     if reactor is None:
@@ -193,4 +203,4 @@ def make_signing_queue(config: Any, service: OcspService, store: Any, access: An
                                   reactor, clock_now)
     else:
         executor = LocalSigners(service, access, reactor)
-    return SigningQueue(service, executor, config, reactor=reactor)
+    return SigningQueue(service, executor, config, reactor=reactor, requests=requests)

@@ -401,3 +401,13 @@ def refusal(refused: Refusal, date: bytes) -> bytes:
 
 
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+RETRY_AFTER = 10  # seconds a client is asked to wait before it asks again
+
+
+def unavailable(body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> tuple[
+        int, list[tuple[bytes, bytes]], bytes]:
+    """A 503 answer asking the client to come back later (RFC 9110 §15.6.4 and §10.2.3:
+    ``Retry-After``): (status, headers, body), for the routes' ``send``."""
+    return 503, [*headers, (b"Retry-After", b"%d" % RETRY_AFTER)], body

@@ -1,4 +1,5 @@
-"""Pre-signed OCSP responses for requests without a nonce, bounded, voided by the change feed.
+"""The one cache of ready OCSP answers: pre-signed responses for requests without a nonce,
+bounded, voided by the change feed, and the views that serve them without a lookup.
 
 Strategy: an LRU (an ``OrderedDict``) of signed responses under two kinds of key: the raw
 request DER (the hot path: a POST body, or a GET path once base64-decoded, is looked up
@@ -17,6 +18,15 @@ cache also counts invalidations (``epoch``): a response is computed from reads m
 the epoch it started in was read, and ``put(..., epoch=)`` drops it when an invalidation
 came in between — it may hold a status the change just voided (``good`` for a certificate
 revoked meanwhile), so it must not outlive that change in the cache.
+
+Views: the HTTP adapter's tables of hot requests (POST body or GET path -> answer) and the
+listener's memo of whole reads do not copy answers; they hold a ``Ready``, which the cache
+hands out for a live entry (``ResponseCache.ready``). ``Ready.serve`` holds the one liveness
+check every view makes before it serves: no invalidation since it was handed out (the cache's
+``epoch``), before its refresh time, and within the same Date second and ``max-age`` value
+that its memo of encoded bytes (``Ready.views``) was made for; a dead ``Ready`` is dropped
+and the request goes back to the cache. The epoch check is global on purpose: a view may
+hold an entry the LRU evicted, which a later invalidation can no longer find by serial.
 """
 
 from __future__ import annotations
@@ -25,11 +35,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from store.model import CaId, Change
 
 DEFAULT_MAX_ENTRIES = 100_000
+_NEVER = datetime.min.replace(tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+_TICK = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,57 @@ def raw_key(request_der: bytes) -> bytes:
     return b"R" + request_der
 
 
+class Ready:
+    """A live cache entry as a view holds it, with the view's memo of encoded answers.
+
+    ``serve`` is what a view calls per request: the liveness check, then the memo
+    (``views``: variant -> the adapter's reply, made by ``build`` the first time in a
+    window), which is emptied whenever the Date second or the ``max-age`` value moves."""
+
+    __slots__ = ("cache", "entry", "epoch", "clock", "date", "lo", "hi", "views", "fields",
+                 "der", "build")
+
+    def __init__(self, cache: ResponseCache, entry: CachedResponse, epoch: int,
+                 clock: Any, der: bytes) -> None:
+        self.cache = cache
+        self.entry = entry
+        self.epoch = epoch
+        self.clock = clock  # the service's clock (tests move it)
+        self.der = der  # the request it answers (a GET path's decoding, kept)
+        self.date = b""
+        self.lo = self.hi = _NEVER
+        self.views: dict[Any, Any] = {}
+        self.fields: Any = None  # the adapter's log fields of a hit
+        # the adapter's reply of a variant: build(ready, variant, date), kept in views
+        self.build: Any = None
+
+    def serve(self, variant: Any, date: bytes, count: bool = True) -> Any:
+        """The adapter's reply of variant at Date date while this answer is live (counted
+        as a hit, unless it was counted already), else None: the one liveness check of
+        every view (see the module docstring)."""
+        if self.epoch != self.cache.epoch:
+            return None
+        now = self.clock()
+        if date != self.date or not self.lo <= now < self.hi:
+            entry = self.entry
+            if now >= entry.refresh_at:
+                return None
+            self.views.clear()
+            self.date = date
+            # max-age = int(next_update - now) stays m on (next - m - 1, next - m]
+            self.lo, self.hi = _NEVER, entry.refresh_at
+            m = max(0, int((entry.next_update - now).total_seconds()))
+            if m:
+                self.lo = entry.next_update - (m + 1) * _SECOND + _TICK
+                self.hi = min(self.hi, entry.next_update - m * _SECOND + _TICK)
+        if count:
+            self.cache.hits += 1
+        reply = self.views.get(variant)
+        if reply is None:
+            reply = self.views[variant] = self.build(self, variant, date)
+        return reply
+
+
 class ResponseCache:
     """An LRU of pre-signed responses, indexed for invalidation by CA and serial."""
 
@@ -85,19 +150,35 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    # The cache's own look-ups drop an entry at its refresh time (the same test as in
+    # ``Ready.serve``): they hand entries out in the first place.
+
+    def _take(self, key: bytes, now: datetime) -> CachedResponse | None:
+        """The live entry under key, or None counted as a miss (the lock is held)."""
+        entry = self._entries.get(key)
+        if entry is not None and now >= entry.refresh_at:
+            self._drop(key)
+            entry = None
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
     def get(self, key: bytes, now: datetime) -> CachedResponse | None:
         """The live entry under key, counting a hit or a miss."""
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and now >= entry.refresh_at:
-                self._drop(key)
-                entry = None
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
+            entry = self._take(key, now)
+            if entry is not None:
+                self.hits += 1
             return entry
+
+    def ready(self, key: bytes, now: datetime, clock: Any, der: bytes) -> Ready | None:
+        """The live entry under key as a view's ``Ready`` (a miss is counted here, a hit by
+        ``Ready.serve`` when it is served)."""
+        with self._lock:
+            entry = self._take(key, now)
+            return None if entry is None else Ready(self, entry, self.epoch, clock, der)
 
     def peek(self, key: bytes, now: datetime) -> CachedResponse | None:
         """Like get, without counting (for the second key of one request)."""

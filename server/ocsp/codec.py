@@ -507,3 +507,11 @@ def encode_error(status: str) -> bytes:
         return _ERROR_RESPONSES[status]
     except KeyError:
         raise ValueError(f"not an OCSP error status: {status!r}") from None
+
+
+def error_of(status: str, reason: str) -> OcspError:
+    """The OcspError that answers status (an error status), carrying reason."""
+    for cls in (MalformedRequest, InternalError, TryLater, SigRequired, Unauthorized):
+        if cls.status == status:
+            return cls(reason)
+    raise ValueError(f"not an OCSP error status: {status!r}")

@@ -16,6 +16,7 @@ MAX_VALIDITY = 10 * 86400.0
 # limit (LimitNOFILE) above both totals, or accept() fails (EMFILE) before a limit refuses.
 MAX_CONNECTIONS = 4096
 MAX_CONNECTIONS_PER_ADDRESS = 100
+SIGNING_PROCESSES = 1  # signing processes per worker (conf/certpub.example.toml says the same)
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,8 @@ class HttpConfig:
     request_signatures: str = "ignore"
     # Overload (server.ocsp.signing). Requests that need a fresh signature are signed by
     # this many processes per worker; 0 signs in the server process (inline or in the store
-    # threads). parse_http defaults to 1; a config built in code (tests, embedding) asks.
-    signing_processes: int = 0
+    # threads). One default, here and in parse_http (SIGNING_PROCESSES): production forks.
+    signing_processes: int = SIGNING_PROCESSES
     signing_queue: int = 256  # requests waiting for or being signed, per worker
     signing_queue_per_address: int = 64  # of those, from one client address
     shed_nonce_with_presigned: bool = True  # a full queue answers a nonce request with
@@ -73,7 +74,7 @@ def parse_http(sec: Section) -> HttpConfig:
                                             MAX_CONNECTIONS_PER_ADDRESS, min=1, max=1_000_000),
         request_signatures=sec.str("request_signatures", "ignore",
                                    choices=("ignore", "verify", "require")),
-        signing_processes=sec.int("signing_processes", 1, min=0, max=64),
+        signing_processes=sec.int("signing_processes", SIGNING_PROCESSES, min=0, max=64),
         signing_queue=sec.int("signing_queue", 256, min=1, max=100_000),
         signing_queue_per_address=sec.int("signing_queue_per_address", 64, min=1,
                                           max=100_000),

@@ -42,16 +42,16 @@ from asn1crypto import core, keys
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
-from twisted.logger import Logger
 
 from server.configtools import ConfigError
+from server.lazylog import LazyLogger
 from server.ocsp.codec import OcspError
 from server.ocsp.config import Pkcs11Config
 from server.ocsp.mechanisms import SignPlan, choose_plan, verify
 from server.ocsp.p11uri import Pkcs11Uri
 from server.ocsp.signer import SignerError
 
-log = Logger()
+log = LazyLogger("server.ocsp.hsm")
 
 POOL_WAIT = 2.0  # seconds a signature waits for a free session before tryLater
 SESSIONS = 4  # sessions per key at most (one per thread signing at the same moment)

@@ -1,16 +1,22 @@
-"""The OCSP service: request bytes in, response bytes (and what to log) out.
+"""The OCSP service: request bytes and ``now`` in, an outcome (response bytes, what to log) out.
 
-Strategy: the one object the HTTP adapter talks to and the composition root reloads. It owns
-the signers (checked at construction: a bad one raises ``SignerError`` and nothing starts),
-the per-CA policy and the cache of pre-signed responses, which the change feed voids. A
-request without a nonce is first looked up by its raw bytes (no ASN.1 parsing at all), then
-by its CertIDs; only a miss reaches the store and the signer. Errors become unsigned
-responses; a bug becomes ``internalError`` with its traceback in the log.
+Strategy: ``OcspService.answer(der, now, client)`` is the one call the HTTP adapter makes (and
+the tests make): a request without a nonce is first looked up by its raw bytes in the one cache
+of ready answers (``server.ocsp.cache``: no ASN.1 parsing at all), then it is parsed
+(``triage``) and looked up by its CertIDs; what needs a signature goes through the one
+asynchronous seam, ``signing`` (``Signing.submit``): ``InlineSigning`` here signs at once and
+returns the outcome (what a service built in code uses); the server's
+``server.ocsp.signing.SigningQueue`` (bounded, fair, paced, signing in processes or store
+threads) may return a Deferred. Whatever signs runs ``compute`` (or ``sign_nonce`` from a
+cached answer's parts) and hands its ``Signed`` back to ``settle``, which keeps it in the
+cache unless a change-feed invalidation came since the epoch read before its store reads.
+Errors become unsigned responses (``Outcome.error``); a bug becomes ``internalError`` with
+its traceback in the log. The service also owns the signers (checked at construction: a bad
+one raises ``SignerError`` and nothing starts), the per-CA policy and the re-signing of
+cached answers before their refresh time or after a status change (``presign``, run by the
+``schedule`` it is given: the server's cooperator or store threads).
 
-With a threaded ``StoreAccess`` (``access``), ``miss`` answers a miss in a store thread (store
-reads and signing) and returns a Deferred; hits never leave the reactor thread. A miss is
-inserted into the cache only if no change-feed invalidation came since its first store read
-(``ResponseCache.put(epoch=)``), and a full pool answers ``tryLater`` at once.
+No Twisted is imported here (``server.lazylog`` imports its logger when a line is logged).
 """
 
 from __future__ import annotations
@@ -20,35 +26,46 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from server.ocsp.cache import CachedResponse, ResponseCache, certids_key, raw_key
+from server.lazylog import LazyLogger
+from server.ocsp.cache import CachedResponse, Ready, ResponseCache, certids_key, raw_key
 from server.ocsp.codec import (
     EXTENDED_REVOKE_TIME,
     OcspError,
     OcspRequest,
-    encode_error,
+    TryLater,
     encode_response_der,
     encode_responses_der,
+    error_of,
     plain_request_der,
     produced_at_der,
     responder_id_der,
     response_data_der,
 )
-from server.ocsp.der import parse_request
+from server.ocsp.der import NonceShapes, parse_request
+from server.ocsp.outcome import (  # noqa: F401 - re-exported: what the service's users name
+    INTERNAL_ERROR,
+    InlineSigning,
+    Outcome,
+    Signed,
+    Signing,
+    Work,
+    nonce_signing,
+)
 from server.ocsp.requestor import RequestorCheck
 from server.ocsp.responder import CaPolicy, OcspAnswer, Policy, StatusStore, answer
 from server.ocsp.signer import Signer, expiry_warning, load_signers
 from store.model import Change
 from store.sqlbase import StoreError
 
-log = Logger()
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+log = LazyLogger("server.ocsp.service")
 
 # Requests larger than this are answered but not cached: the cache is bounded in entries,
 # so its memory must be bounded per entry too (common clients ask for one certificate).
@@ -57,34 +74,6 @@ REFRESH_AHEAD = timedelta(seconds=2 * REFRESH_EVERY)
 REFRESH_BATCH = 5000  # responses re-signed per look at most
 CACHEABLE_CERTIDS = 8
 CACHEABLE_REQUEST_BYTES = 2048
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One OCSP exchange, as the HTTP adapter sends and logs it."""
-
-    der: bytes
-    status: str  # "successful" or the error status
-    cache: str  # "hit" | "miss" | "nonce" (never cached) | "-" (error)
-    ca: str | None = None
-    serials: tuple[int, ...] = ()
-    statuses: tuple[str, ...] = ()
-    nonce: bool = False
-    etag: str | None = None
-    this_update: datetime | None = None
-    next_update: datetime | None = None
-    reason: str | None = None  # why an error, for the log
-    backoff: float = 0.0  # shed: seconds before the connection's next request is read
-
-
-@dataclass(frozen=True)
-class Signed:
-    """A response computed for a cache miss, with what ``OcspService.settle`` keeps of it."""
-
-    outcome: Outcome
-    entry: CachedResponse | None = None  # to cache under keys (None: nothing to keep)
-    keys: tuple[bytes, ...] = ()
-    unknown: bool = False  # every CertID names a serial the store does not know
 
 
 def never_issued(result: OcspAnswer) -> bool:
@@ -104,12 +93,6 @@ class PublishedCa:
     subject: str
     sha256: str
     not_after: datetime
-
-
-def nonce_signing(entry: CachedResponse, nonce: bytes, now: datetime) -> tuple[Any, ...]:
-    """The arguments of ``OcspService.sign_nonce`` for a nonce request answered at now from
-    the parts of entry (also what goes to a signing process)."""
-    return (entry.ca_name, int(now.timestamp()), entry.responses, nonce, entry.extended_revoke)
 
 
 def _produced_at_der(at: datetime) -> bytes:
@@ -149,17 +132,23 @@ class OcspService:
     """Signers, policy and response cache of one server process."""
 
     def __init__(self, config: Any, store: StatusStore, now: Callable[[], datetime], *,
-                 signers: dict[str, Signer] | None = None, access: Any = None) -> None:
+                 signers: dict[str, Signer] | None = None, access: Any = None,
+                 schedule: Callable[[Iterator[None]], Any] | None = None) -> None:
         self.access = access if access is not None and not access.inline else None
         self.store = access.store if self.access is not None else store
         self.now = now
+        # how re-signing runs on the server's thread: a slice at a time (the server passes
+        # Twisted's cooperator); None: at once, to the end
+        self.schedule = schedule
         self.max_certids = config.http.max_certids
         self.cache = ResponseCache(config.http.cache_entries)
         # signed answers about never-issued serials, apart so they cannot evict real ones;
         # invalidated and cleared together with the cache, so that its epoch moves with the
         # cache's and ``settle`` checks either against the one read before the store reads
         self.unknown = ResponseCache(getattr(config.http, "unknown_cache_entries", 10_000))
-        self.signing: Any = None  # server.ocsp.signing.SigningQueue, set by the HTTP factory
+        # the seam of what needs a signature: the server's SigningQueue (set by
+        # ``server.http.site.make_http_factory``), else signed inline
+        self.signing: Signing = InlineSigning(self)
         self.presigned = 0  # responses signed ahead of any request for them
         self.presign_backlog = 0  # requests queued for pre-signing, not signed yet (metrics)
         self._backlog_lock = threading.Lock()  # pre-signing runs in the store threads too
@@ -171,6 +160,7 @@ class OcspService:
         self.policy = build_policy(config, signers)
         self.published = _published(config)
         self.max_certids = config.http.max_certids
+        self.shapes = NonceShapes(config.http.max_certids)
         self.requestors = RequestorCheck(config.http.request_signatures,
                                          {n: ca.der for n, ca in self.published.items()})
 
@@ -182,8 +172,7 @@ class OcspService:
         self._install(config, signers)
         self.cache.clear()
         self.unknown.clear()
-        if self.signing is not None:
-            self.signing.reload(config)
+        self.signing.reload(config)
         self.warn_expiring()
 
     def on_changes(self, changes: Sequence[Change]) -> None:
@@ -215,9 +204,10 @@ class OcspService:
         if self.access is not None:
             d = self.access.run(self._presign_all, requests)
             return d.addErrback(lambda f: log.failure("OCSP pre-signing failed", f))
-        from twisted.internet import task
-
-        return task.cooperate(self._presign_each(requests)).whenDone()
+        if self.schedule is not None:
+            return self.schedule(self._presign_each(requests))
+        self._presign_all(requests)
+        return None
 
     def _presign_all(self, requests: Sequence[bytes]) -> int:
         return sum(1 for _ in self._presign_each(requests))
@@ -232,7 +222,8 @@ class OcspService:
             for der in requests:
                 try:
                     request = parse_request(der, self.max_certids)
-                    self._respond(der, request, self.now(), fresh=True)
+                    epoch = self.cache.epoch  # before any store read: see ResponseCache.put
+                    self.settle(self.compute(der, self.now(), request=request), epoch)
                     self.presigned += 1
                 except OcspError:
                     pass  # e.g. a CA that stopped being served: answered again when asked
@@ -263,90 +254,76 @@ class OcspService:
 
     # --- requests ------------------------------------------------------------------------
 
-    def respond(self, der: bytes) -> Outcome:
-        """The response to one DER request; never raises."""
-        now = self.now()
-        entry = self.lookup(der, now)
-        if entry is not None:
-            return self.outcome(entry, "hit")
-        return self.respond_miss(der, now)
+    def answer(self, der: bytes, now: datetime, client: str = "-") -> Any:
+        """The outcome of one DER request at now (client: its address, for fairness): a
+        hit at once, else whatever ``signing.submit`` says (an ``Outcome``, or a Deferred
+        of one with the server's queue); never raises, never fails."""
+        ready = self.ready(der, now)
+        if ready is not None:
+            ready.cache.hits += 1
+            return self.outcome(ready.entry, "hit", ready=ready)
+        return self.signing.submit(der, now, client)
 
-    def lookup(self, der: bytes, now: datetime) -> CachedResponse | None:
-        """The live pre-signed response to exactly these request bytes (counted hit or miss)."""
+    def ready(self, der: bytes, now: datetime) -> Ready | None:
+        """The live pre-signed response to exactly these request bytes, as a view's
+        ``Ready`` (its hits are counted when served; a miss here is counted)."""
         if len(der) > CACHEABLE_REQUEST_BYTES or self.requestors.mode == "require":
             return None  # "require": every request is signed, none is under its raw bytes
         key = raw_key(der)
-        entry = self.cache.get(key, now)
-        if entry is None and len(self.unknown):
-            entry = self.unknown.get(key, now)
-        return entry
+        ready = self.cache.ready(key, now, self.now, der)
+        if ready is None and len(self.unknown):
+            ready = self.unknown.ready(key, now, self.now, der)
+        return ready
 
-    def respond_later(self, der: bytes) -> Outcome | defer.Deferred[Outcome]:
-        """``respond``, with a miss answered by ``miss`` (a Deferred when threaded)."""
-        now = self.now()
-        entry = self.lookup(der, now)
-        if entry is not None:
-            return self.outcome(entry, "hit")
-        return self.respond_to(der, now)
-
-    def respond_to(self, der: bytes, now: datetime,
-                   client: str = "-") -> Outcome | defer.Deferred[Outcome]:
-        """The answer to a request ``lookup`` did not find (client: its address): through
-        the signing queue when there is one (``server.ocsp.signing``), else ``respond_miss``
-        inline or in a store thread (a Deferred that never fails). The one call on the
-        request path that may read the store and sign."""
-        if self.signing is not None:
-            return self.signing.submit(der, now, client)  # type: ignore[no-any-return]
-        if self.access is None:
-            return self.respond_miss(der, now)
-        if self.access.busy():
-            return Outcome(encode_error("try_later"), "try_later", "-",
-                           reason="store threads busy")
-        d: defer.Deferred[Outcome] = self.access.run(self.respond_miss, der, now)
-        return d.addErrback(self._failed)
-
-    @staticmethod
-    def _failed(failure: Failure) -> Outcome:
-        log.failure("OCSP request failed", failure)
-        return Outcome(encode_error("internal_error"), "internal_error", "-",
-                       reason="internal error")
-
-    def respond_miss(self, der: bytes, now: datetime) -> Outcome:
-        """The response to a request ``lookup`` did not find; never raises."""
+    def triage(self, der: bytes, now: datetime, client: str = "-") -> Outcome | Work:
+        """What a request the raw-bytes lookup missed needs: its outcome when that needs no
+        signature (bad DER, a requestor refused, an answer cached under its CertIDs), else
+        the ``Work`` to sign; never raises."""
         try:
-            request = parse_request(der, self.max_certids)
-            return self._respond(der, request, now)
+            request = self.shapes.parse(der)
+            hit = self._cached(der, request, now)
+            if hit is not None:
+                return hit
+            return Work(der, request, now, client, self.nonce_parts(request, now))
         except OcspError as exc:
-            return Outcome(encode_error(exc.status), exc.status, "-", reason=str(exc))
+            return Outcome.error(exc)
         except Exception:  # noqa: BLE001 - a bug: internalError, traceback in the log
             log.failure("OCSP request failed")
-            return Outcome(encode_error("internal_error"), "internal_error", "-",
-                           reason="internal error")
+            return INTERNAL_ERROR
 
-    def _respond(self, der: bytes, request: OcspRequest, now: datetime, *,
-                 fresh: bool = False) -> Outcome:
-        epoch = self.cache.epoch  # before any store read: see ResponseCache.put
-        return self.settle(self.compute_parsed(der, request, now, peek=not fresh), epoch)
+    def _cached(self, der: bytes, request: OcspRequest, now: datetime) -> Outcome | None:
+        """The answer cached for the CertIDs of a request spelled otherwise than one cached
+        by its bytes, kept under these bytes too; None when none may go to it without a
+        check that reads the store (``compute`` makes it)."""
+        if (request.nonce is not None or len(request.cert_ids) > CACHEABLE_CERTIDS
+                or len(der) > CACHEABLE_REQUEST_BYTES or not self.checked_without_store(request)):
+            return None
+        found = self.peek_certids(certids_key(c.der for c in request.cert_ids), now)
+        if found is None:
+            return None
+        entry, unknown = found
+        keys = () if request.signed and self.requestors.active else (raw_key(der),)
+        return self.settle(Signed(self.outcome(entry, "hit"), entry, keys, unknown),
+                           self.cache.epoch)
 
     def compute(self, der: bytes, now: datetime, *, sign_unknown: bool = True,
-                peek: bool = True) -> Signed:
-        """The response to a request ``lookup`` did not find, not yet kept in any cache
-        (``settle`` does that where the caches live); never raises. A signing process runs
-        this with ``peek=False`` (it has no cache: its parent looked already)."""
+                request: OcspRequest | None = None) -> Signed:
+        """The signed response to a request (parsed already: request), not yet kept in any
+        cache (``settle`` does that where the caches live); never raises. What a signer
+        runs: a signing process, a store thread or ``InlineSigning``; it looks in no cache
+        (its caller looked already), except after the requestor check for a signed request."""
         try:
-            request = parse_request(der, self.max_certids)
-            return self.compute_parsed(der, request, now, sign_unknown=sign_unknown,
-                                       peek=peek)
+            if request is None:
+                request = parse_request(der, self.max_certids)
+            return self._compute(der, request, now, sign_unknown)
         except OcspError as exc:
-            return Signed(Outcome(encode_error(exc.status), exc.status, "-", reason=str(exc)))
+            return Signed(Outcome.error(exc))
         except Exception:  # noqa: BLE001 - a bug: internalError, traceback in the log
             log.failure("OCSP request failed")
-            return Signed(Outcome(encode_error("internal_error"), "internal_error", "-",
-                                  reason="internal error"))
+            return Signed(INTERNAL_ERROR)
 
-    def compute_parsed(self, der: bytes, request: OcspRequest, now: datetime, *,
-                       sign_unknown: bool = True, peek: bool = True) -> Signed:
-        """``compute`` for a parsed request; raises OcspError."""
+    def _compute(self, der: bytes, request: OcspRequest, now: datetime,
+                 sign_unknown: bool) -> Signed:
         # Before any cache: a response cached for the same CertIDs goes to authorized
         # requestors only. A checked signed request is never cached under its raw bytes (its
         # requestor certificate may expire or be revoked meanwhile), so a raw hit is always
@@ -356,21 +333,16 @@ class OcspService:
                      and len(der) <= CACHEABLE_REQUEST_BYTES)
         keys = () if request.signed and self.requestors.active else (raw_key(der),)
         ckey = certids_key(c.der for c in request.cert_ids)
-        if cacheable and peek:
-            found = self.peek_certids(ckey, now)
+        if cacheable and not self.checked_without_store(request):
+            found = self.peek_certids(ckey, now)  # ``triage`` could not: the check came first
             if found is not None:
                 entry, unknown = found
                 return Signed(self.outcome(entry, "hit"), entry, keys, unknown)
-        if peek and (parts := self.nonce_parts(request, now)) is not None:
-            entry = parts[1]
-            return Signed(self.nonce_outcome(entry, self.sign_nonce(
-                *nonce_signing(entry, request.nonce or b"", now))))
         result = answer(request, self.store, now, self.policy)
         unknown = never_issued(result)
         if unknown and not sign_unknown:
-            return Signed(Outcome(encode_error("try_later"), "try_later", "-",
-                                  reason="never-issued serials over this address's rate"),
-                          unknown=True)
+            return Signed(Outcome.error(TryLater(
+                "never-issued serials over this address's rate")), unknown=True)
         signer = result.policy.signer
         responses = encode_responses_der(result.singles)
         produced = _produced_at_der(result.produced_at)
@@ -439,7 +411,7 @@ class OcspService:
         """The exchange of a nonce request answered by ``sign_nonce`` from entry's parts."""
         status, value = signed
         if status != "successful":
-            return Outcome(encode_error(status), status, "-", reason=str(value))
+            return Outcome.error(error_of(status, str(value)))
         assert isinstance(value, bytes)
         return OcspService.outcome(entry, "nonce", nonce=True, der=value)
 
@@ -459,20 +431,6 @@ class OcspService:
             cache = self.unknown if signed.unknown else self.cache
             cache.put(signed.keys, signed.entry, epoch)
         return signed.outcome
-
-    def cached_answer(self, der: bytes, request: OcspRequest, now: datetime) -> Outcome | None:
-        """The answer cached for the CertIDs of a request the raw-bytes lookup missed (a
-        request spelled otherwise), when it needs no requestor check; else None."""
-        if (request.nonce is not None or len(request.cert_ids) > CACHEABLE_CERTIDS
-                or len(der) > CACHEABLE_REQUEST_BYTES or not self.checked_without_store(request)):
-            return None
-        found = self.peek_certids(certids_key(c.der for c in request.cert_ids), now)
-        if found is None:
-            return None
-        entry, unknown = found
-        keys = () if request.signed and self.requestors.active else (raw_key(der),)
-        return self.settle(Signed(self.outcome(entry, "hit"), entry, keys, unknown),
-                           self.cache.epoch)
 
     def presigned_answer(self, request: OcspRequest, now: datetime) -> Outcome | None:
         """For a nonce request shed under overload: the pre-signed response to its CertIDs,
@@ -499,7 +457,7 @@ class OcspService:
 
     @staticmethod
     def outcome(entry: CachedResponse, cache: str, *, nonce: bool = False,
-                der: bytes | None = None) -> Outcome:
+                der: bytes | None = None, ready: Ready | None = None) -> Outcome:
         """The exchange a cached response answers (``cache``: hit, miss or nonce); der: the
         response sent instead of the cached one (a nonce answer signed from its parts)."""
         return Outcome(
@@ -507,5 +465,5 @@ class OcspService:
             serials=tuple(s for s, _ in entry.summary),
             statuses=tuple(st for _, st in entry.summary), nonce=nonce,
             etag=None if nonce else entry.etag, this_update=entry.this_update,
-            next_update=entry.next_update,
+            next_update=entry.next_update, ready=ready,
         )

@@ -167,7 +167,7 @@ def main(argv: list[str]) -> int:
             elif kind == "job":
                 _, job_id, der, now, sign_unknown = message
                 clock.at = now
-                signed = service.compute(der, now, sign_unknown=sign_unknown, peek=False)
+                signed = service.compute(der, now, sign_unknown=sign_unknown)
                 replies.append(frame(("done", job_id, signed)))
             elif kind == "reload":
                 clock.at = message[2]

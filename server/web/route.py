@@ -22,14 +22,14 @@ from twisted.internet.defer import Deferred
 
 from server import storeaccess
 from server.http import wire
-from server.http.publication import Reply, not_allowed, send
+from server.http.listener import Reply
+from server.http.publication import not_allowed, send
 from server.web import i18n
 from server.web.pages import Answer, Lang, WebPages
 from server.web.query import QueryError, parse_search, parse_serial
 from server.privacy import Privacy, WebGuard
 from store.sqlbase import StoreError
 
-RETRY = [(b"Retry-After", b"10")]
 _EXTENSIONS = ("cer", "pem", "p7c")
 
 
@@ -164,7 +164,7 @@ class WebRoute:
         else:
             code, headers, body = self.pages.message(503, lang, "error_title",
                                                      "error_unavailable")
-        return code, headers + RETRY, body
+        return wire.unavailable(body, headers)
 
     def _run(self, request: wire.Request, fields: dict[str, Any], date: bytes,
              lang: Lang | None, fn: Callable[..., Answer], *args: Any) -> Reply | Deferred[Reply]:

@@ -364,10 +364,11 @@ def test_deferred_answers_keep_request_order(env: dict[str, Any]) -> None:
     site = env["site"]()
     der1, der2 = request_der(env["ca"], [1]), request_der(env["ca"], [2])
     proto, transport = connect(site)
-    proto.dataReceived(post(b"/ocsp", der1))  # now a hit
+    proto.dataReceived(post(b"/ocsp", der1))  # signed: cached
+    proto.dataReceived(post(b"/ocsp", der1))  # a hit: now answered from the hot table
     transport.clear()
     pending: list[Deferred[Any]] = []
-    real = site.service.respond_to
+    real = site.service.answer
 
     def later(der: bytes, now: Any, *client: str) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
@@ -375,7 +376,7 @@ def test_deferred_answers_keep_request_order(env: dict[str, Any]) -> None:
         d.addCallback(lambda _: real(der, now, *client))
         return d
 
-    site.service.respond_to = later
+    site.service.answer = later
     proto.dataReceived(post(b"/ocsp", der2) + post(b"/ocsp", der1)
                        + post(b"/ocsp", der1, extra=b"Connection: close\r\n"))
     assert transport.value() == b"" and not transport.disconnecting
@@ -388,14 +389,14 @@ def test_lost_connection_drops_pending_answers(env: dict[str, Any]) -> None:
     site = env["site"]()
     proto, transport = connect(site)
     pending: list[Deferred[Any]] = []
-    real = site.service.respond_to
+    real = site.service.answer
 
     def later(der: bytes, now: Any, *client: str) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         pending.append(d)
         return d.addCallback(lambda _: real(der, now, *client))
 
-    site.service.respond_to = later
+    site.service.answer = later
     proto.dataReceived(post(b"/ocsp", request_der(env["ca"], [2])))
     proto.connectionLost(None)
     pending[0].callback(None)
@@ -494,14 +495,14 @@ def test_a_remembered_request_waits_behind_a_pending_answer(env: dict[str, Any])
     assert post(b"/ocsp", der1) in site.memo
     transport.clear()
     pending: list[Deferred[Any]] = []
-    real = site.service.respond_to
+    real = site.service.answer
 
     def later(der: bytes, now: Any, client: str = "-") -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         pending.append(d)
         return d.addCallback(lambda _: real(der, now, client))
 
-    site.service.respond_to = later
+    site.service.answer = later
     proto.dataReceived(post(b"/ocsp", der2))
     proto.dataReceived(post(b"/ocsp", der1))
     assert transport.value() == b""

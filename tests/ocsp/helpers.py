@@ -161,7 +161,10 @@ class FakeConfig:
 
 def http_config(**kw: Any) -> HttpConfig:
     values: dict[str, Any] = {"listen": ("tcp:0:interface=127.0.0.1",), "ocsp_paths": ("/", "/ocsp"),
-                                  "max_request_bytes": 65536, "max_certids": 100, "cache_entries": 1000}
+                                  "max_request_bytes": 65536, "max_certids": 100, "cache_entries": 1000,
+                              # these tests sign in-process (InlineSigning, LocalSigners);
+                              # the tests that fork say signing_processes= themselves
+                              "signing_processes": 0}
     values.update(kw)
     return HttpConfig(**values)
 
@@ -238,3 +241,9 @@ class WallClock:
 
     def __call__(self) -> datetime:
         return self.now
+
+
+def answer(service: Any, der: bytes) -> Any:
+    """``OcspService.answer`` — the call the HTTP adapter makes — at the service's own time
+    (a service built in code signs inline: ``InlineSigning``)."""
+    return service.answer(der, service.now())

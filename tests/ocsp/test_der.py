@@ -112,7 +112,8 @@ def same_or_left(der: bytes) -> Any:
     return fast
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None,  # no timed tests: a loaded machine is slow
+          suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
 def test_generated_requests_read_as_asn1crypto_reads_them(case: tuple[bytes, bool]) -> None:
     der, canonical = case
@@ -127,7 +128,8 @@ MUTATIONS = st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete", "tru
                      min_size=1, max_size=3)
 
 
-@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None,  # no timed tests: a loaded machine is slow
+          suppress_health_check=[HealthCheck.too_slow])
 @given(requests(), MUTATIONS)
 def test_mutated_requests_never_read_otherwise(case: tuple[bytes, bool],
                                                mutations: list[tuple[str, int, int]]) -> None:
@@ -201,7 +203,8 @@ def nonce_request(nonce: bytes, serial: int = 5, *, after: list[dict[str, Any]] 
 SHARED = NonceShapes(MAX_CERTIDS)  # across examples too: what one example learnt stays
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None,  # no timed tests: a loaded machine is slow
+          suppress_health_check=[HealthCheck.too_slow])
 @given(requests(), st.data())
 def test_nonce_shapes_parse_as_parse_request(case: tuple[bytes, bool], data: Any) -> None:
     der = case[0]
@@ -241,7 +244,8 @@ def mutate(der: bytes, mutations: list[tuple[str, int, int]], tail: int | None) 
     return bytes(data)
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None,  # no timed tests: a loaded machine is slow
+          suppress_health_check=[HealthCheck.too_slow])
 @given(requests(), MUTATIONS, st.booleans())
 def test_mutated_requests_after_a_learnt_shape_read_as_parse_request(
         case: tuple[bytes, bool], mutations: list[tuple[str, int, int]], at_tail: bool) -> None:

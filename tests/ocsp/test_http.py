@@ -193,7 +193,7 @@ async def test_http10_keep_alive_and_http11_pipelining(server: dict[str, Any]) -
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_reads_late_gets_every_answer_in_order(
         server: dict[str, Any]) -> None:
-    """Answers go to the socket at once while nothing is buffered (listener.direct_send),
+    """Answers go to the socket at once while nothing is buffered (server.twistedwrite),
     else through the transport's buffer: a client that sends thousands of pipelined
     requests before reading any answer (its receive buffer small) gets them all, whole and
     in order."""

@@ -30,13 +30,14 @@ from twisted.internet import defer, reactor, threads
 from server.feed import ChangeFeed
 from server.http.site import make_http_factory
 from server.ocsp.service import OcspService
-from server.ocsp.signprocs import ProcessSigners
+from server.ocsp.signing import ProcessSigners
 from server.ocsp.signworker import frame, split_frames
 from server.storeaccess import StoreAccess
 from store import open_store
 from store.model import CaId, RevocationReason, Serial
 from tests.conftest import require_tool
 from tests.ocsp.helpers import (
+    answer,
     T0,
     WallClock,
     config_for,
@@ -142,8 +143,8 @@ def test_nonce_after_a_revocation_through_the_feed_is_revoked(env: dict[str, Any
     nonce answer says revoked (computed again, or from the re-signed answer's parts once
     the pre-signing ran), with its own nonce; never the stale good."""
     service, ca = env["service"], env["ca"]
-    first = service.respond(request_der(ca, [2], nonce=b"one" * 8))
-    parts = service.respond(request_der(ca, [2], nonce=b"two" * 8))
+    first = answer(service, request_der(ca, [2], nonce=b"one" * 8))
+    parts = answer(service, request_der(ca, [2], nonce=b"two" * 8))
     assert parts.cache == "nonce" and loaded(parts.der).certificate_status == (
         c_ocsp.OCSPCertStatus.GOOD)
     assert first.statuses == ("good",)
@@ -153,28 +154,28 @@ def test_nonce_after_a_revocation_through_the_feed_is_revoked(env: dict[str, Any
         _drain()
         assert service.presigned >= 1
     for nonce in (b"three" * 4, b"four" * 5):
-        out = service.respond(request_der(ca, [2], nonce=nonce))
+        out = answer(service, request_der(ca, [2], nonce=nonce))
         assert out.status == "successful" and out.statuses == ("revoked",)
         resp = verified(out.der, ca)
         assert resp.certificate_status == c_ocsp.OCSPCertStatus.REVOKED
         assert resp.revocation_reason is x509.ReasonFlags.key_compromise
         assert nonce_of(resp) == nonce
     # the others' parts stay: serial 1 is still answered good from its parts
-    service.respond(request_der(ca, [1], nonce=b"a" * 16))
-    again = service.respond(request_der(ca, [1], nonce=b"b" * 16))
+    answer(service, request_der(ca, [1], nonce=b"a" * 16))
+    again = answer(service, request_der(ca, [1], nonce=b"b" * 16))
     assert again.statuses == ("good",) and nonce_of(loaded(again.der)) == b"b" * 16
 
 
 def check_from_parts(e: dict[str, Any], serials: list[int], extended: bool) -> None:
     service, ca, clock = e["service"], e["ca"], e["clock"]
-    service.respond(request_der(ca, serials, nonce=b"first-nonce-0001"))
-    plain = service.respond(request_der(ca, serials))  # the answer kept without the nonce
+    answer(service, request_der(ca, serials, nonce=b"first-nonce-0001"))
+    plain = answer(service, request_der(ca, serials))  # the answer kept without the nonce
     assert plain.cache == "hit" and nonce_of(loaded(plain.der)) is None
     env_store = e["store"]
     env_store.close()  # from here on a store read would fail: these come from the parts
     for i, nonce in enumerate((b"\x00", b"n" * 32, bytes(range(128)))):
         clock.now = T0 + timedelta(minutes=7, seconds=i, microseconds=654321)
-        out = service.respond(request_der(ca, serials, nonce=nonce))
+        out = answer(service, request_der(ca, serials, nonce=nonce))
         assert out.status == "successful" and out.cache == "nonce" and out.nonce
         assert out.serials == tuple(serials)
         resp = verified(out.der, ca)
@@ -204,8 +205,8 @@ def test_nonce_answer_from_parts_of_a_revoked_certificate(env: dict[str, Any]) -
     service, ca = env["service"], env["ca"]
     revoke(env, 3)
     env["feed"].poll()
-    service.respond(request_der(ca, [3], nonce=b"x" * 20))
-    out = service.respond(request_der(ca, [3], nonce=b"y" * 20))
+    answer(service, request_der(ca, [3], nonce=b"x" * 20))
+    out = answer(service, request_der(ca, [3], nonce=b"y" * 20))
     assert out.cache == "nonce"
     resp = verified(out.der, ca)
     assert resp.certificate_status == c_ocsp.OCSPCertStatus.REVOKED

@@ -30,7 +30,7 @@ from server.configtools import ConfigError, Section
 from server.http.site import make_http_factory
 from server.ocsp.config import parse_http
 from server.ocsp.signing import Executor, LocalSigners, SigningQueue
-from server.ocsp.signprocs import ProcessSigners
+from server.ocsp.signing import ProcessSigners
 from server.storeaccess import StoreAccess
 from tests.conftest import require_tool
 from tests.ocsp.helpers import WallClock, config_for, fill_store, make_ca, request_der
@@ -52,7 +52,7 @@ class HeldSigners(Executor):
 
     def run(self, der: bytes, now: Any, sign_unknown: bool) -> defer.Deferred[Any]:
         self.order.append(response_serial(der))
-        signed = self.inner.service.compute(der, now, sign_unknown=sign_unknown, peek=False)
+        signed = self.inner.service.compute(der, now, sign_unknown=sign_unknown)
         d: defer.Deferred[Any] = defer.Deferred()
         self.held.append((d, signed))
         return d
@@ -420,6 +420,19 @@ def test_config_keys_parse_and_refuse_bad_values() -> None:
         parse_http(Section({"signing_queue": 10, "signing_queue_per_address": 11}, "http"))
     with pytest.raises(ConfigError, match="signing_processes"):
         parse_http(Section({"signing_processes": -1}, "http"))
+
+
+def test_signing_processes_has_one_default_in_code_and_toml() -> None:
+    """Production forks: a config built in code signs in processes too unless it says 0."""
+    import tomllib
+
+    from server.ocsp.config import SIGNING_PROCESSES, HttpConfig
+
+    in_code = {f.name: f.default for f in dataclasses.fields(HttpConfig)}["signing_processes"]
+    example = Path(__file__).resolve().parents[2] / "conf" / "certpub.example.toml"
+    documented = tomllib.loads(example.read_text())["http"]["signing_processes"]
+    assert in_code == parse_http(Section({}, "http")).signing_processes == documented \
+        == SIGNING_PROCESSES == 1
 
 
 @pytest_twisted.ensureDeferred

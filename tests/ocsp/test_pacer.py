@@ -153,9 +153,8 @@ def test_the_queue_holds_requests_back_while_paced_and_hands_them_over_later(
     reactor = task.Clock()
     signers = InstantSigners()
     queue = SigningQueue(service, signers, config_for(ca), reactor=reactor,
-                         clock=reactor.seconds)
-    queue.pacer = Pacer(reactor.seconds, lambda: 0.0)
-    queue.requests = lambda: 0
+                         clock=reactor.seconds, requests=lambda: 0,
+                         pacer=Pacer(reactor.seconds, lambda: 0.0))
     queue.submit(request_der(ca, [1]), now, "192.0.2.1")  # starts the pacing ticks
     assert signers.handed == 1
     queue.pacer.rate = 10.0  # as a tick would after a flood: one hand-over per 0.1 s

@@ -15,11 +15,12 @@ from cryptography.x509 import ocsp as c_ocsp
 
 from server.feed import ChangeFeed
 from server.ocsp.cache import CachedResponse, ResponseCache
+from server.http.site import cooperate_slices
 from server.ocsp.service import OcspService
 from store import open_store
 from store.model import CaId, Change, Generation, RevocationReason, Serial
 from store.sqlite import Store
-from tests.ocsp.helpers import DAY, T0, config_for, fill_store, make_ca, request_der
+from tests.ocsp.helpers import answer, DAY, T0, config_for, fill_store, make_ca, request_der
 
 
 class Clock:
@@ -38,7 +39,8 @@ def env(tmp_path: Path, store_location: str) -> Iterator[dict[str, Any]]:
     store = open_store(store_location)  # each test once per engine (SQLite, PostgreSQL)
     ca_id = fill_store(store, ca, T0)
     clock = Clock(T0 + timedelta(minutes=5))
-    service = OcspService(config_for(ca), store, clock)
+    # re-signing a slice at a time on Twisted's cooperator, as the server runs it
+    service = OcspService(config_for(ca), store, clock, schedule=cooperate_slices)
     yield {"ca": ca, "store": store, "clock": clock, "service": service, "ca_id": ca_id}
     store.close()
 
@@ -54,7 +56,7 @@ def verify_response(resp: c_ocsp.OCSPResponse, ca: Any) -> None:
 
 
 def test_response_is_signed_by_the_delegated_signer(env: dict[str, Any]) -> None:
-    out = env["service"].respond(request_der(env["ca"], [1]))
+    out = answer(env["service"], request_der(env["ca"], [1]))
     resp = c_ocsp.load_der_ocsp_response(out.der)
     verify_response(resp, env["ca"])
     assert resp.certificates[0] == env["ca"].signer_cert
@@ -64,9 +66,9 @@ def test_response_is_signed_by_the_delegated_signer(env: dict[str, Any]) -> None
 
 def test_second_request_is_a_hit_with_identical_bytes(env: dict[str, Any]) -> None:
     service, der = env["service"], request_der(env["ca"], [1])
-    first = service.respond(der)
+    first = answer(service, der)
     env["clock"].now += timedelta(hours=1)
-    second = service.respond(der)
+    second = answer(service, der)
     assert second.cache == "hit" and second.der == first.der
     assert service.cache.hits == 1
 
@@ -75,26 +77,26 @@ def test_same_certids_spelled_differently_share_the_entry(env: dict[str, Any]) -
     from asn1crypto import ocsp
 
     service, der = env["service"], request_der(env["ca"], [1])
-    first = service.respond(der)
+    first = answer(service, der)
     req = ocsp.OCSPRequest.load(der)
     other = ocsp.OCSPRequest({"tbs_request": {
         "requestor_name": {"rfc822_name": "someone@example.test"},
         "request_list": req["tbs_request"]["request_list"]}}).dump()
-    again = service.respond(other)
+    again = answer(service, other)
     assert again.cache == "hit" and again.der == first.der
 
 
 def test_nonce_requests_are_signed_each_time(env: dict[str, Any]) -> None:
     service = env["service"]
-    a = service.respond(request_der(env["ca"], [1], nonce=b"a" * 32))
-    b = service.respond(request_der(env["ca"], [1], nonce=b"b" * 32))
+    a = answer(service, request_der(env["ca"], [1], nonce=b"a" * 32))
+    b = answer(service, request_der(env["ca"], [1], nonce=b"b" * 32))
     assert a.cache == b.cache == "nonce" and a.nonce and a.etag is None
     assert c_ocsp.load_der_ocsp_response(a.der).extensions.get_extension_for_class(
         x509.OCSPNonce).value.nonce == b"a" * 32
     # the first one also kept the answer without the nonce, under the CertIDs and under
     # the plain request for them: a request without a nonce is a hit ...
     assert len(service.cache) == 2
-    plain = service.respond(request_der(env["ca"], [1]))
+    plain = answer(service, request_der(env["ca"], [1]))
     assert plain.cache == "hit" and not plain.nonce
     with pytest.raises(x509.ExtensionNotFound):
         c_ocsp.load_der_ocsp_response(plain.der).extensions.get_extension_for_class(
@@ -111,9 +113,9 @@ def test_nonce_requests_are_signed_each_time(env: dict[str, Any]) -> None:
 
 def test_nonce_answers_from_parts_need_no_store(env: dict[str, Any]) -> None:
     service, ca = env["service"], env["ca"]
-    service.respond(request_der(ca, [2], nonce=b"first"))
+    answer(service, request_der(ca, [2], nonce=b"first"))
     env["store"].close()  # from here on, any store read would fail
-    again = service.respond(request_der(ca, [2], nonce=b"second"))
+    again = answer(service, request_der(ca, [2], nonce=b"second"))
     assert again.cache == "nonce" and again.status == "successful"
     resp = c_ocsp.load_der_ocsp_response(again.der)
     assert resp.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == b"second"
@@ -126,35 +128,35 @@ def test_revocation_voids_the_cached_response_through_the_feed(env: dict[str, An
     feed = ChangeFeed(store)
     feed.prime()
     feed.subscribe(service.on_changes)
-    assert status_of(service.respond(der).der) == [c_ocsp.OCSPCertStatus.GOOD]
-    service.respond(unrelated)
+    assert status_of(answer(service, der).der) == [c_ocsp.OCSPCertStatus.GOOD]
+    answer(service, unrelated)
     with store.batch(T0) as b:
         b.revoke(CaId(env["ca_id"]), Serial(2), T0, RevocationReason.KEY_COMPROMISE, "t", "t")
     feed.poll()
-    out = service.respond(der)
+    out = answer(service, der)
     assert out.cache == "miss" and status_of(out.der) == [c_ocsp.OCSPCertStatus.REVOKED]
-    assert service.respond(unrelated).cache == "hit"
+    assert answer(service, unrelated).cache == "hit"
 
 
 def test_responses_are_resigned_at_half_validity(env: dict[str, Any]) -> None:
     service, der = env["service"], request_der(env["ca"], [1])
-    first = service.respond(der)
+    first = answer(service, der)
     env["clock"].now += timedelta(hours=11, minutes=59)
-    assert service.respond(der).cache == "hit"
+    assert answer(service, der).cache == "hit"
     env["clock"].now += timedelta(minutes=2)
     # Synced long ago: stale but valid, re-signed with a new producedAt.
-    again = service.respond(der)
+    again = answer(service, der)
     assert again.cache == "miss" and again.der != first.der
 
 
 def test_errors(env: dict[str, Any]) -> None:
     service = env["service"]
-    assert service.respond(b"\x30\x03\x02\x01\x00").status == "malformed_request"
+    assert answer(service, b"\x30\x03\x02\x01\x00").status == "malformed_request"
     stranger = make_ca(Path(env["ca"].folder).parent / "x", "x")
-    out = service.respond(request_der(stranger, [1]))
+    out = answer(service, request_der(stranger, [1]))
     assert out.status == "unauthorized" and out.etag is None and len(out.der) == 5
     env["clock"].now = T0 + 2 * DAY  # the import daemon stopped confirming a day ago
-    assert service.respond(request_der(env["ca"], [3])).status == "try_later"
+    assert answer(service, request_der(env["ca"], [3])).status == "try_later"
 
 
 def test_internal_error_is_logged_with_traceback(env: dict[str, Any]) -> None:
@@ -163,7 +165,7 @@ def test_internal_error_is_logged_with_traceback(env: dict[str, Any]) -> None:
     service = env["service"]
     service.sign_der = lambda *parts: 1 / 0  # a bug
     with capturedLogs() as events:
-        out = service.respond(request_der(env["ca"], [1]))
+        out = answer(service, request_der(env["ca"], [1]))
     assert out.status == "internal_error"
     assert any(e.get("log_failure") is not None for e in events)
 
@@ -174,11 +176,11 @@ def test_reload_keeps_old_signers_when_new_ones_are_bad(env: dict[str, Any]) -> 
     from server.ocsp.signer import SignerError
 
     service = env["service"]
-    service.respond(request_der(env["ca"], [1]))
+    answer(service, request_der(env["ca"], [1]))
     os.chmod(env["ca"].signer_key_path, 0o644)
     with pytest.raises(SignerError):
         service.reload(config_for(env["ca"]))
-    assert service.respond(request_der(env["ca"], [1])).cache == "hit"
+    assert answer(service, request_der(env["ca"], [1])).cache == "hit"
     os.chmod(env["ca"].signer_key_path, 0o600)
     service.reload(config_for(env["ca"]))
     assert len(service.cache) == 0 and service.signer_expiries() == {
@@ -243,26 +245,26 @@ def test_revocation_is_re_signed_before_anyone_asks(env: dict[str, Any]) -> None
     feed = ChangeFeed(store)
     feed.prime()
     feed.subscribe(service.on_changes)
-    assert service.respond(der).cache == "miss"
+    assert answer(service, der).cache == "miss"
     with store.batch(T0) as b:
         b.revoke(CaId(env["ca_id"]), Serial(2), T0, RevocationReason.KEY_COMPROMISE, "t", "t")
     feed.poll()  # inline: the re-signing runs on the cooperator; drive it to the end
     _drain()
     assert service.presigned == 1
-    out = service.respond(der)
+    out = answer(service, der)
     assert out.cache == "hit" and status_of(out.der) == [c_ocsp.OCSPCertStatus.REVOKED]
 
 
 def test_responses_near_refresh_are_re_signed_ahead_of_time(env: dict[str, Any]) -> None:
     service, der = env["service"], request_der(env["ca"], [1])
-    first = service.respond(der)
+    first = answer(service, der)
     assert service.refresh_due() is None  # nothing due yet
     env["clock"].now += timedelta(hours=11, minutes=59)  # refresh at 12 h (half of 24 h)
     service.refresh_due()
     _drain()
     assert service.presigned == 1
     env["clock"].now += timedelta(minutes=2)  # past the first response's refresh time
-    again = service.respond(der)
+    again = answer(service, der)
     assert again.cache == "hit" and again.der != first.der  # signed ahead, not on request
     resp = c_ocsp.load_der_ocsp_response(again.der)
     assert resp.produced_at_utc == T0 + timedelta(minutes=5, hours=11, seconds=59 * 60)
@@ -284,7 +286,7 @@ def test_presign_backlog_counts_queued_responses_until_signed(env: dict[str, Any
     feed.prime()
     feed.subscribe(service.on_changes)
     for serial in (1, 2):
-        assert service.respond(request_der(env["ca"], [serial])).cache == "miss"
+        assert answer(service, request_der(env["ca"], [serial])).cache == "miss"
     assert service.presign_backlog == 0
     with store.batch(T0) as b:
         for serial in (1, 2):

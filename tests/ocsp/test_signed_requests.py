@@ -34,6 +34,7 @@ from store.model import CaId, RevocationReason, Serial
 from store.sqlite import Store
 from tests.conftest import require_tool
 from tests.ocsp.helpers import (
+    answer,
     DAY,
     T0,
     MiniCa,
@@ -156,17 +157,17 @@ def env(tmp_path: Path) -> Iterator[dict[str, Any]]:
                                            ("ed25519", False)])
 def test_good_signature_is_answered(env: dict[str, Any], kind: str, pss: bool) -> None:
     cert, key = requestor(env["ca"], kind, 0x50)
-    out = env["service"]("verify").respond(signed(env["ca"], [1], cert, key, pss=pss))
+    out = answer(env["service"]("verify"), signed(env["ca"], [1], cert, key, pss=pss))
     assert out.status == "successful", out.reason
     assert statuses(out.der) == [c_ocsp.OCSPCertStatus.GOOD]
 
 
 def test_bad_signature_is_unauthorized_even_with_a_cached_response(env: dict[str, Any]) -> None:
     service = env["service"]("verify")
-    assert service.respond(request_der(env["ca"], [1])).status == "successful"  # now cached
+    assert answer(service, request_der(env["ca"], [1])).status == "successful"  # now cached
     cert, key = requestor(env["ca"], "p256", 0x51)
     for _ in range(2):
-        out = service.respond(signed(env["ca"], [1], cert, key, tamper=True))
+        out = answer(service, signed(env["ca"], [1], cert, key, tamper=True))
         assert (out.status, out.cache) == ("unauthorized", "-")
         assert out.reason == "request signature does not verify with requestor certificate" \
             " serial 0x51"
@@ -175,34 +176,34 @@ def test_bad_signature_is_unauthorized_even_with_a_cached_response(env: dict[str
     other = asn1_ocsp.OCSPRequest.load(signed(env["ca"], [2], cert, key))
     spliced = asn1_ocsp.OCSPRequest({"tbs_request": other["tbs_request"],
                                      "optional_signature": good["optional_signature"]}).dump()
-    assert service.respond(spliced).status == "unauthorized"
+    assert answer(service, spliced).status == "unauthorized"
 
 
 def test_requestor_certificate_of_an_unconfigured_ca_is_unauthorized(
         env: dict[str, Any], tmp_path: Path) -> None:
     stranger = make_ca(tmp_path / "stranger", "sig")  # same name, another key
     cert, key = requestor(stranger, "p256", 0x52)
-    out = env["service"]("verify").respond(signed(env["ca"], [1], cert, key))
+    out = answer(env["service"]("verify"), signed(env["ca"], [1], cert, key))
     assert out.status == "unauthorized"
     assert out.reason is not None and "not issued by a configured CA" in out.reason
 
 
 def test_expired_requestor_certificate_is_unauthorized(env: dict[str, Any]) -> None:
     cert, key = requestor(env["ca"], "p256", 0x53, not_after=T0 - DAY)
-    out = env["service"]("verify").respond(signed(env["ca"], [1], cert, key))
+    out = answer(env["service"]("verify"), signed(env["ca"], [1], cert, key))
     assert out.status == "unauthorized" and "is not valid now" in (out.reason or "")
 
 
 def test_missing_requestor_certificate_is_unauthorized(env: dict[str, Any]) -> None:
     _, key = requestor(env["ca"], "p256", 0x54)
-    out = env["service"]("verify").respond(signed(env["ca"], [1], None, key,
+    out = answer(env["service"]("verify"), signed(env["ca"], [1], None, key,
                                                   requestor_name=None))
     assert out.status == "unauthorized" and "no requestor certificate" in (out.reason or "")
 
 
 def test_revoked_requestor_certificate_is_unauthorized(env: dict[str, Any]) -> None:
     cert, key = env["revoked"]
-    out = env["service"]("verify").respond(signed(env["ca"], [1], cert, key))
+    out = answer(env["service"]("verify"), signed(env["ca"], [1], cert, key))
     assert out.status == "unauthorized" and out.reason is not None
     assert out.reason.endswith("is revoked")
 
@@ -210,9 +211,9 @@ def test_revoked_requestor_certificate_is_unauthorized(env: dict[str, Any]) -> N
 def test_key_usage_without_digital_signature_is_unauthorized(env: dict[str, Any]) -> None:
     service = env["service"]("verify")
     cert, key = requestor(env["ca"], "p256", 0x55, key_usage=False)
-    assert service.respond(signed(env["ca"], [1], cert, key)).status == "unauthorized"
+    assert answer(service, signed(env["ca"], [1], cert, key)).status == "unauthorized"
     cert, key = requestor(env["ca"], "p256", 0x56, key_usage=True)
-    assert service.respond(signed(env["ca"], [1], cert, key)).status == "successful"
+    assert answer(service, signed(env["ca"], [1], cert, key)).status == "successful"
 
 
 def test_requestor_name_must_name_the_certificate(env: dict[str, Any]) -> None:
@@ -221,14 +222,14 @@ def test_requestor_name_must_name_the_certificate(env: dict[str, Any]) -> None:
     ca = env["ca"]
     someone = asn1_x509.GeneralName(name="directory_name", value=asn1_x509.Name.build(
         {"country_name": "MO", "common_name": "Someone else"}))
-    assert service.respond(signed(ca, [1], cert, key, requestor_name=someone)).status \
+    assert answer(service, signed(ca, [1], cert, key, requestor_name=someone)).status \
         == "unauthorized"
     other_mail = asn1_x509.GeneralName(name="rfc822_name", value="other@example.test")
-    assert service.respond(signed(ca, [1], cert, key, requestor_name=other_mail)).status \
+    assert answer(service, signed(ca, [1], cert, key, requestor_name=other_mail)).status \
         == "unauthorized"
     own_mail = asn1_x509.GeneralName(name="rfc822_name", value="req@example.test")
     for rname in ("subject", own_mail, None):  # the subject, a subjectAltName, or no name
-        assert service.respond(signed(ca, [1], cert, key, requestor_name=rname)).status \
+        assert answer(service, signed(ca, [1], cert, key, requestor_name=rname)).status \
             == "successful", rname
 
 
@@ -240,16 +241,16 @@ def test_weak_or_unknown_algorithms_are_unauthorized(env: dict[str, Any]) -> Non
     req = asn1_ocsp.OCSPRequest({"tbs_request": tbs, "optional_signature": {
         "signature_algorithm": {"algorithm": "sha1_rsa"}, "signature": sha1,
         "certs": [asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))]}})
-    out = service.respond(req.dump())
+    out = answer(service, req.dump())
     assert out.status == "unauthorized" and "sha1 is not accepted" in (out.reason or "")
     # An ECDSA algorithm with an RSA certificate.
-    out = service.respond(signed(env["ca"], [1], cert, key,
+    out = answer(service, signed(env["ca"], [1], cert, key,
                                  algorithm=algos.SignedDigestAlgorithm({"algorithm":
                                                                         "sha256_ecdsa"})))
     assert out.status == "unauthorized"
     # An algorithm asn1crypto does not know.
     odd = algos.SignedDigestAlgorithm({"algorithm": "1.2.3.4.5"})
-    out = service.respond(signed(env["ca"], [1], cert, key, algorithm=odd))
+    out = answer(service, signed(env["ca"], [1], cert, key, algorithm=odd))
     assert out.status == "unauthorized" and "1.2.3.4.5" in (out.reason or "")
 
 
@@ -265,45 +266,45 @@ def test_malformed_signature_structure_is_malformed_request(env: dict[str, Any])
         "signature_algorithm": algos.SignedDigestAlgorithm.load(broken_alg),
         "signature": sig["signature"].native, "certs": sig["certs"]}}).dump()
     assert broken_alg in rebuilt
-    assert env["service"]("verify").respond(rebuilt).status == "malformed_request"
-    assert env["service"]("ignore").respond(rebuilt).status == "successful"
+    assert answer(env["service"]("verify"), rebuilt).status == "malformed_request"
+    assert answer(env["service"]("ignore"), rebuilt).status == "successful"
 
 
 def test_cached_signed_bytes_are_checked_again(env: dict[str, Any]) -> None:
     service, clock = env["service"]("verify"), env["clock"]
     cert, key = requestor(env["ca"], "p256", 0x5A, not_after=T0 + timedelta(hours=1))
     der = signed(env["ca"], [1], cert, key)
-    first = service.respond(der)
+    first = answer(service, der)
     assert (first.status, first.cache) == ("successful", "miss")
-    again = service.respond(der)  # the response is cached by CertIDs, after the check
+    again = answer(service, der)  # the response is cached by CertIDs, after the check
     assert (again.status, again.cache, again.der) == ("successful", "hit", first.der)
-    assert service.lookup(der, clock.now) is None  # never under its raw bytes
+    assert service.ready(der, clock.now) is None  # never under its raw bytes
     clock.now = T0 + timedelta(hours=2)  # the requestor certificate has expired
-    late = service.respond(der)
+    late = answer(service, der)
     assert late.status == "unauthorized" and "is not valid now" in (late.reason or "")
 
 
 def test_require_refuses_unsigned_requests(env: dict[str, Any]) -> None:
     service = env["service"]("require")
     for _ in range(2):
-        out = service.respond(request_der(env["ca"], [1]))
+        out = answer(service, request_der(env["ca"], [1]))
         assert (out.status, out.cache) == ("sign_required", "-")
     cert, key = requestor(env["ca"], "ed25519", 0x5B)
-    assert service.respond(signed(env["ca"], [1], cert, key)).status == "successful"
-    assert service.respond(signed(env["ca"], [1], cert, key, tamper=True)).status \
+    assert answer(service, signed(env["ca"], [1], cert, key)).status == "successful"
+    assert answer(service, signed(env["ca"], [1], cert, key, tamper=True)).status \
         == "unauthorized"
-    assert service.respond(request_der(env["ca"], [1])).status == "sign_required"
+    assert answer(service, request_der(env["ca"], [1])).status == "sign_required"
 
 
 def test_ignore_keeps_accepting_any_signature(env: dict[str, Any]) -> None:
     service = env["service"]("ignore")
     cert, key = requestor(env["ca"], "p256", 0x5C, not_after=T0 - DAY)
     der = signed(env["ca"], [1], cert, key, tamper=True)
-    out = service.respond(der)
+    out = answer(service, der)
     assert out.status == "successful" and out.cache == "miss"
-    assert service.respond(der).cache == "hit"
-    assert service.lookup(der, env["clock"].now) is not None  # raw bytes cached, as before
-    assert service.respond(request_der(env["ca"], [1])).status == "successful"
+    assert answer(service, der).cache == "hit"
+    assert service.ready(der, env["clock"].now) is not None  # raw bytes cached, as before
+    assert answer(service, request_der(env["ca"], [1])).status == "successful"
 
 
 def test_config_key() -> None:
@@ -406,6 +407,6 @@ def test_hostile_pss_parameters_are_refused_not_internal_errors(env: dict[str, A
             "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
             "salt_length": salt})
         alg = algos.SignedDigestAlgorithm({"algorithm": "rsassa_pss", "parameters": params})
-        out = env["service"]("verify").respond(signed(env["ca"], [1], cert, key, pss=True,
+        out = answer(env["service"]("verify"), signed(env["ca"], [1], cert, key, pss=True,
                                                       algorithm=alg))
         assert out.status == "unauthorized", (salt, out.reason)

@@ -1,4 +1,4 @@
-"""The signing processes of ``server.ocsp.signing``: ``ProcessSigners`` starts, feeds,
+"""The signing processes of the signing queue: ``ProcessSigners`` starts, feeds,
 restarts and stops ``server.ocsp.signworker`` children.
 
 Strategy: each child is spawned with ``reactor.spawnProcess`` (stdin/stdout pipes, stderr
@@ -32,8 +32,10 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from server.ocsp.cache import CachedResponse
+from server.twistedwrite import pipe_write
 from server.ocsp.service import OcspService, Signed, nonce_signing
-from server.ocsp.signing import Executor, try_later
+from server.ocsp.signing.executors import Executor
+from server.ocsp.signing.fairqueue import try_later
 from server.ocsp.signworker import frame, split_frames
 
 log = Logger(namespace="server.ocsp")
@@ -63,22 +65,10 @@ class _Child(protocol.ProcessProtocol):
 
     def flush(self) -> None:
         """Write the pending frames: straight to the pipe when Twisted holds nothing for it
-        (no extra turn of the reactor, no epoll change per request), else through it."""
+        (no extra turn of the reactor, no epoll change per request; ``server.twistedwrite``)."""
         data = b"".join(self.pending)
         self.pending.clear()
-        writer = self.transport.pipes.get(0)
-        if writer is None:
-            return  # the process is ending: its jobs are answered by processEnded
-        written = 0
-        if not writer.dataBuffer and not writer._tempDataBuffer:
-            try:
-                written = os.write(writer.fd, data)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                return  # a broken pipe: processEnded follows
-        if written < len(data):
-            self.transport.write(data[written:])
+        pipe_write(self.transport, data)
 
     def outReceived(self, data: bytes) -> None:
         self._buf += data

@@ -1,8 +1,10 @@
-"""Requests that need a fresh signature: a bounded, per-address fair queue and a signing pool.
+"""Requests that need a fresh signature: a bounded, per-address fair queue (the server's
+signing seam, ``OcspService.signing``).
 
-Strategy: ``SigningQueue.submit`` is what ``OcspService.respond_to`` calls for a request the
-pre-signed cache did not answer. Cheap answers leave at once, on the reactor thread: a
-malformed request, and a request whose CertIDs are cached under other bytes. The rest waits
+Strategy: ``SigningQueue.submit`` is what ``OcspService.answer`` calls for a request the
+pre-signed cache did not answer. Cheap answers leave at once, on the reactor thread
+(``OcspService.triage``): a malformed request, and a request whose CertIDs are cached under
+other bytes. The rest waits
 in a queue bounded in all (``signing_queue``) and per client address
 (``signing_queue_per_address``), with one FIFO per address served round-robin, so one
 address can neither fill the queue nor delay the others' requests by more than one of its
@@ -25,10 +27,12 @@ it, a request found to be about never-issued serials is answered ``tryLater`` un
 A nonce request for CertIDs whose answer is cached costs one signature: its job carries
 that answer (looked up again when it is handed over: it may have been voided meanwhile) and
 the signer builds the ResponseData from its pre-encoded parts (``OcspService.sign_nonce``).
-How fast requests are handed over is paced (``Pacer``) so that, on a busy server, cheap
-answers keep most of the event loop.
+How fast requests are handed over is paced (``server.ocsp.signing.pacer.Pacer``, fed the
+listener's request count passed in as ``requests``) so that, on a busy server, cheap answers
+keep most of the event loop.
 
-Who signs (``Executor``): ``ProcessSigners`` (``server.ocsp.signprocs``) — child processes
+Who signs (``server.ocsp.signing.executors.Executor``): ``ProcessSigners``
+(``server.ocsp.signing.processes``) — child processes
 (``server.ocsp.signworker``, spawned with ``reactor.spawnProcess``, length-prefixed pickles
 over pipes), each
 with its own store connection and signers, run at a lower CPU priority than the server so
@@ -43,7 +47,6 @@ threads when the store is threaded, else on the reactor one request per turn.
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -56,9 +59,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from server.ocsp.cache import CachedResponse
-from server.ocsp.codec import OcspError, encode_error
-from server.ocsp.der import NonceShapes
-from server.ocsp.service import OcspService, Outcome, Signed, nonce_signing
+from server.ocsp.codec import InternalError, TryLater
+from server.ocsp.service import OcspService, Outcome, Signed, Work
+from server.ocsp.signing.executors import Executor
+from server.ocsp.signing.pacer import Pacer
 
 log = Logger(namespace="server.ocsp")
 
@@ -72,7 +76,7 @@ SHED_BACKOFF = 0.1
 
 
 def try_later(reason: str) -> Outcome:
-    return Outcome(encode_error("try_later"), "try_later", "-", reason=reason)
+    return Outcome.error(TryLater(reason))
 
 
 # --- per-address bookkeeping --------------------------------------------------------------
@@ -125,88 +129,6 @@ class ShedLog:
                  reason=outcome.reason or "signing queue full")
 
 
-# --- pacing ---------------------------------------------------------------------------------
-
-
-class Pacer:
-    """How fast requests may be handed to the signers, so that answers needing a signature
-    cannot take the event loop from those that need none.
-
-    A request signed in a signing process still costs the server process several times what
-    a cached answer does (reading and parsing it, handing it over, sending the answer). As
-    long as the server process has CPU to spare, or everything it answers needs a signature,
-    requests are handed over as fast as the signers take them. Once, over a ``TICK``, the
-    process used ``BUSY`` of a core or more, answered ``OTHERS`` requests or more without a
-    signature (a client is there to protect, not just a health check; however few they are
-    next to the flood, which is what a flood does to them), and spent more than ``SHARE`` of
-    the time on the signing path (``SigningQueue`` measures its own part of that cost:
-    submitting, handing over, answering), the hand-over rate is cut to ``CUT`` of what it was
-    (never below ``MIN_RATE``); each ``TICK`` that is no longer so it grows by ``GROW``, and
-    it becomes unlimited again once well above what is handed over. Requests held back wait
-    in the queue, which sheds as always when full."""
-
-    TICK = 0.1  # seconds between looks at the load
-    BUSY = 0.8  # share of one core the server process may use before signing is slowed
-    SHARE = 0.1  # of the time, measured on the signing path, it may then take
-    CUT = 0.7
-    GROW = 1.25
-    MIN_RATE = 50.0  # hand-overs per second, whatever the load
-    OTHERS = 10  # answers without a signature in a tick that make a client worth protecting
-
-    def __init__(self, clock: Callable[[], float],
-                 cpu: Callable[[], float] = time.process_time) -> None:
-        self.clock = clock
-        self.cpu = cpu
-        self.rate: float | None = None  # hand-overs per second; None: as fast as taken
-        self._tokens = 0.0
-        self._at = clock()
-        self.handed = 0  # hand-overs in the current tick
-        self._start = (clock(), cpu())
-
-    def allow(self) -> bool:
-        """Whether one more request may be handed over now (counted if so)."""
-        rate = self.rate
-        if rate is not None:
-            now = self.clock()
-            burst = max(1.0, rate * 0.01)
-            self._tokens = min(burst, self._tokens + (now - self._at) * rate)
-            self._at = now
-            if self._tokens < 1.0:
-                return False
-            self._tokens -= 1.0
-        self.handed += 1
-        return True
-
-    def delay(self) -> float:
-        """Seconds until ``allow`` can say yes again."""
-        return 0.0 if self.rate is None else max(0.001, (1.0 - self._tokens) / self.rate)
-
-    def tick(self, signing: int, other: int, spent: float) -> None:
-        """The end of a tick in which ``signing`` requests needed a signature (``spent``
-        seconds measured on their path) and ``other`` requests were answered without one."""
-        now, cpu = self.clock(), self.cpu()
-        wall = max(now - self._start[0], 1e-6)
-        busy = (cpu - self._start[1]) / wall
-        handed = self.handed / wall
-        self._start = (now, cpu)
-        self.handed = 0
-        if busy >= self.BUSY and other >= self.OTHERS and signing and spent / wall > self.SHARE:
-            base = handed if self.rate is None else min(handed, self.rate)
-            self.rate = max(self.MIN_RATE, self.CUT * base)
-            self._tokens = min(self._tokens, 1.0)
-            self._at = now
-        elif self.rate is not None:
-            self.rate *= self.GROW
-            if self.rate > 2.0 * handed + self.MIN_RATE:
-                self.rate = None
-
-    def reset(self) -> None:
-        """Idle: nothing waits, nothing was asked for over a tick."""
-        self.rate = None
-        self.handed = 0
-        self._start = (self.clock(), self.cpu())
-
-
 # --- the queue ------------------------------------------------------------------------------
 
 
@@ -230,7 +152,9 @@ class SigningQueue:
     """Bounded, fair per client address, shedding when full; see the module docstring."""
 
     def __init__(self, service: OcspService, executor: Executor, config: Any, *,
-                 reactor: Any, clock: Callable[[], float] = time.monotonic) -> None:
+                 reactor: Any, requests: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 pacer: Pacer | None = None) -> None:
         self.service = service
         self.executor = executor
         self.reactor = reactor
@@ -248,10 +172,10 @@ class SigningQueue:
         self.expired = 0  # waited or ran too long: answered tryLater
         self._shed_log = ShedLog(clock)
         self._watch: Any = None
-        self.pacer = Pacer(clock)
-        # requests the HTTP listener answered so far, all kinds (set by its factory): the
-        # pacing compares them with those that came here
-        self.requests: Callable[[], int] | None = None
+        self.pacer = pacer if pacer is not None else Pacer(clock)
+        # requests the HTTP listener answered so far, all kinds (its access log's count):
+        # the pacing compares them with those that came here; None: no pacing
+        self.requests = requests
         self._submitted = 0  # requests that came here during the current tick
         self._spent = 0.0  # seconds this tick's requests here took on the reactor
         self._requests_at_tick = 0
@@ -265,7 +189,6 @@ class SigningQueue:
         self.per_address = http.signing_queue_per_address
         self.presigned_for_nonce = http.shed_nonce_with_presigned
         self.unknown = TokenBuckets(http.unknown_per_address, self.clock)
-        self.shapes = NonceShapes(http.max_certids)
 
     def reload(self, config: Any) -> None:
         self._configure(config)
@@ -315,18 +238,14 @@ class SigningQueue:
             self._requests_at_tick = self.requests()
             self.pacer.reset()
             self._tick = self.reactor.callLater(Pacer.TICK, self._on_tick)
-        try:
-            request = self.shapes.parse(der)
-        except OcspError as exc:
-            return Outcome(encode_error(exc.status), exc.status, "-", reason=str(exc))
-        cached = service.cached_answer(der, request, now)
-        if cached is not None:
-            return cached
+        work = service.triage(der, now, client)
+        if type(work) is not Work:
+            return work  # type: ignore[return-value]
+        request = work.request
         held = self._held.get(client, 0)
         if self.held >= self.capacity or held >= self.per_address or self.executor.refuses():
             return self._shed(request, now, client)
-        job = Job(der, now, client, self.clock(), parts=service.nonce_parts(request, now),
-                  nonce=request.nonce or b"")
+        job = Job(der, now, client, self.clock(), parts=work.parts, nonce=request.nonce or b"")
         self._held[client] = held + 1
         queue = self._waiting.get(client)
         if queue is None:
@@ -437,8 +356,7 @@ class SigningQueue:
         self._running.pop(id(job), None)
         self._release(job.client)
         log.failure("OCSP signing failed", failure)
-        self._answer(job, Outcome(encode_error("internal_error"), "internal_error", "-",
-                                  reason="internal error"))
+        self._answer(job, Outcome.error(InternalError("internal error")))
         self._dispatch()
 
     def _release(self, client: str) -> None:
@@ -478,132 +396,3 @@ class SigningQueue:
         if self.waiting or self._running:
             self._watch = self.reactor.callLater(1.0, self._expire)
         self._dispatch()  # a signer may have come back (a restarted process)
-
-
-# --- who signs ------------------------------------------------------------------------------
-
-
-class Executor(ABC):
-    """Runs ``OcspService.compute`` somewhere; ``on_free`` is called when a slot frees up.
-    ``free`` and ``run`` are what each kind of signer must say; the rest has defaults."""
-
-    on_free: Callable[[], None] = staticmethod(lambda: None)  # type: ignore[assignment]
-
-    @abstractmethod
-    def free(self) -> bool:
-        """Whether a request can be handed over now."""
-
-    def refuses(self) -> bool:
-        """Whether requests must be shed now, queue or not."""
-        return False
-
-    @abstractmethod
-    def run(self, der: bytes, now: datetime, sign_unknown: bool) -> defer.Deferred[Signed]:
-        """Compute the answer to der at now (signing ``unknown`` answers when sign_unknown)."""
-
-    @abstractmethod
-    def sign_nonce(self, entry: CachedResponse, nonce: bytes,
-                   now: datetime) -> defer.Deferred[Signed]:
-        """Sign the answer to a nonce request from the parts of entry, the cached answer to
-        its CertIDs (``OcspService.sign_nonce``)."""
-
-    def flush(self) -> None:
-        """Send the requests handed over so far (an executor may gather them)."""
-
-    def reload(self, config: Any) -> None:
-        """New signers (SIGHUP); the server's own service has reloaded already."""
-
-    def stop(self) -> Any:
-        return None
-
-
-class LocalSigners(Executor):
-    """Signs in the server process: in the store threads, or on the reactor one per turn."""
-
-    def __init__(self, service: OcspService, access: Any, reactor: Any) -> None:
-        self.service = service
-        self.access = access if access is not None and not access.inline else None
-        self.reactor = reactor
-        self.slots = self.access.threads if self.access is not None else 1
-        self.busy = 0
-
-    def refuses(self) -> bool:
-        return self.access is not None and self.access.busy()  # a dead database
-
-    def free(self) -> bool:
-        return self.busy < self.slots
-
-    def run(self, der: bytes, now: datetime, sign_unknown: bool) -> defer.Deferred[Signed]:
-        self.busy += 1
-        compute = self.service.compute
-        if self.access is not None:
-            d: defer.Deferred[Signed] = self.access.run(compute, der, now,
-                                                        sign_unknown=sign_unknown, peek=False)
-        else:  # inline: on the reactor thread, as without a queue
-            d = defer.succeed(compute(der, now, sign_unknown=sign_unknown, peek=False))
-        return d.addBoth(self._done)
-
-    def sign_nonce(self, entry: CachedResponse, nonce: bytes,
-                   now: datetime) -> defer.Deferred[Signed]:
-        self.busy += 1
-        service = self.service
-        args = nonce_signing(entry, nonce, now)
-        if self.access is not None:
-            d: defer.Deferred[Any] = self.access.run(service.sign_nonce, *args)
-        else:
-            d = defer.succeed(service.sign_nonce(*args))
-        d.addCallback(lambda r: Signed(service.nonce_outcome(entry, r)))
-        return d.addBoth(self._done)
-
-    def _done(self, result: Any) -> Any:
-        self.busy -= 1
-        return result
-
-
-class OverloadCollector:
-    """``/metrics``: the signing queue's fill and what it shed (read at scrape time)."""
-
-    def __init__(self, queue: SigningQueue) -> None:
-        self.queue = queue
-
-    def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        c = self.queue.counters()
-        shed = CounterMetricFamily(
-            "certpub_ocsp_shed", "OCSP requests needing a signature answered at once because"
-            " the signing queue (or this address's share of it) was full, by answer.",
-            labels=["answer"])
-        shed.add_metric(["try_later"], c["shed_try_later"])
-        shed.add_metric(["presigned"], c["shed_presigned"])
-        yield shed
-        limited = CounterMetricFamily(
-            "certpub_ocsp_unknown_limited", "Requests about never-issued serials answered"
-            " tryLater unsigned: over unknown_per_address.")
-        limited.add_metric([], c["unknown_limited"])
-        yield limited
-        expired = CounterMetricFamily(
-            "certpub_ocsp_signing_expired", "Requests answered tryLater because no signer"
-            " answered in time.")
-        expired.add_metric([], c["expired"])
-        yield expired
-        queue = GaugeMetricFamily("certpub_ocsp_signing_queue",
-                                  "Requests waiting for a signer or being signed.",
-                                  labels=["state"])
-        queue.add_metric(["waiting"], c["waiting"])
-        queue.add_metric(["signing"], c["running"])
-        yield queue
-        unknown = GaugeMetricFamily("certpub_ocsp_unknown_cached",
-                                    "Signed answers about never-issued serials kept.")
-        unknown.add_metric([], c["unknown_cached"])
-        yield unknown
-        paced = GaugeMetricFamily(
-            "certpub_ocsp_signing_paced_rate", "Requests per second the signing queue may"
-            " hand to the signers now, while cached answers need the event loop; 0: not"
-            " paced.")
-        paced.add_metric([], c["paced_rate"])
-        yield paced
-        hits = CounterMetricFamily("certpub_ocsp_unknown_cache_hits",
-                                   "Requests answered from the never-issued answers' cache.")
-        hits.add_metric([], c["unknown_hits"])
-        yield hits
