@@ -22,6 +22,7 @@ from store import open_store
 from store.certparse import cert_input, crl_input
 from store.model import CertStatus, RevocationReason
 from store.schema import MIGRATIONS
+from tests.importer.test_crl_urls import cert as url_cert
 from tests.importer.test_importer_helpers import DAY, NOW, MiniPki, der
 
 PREVIOUS_RELEASE = "87819a521e446a10ec60db2255e7380cf3be00c9"  # schema version 3
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 HOLD = RevocationReason.CERTIFICATE_HOLD
 R = x509.ReasonFlags
 P1 = "http://crl.example.mo/part1.crl"
+P1D = "http://crl.example.mo/part1-delta.crl"
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +167,8 @@ def test_migration_from_the_previous_release(pki: MiniPki, store_location: str, 
     # The defect this migration ends: ca-b's one stored CRL was a partition.
     part = make_crl(pki, "ca-b", 4, [(5, None)], idp=[P1])
     data = {"now": NOW, "cas": [
-        ("ca-a", der(pki.cas["ca-a"].cert), [der(pki.cert("ca-a", s)) for s in range(1, 10)],
-         full),
+        ("ca-a", der(pki.cas["ca-a"].cert), [der(pki.cert("ca-a", s)) for s in range(1, 10)]
+         + [der(url_cert(pki, "ca-a", 10, [P1], freshest=[P1D]))], full),
         ("ca-b", der(pki.cas["ca-b"].cert), [der(pki.cert("ca-b", s)) for s in range(1, 10)],
          part),
     ]}
@@ -196,6 +198,9 @@ def test_migration_from_the_previous_release(pki: MiniPki, store_location: str, 
         scopes = {(s.ca_id, s.label, s.number) for s in store.crl_scopes()}
         assert scopes == {(a.id, "full", 7), (b.id, "part1.crl", 4)}
         assert store._query("SELECT COUNT(*) FROM cas WHERE crl_der IS NOT NULL")[0][0] == 0
+        # the URLs the stored certificates print are learnt by the migration
+        assert {(u.url, u.kind, u.ca_id) for u in store.learnt_urls()} == {
+            (P1, "crl", a.id), (P1D, "delta", a.id)}
         held = {(int(c), s) for c, s in store._query("SELECT ca_id, serial FROM crl_holds")}
         assert held == {(a.id, "3"), (a.id, "9"), (b.id, "9")}
         for ca_id, revoked in ((a.id, {2, 3, 9}), (b.id, {5, 9})):
