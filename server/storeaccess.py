@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from store import open_store
-from store.sqlite import StoreError
+from store.errors import StoreError
 
 log = Logger()
 T = TypeVar("T")

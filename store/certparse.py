@@ -11,7 +11,16 @@ from cryptography import x509 as cx509
 from cryptography.x509.oid import CRLEntryExtensionOID
 
 from store import names
-from store.model import CaId, CertInput, CrlInput, RevocationReason, RevokedEntry, Serial
+from store.urls import urls_of_certificate
+from store.model import (
+    CaId,
+    CertInput,
+    CrlInput,
+    RevocationReason,
+    RevokedEntry,
+    Serial,
+    idp_key,
+)
 
 # Public DN attribute OIDs -> the LDAP attribute their values are indexed under.
 INDEXED_ATTRIBUTES: dict[str, str] = {
@@ -82,6 +91,7 @@ def cert_input(der: bytes, ca_id: CaId) -> CertInput:
             for general_name in san:
                 if general_name.name == "rfc822_name":
                     san_emails.append(str(general_name.native))
+        urls = urls_of_certificate(cert)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise ParseError(f"not a certificate: {exc}") from exc
     public, ancestors = _directory(dn)
@@ -103,7 +113,7 @@ def cert_input(der: bytes, ca_id: CaId) -> CertInput:
         ca_id=ca_id, serial=serial, der=der, subject_dn=str(dn), subject_key=dn.key,
         directory_dn=str(public), directory_key=public.key, directory_ancestors=ancestors,
         emails=tuple(emails), attributes=tuple(sorted(attrs)), cn=cns[0] if cns else None,
-        not_before=not_before, not_after=not_after,
+        not_before=not_before, not_after=not_after, urls=urls,
     )
 
 
@@ -149,13 +159,67 @@ def _entries_fast(der: bytes) -> list[RevokedEntry] | None:
     return entries
 
 
+@dataclass(frozen=True)
+class CrlScopeInfo:
+    """Which scope a CRL belongs to (RFC 5280 §5.2.4, §5.2.5): its IDP and delta-ness."""
+
+    idp_der: bytes | None  # the IssuingDistributionPoint extension value, DER
+    urls: tuple[str, ...]  # URIs of the IDP's distributionPoint fullName, as printed
+    only: str  # "" | "user" | "ca" | "attribute"
+    indirect: bool
+    is_delta: bool
+    base_number: int | None
+
+    @property
+    def key(self) -> str:
+        """The scope's key in the store: "" for no IDP, else the IDP DER's SHA-256 (hex)."""
+        return idp_key(self.idp_der)
+
+
+def _uri_text(raw: bytes) -> str:
+    """A URI's IA5String content as printed (latin-1 keeps any stray byte visible, so the
+    store's URL checks see and refuse it; asn1crypto's ``native`` would percent-decode)."""
+    return raw.decode("latin-1")
+
+
+def _scope_info(crl: asn1crl.CertificateList) -> CrlScopeInfo:
+    base = crl.delta_crl_indicator_value
+    idp = crl.issuing_distribution_point_value
+    if idp is None:
+        return CrlScopeInfo(None, (), "", False, base is not None,
+                            None if base is None else int(base.native))
+    urls: list[str] = []
+    point = idp["distribution_point"]
+    if isinstance(point, asn1x509.DistributionPointName) and point.name == "full_name":
+        for general_name in point.chosen:
+            if general_name.name == "uniform_resource_identifier":
+                urls.append(_uri_text(general_name.chosen.contents))
+    only = ""
+    if idp["only_contains_user_certs"].native:
+        only = "user"
+    elif idp["only_contains_ca_certs"].native:
+        only = "ca"
+    elif idp["only_contains_attribute_certs"].native:
+        only = "attribute"
+    return CrlScopeInfo(idp.dump(), tuple(urls), only, bool(idp["indirect_crl"].native),
+                        base is not None, None if base is None else int(base.native))
+
+
+def scope_of(der: bytes) -> CrlScopeInfo:
+    """The scope of a CRL (its IDP and delta indicator), from one strict parse."""
+    try:
+        return _scope_info(asn1crl.CertificateList.load(der, strict=True))
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise ParseError(f"not a CRL: {exc}") from exc
+
+
 def crl_input(der: bytes, ca_id: CaId) -> CrlInput:
-    """A CRL's number, times and entries (RFC 5280 §5), copied out of one strict parse."""
+    """A CRL's number, scope, times and entries (RFC 5280 §5), from one strict parse."""
     try:
         crl = asn1crl.CertificateList.load(der, strict=True)
         tbs = crl["tbs_cert_list"]
         number = crl.crl_number_value
-        is_delta = crl.delta_crl_indicator_value is not None
+        scope = _scope_info(crl)
         this_update = _aware(tbs["this_update"].native)
         nu = tbs["next_update"].native
         next_update = None if nu is None else _aware(nu)
@@ -164,10 +228,13 @@ def crl_input(der: bytes, ca_id: CaId) -> CrlInput:
             entries = _entries_asn1crypto(tbs)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise ParseError(f"not a CRL: {exc}") from exc
+    except AttributeError as exc:  # an optional field asn1crypto leaves as Void
+        raise ParseError(f"not a CRL: {exc}") from exc
     return CrlInput(
         ca_id=ca_id, der=der, number=None if number is None else int(number.native),
         this_update=this_update, next_update=next_update, entries=tuple(entries),
-        is_delta=is_delta,
+        is_delta=scope.is_delta, base_number=scope.base_number, idp_der=scope.idp_der,
+        idp_urls=scope.urls, only=scope.only, indirect=scope.indirect,
     )
 
 
@@ -228,3 +295,37 @@ def entry_serial(entry_der: bytes) -> int:
     if tag != 0x02:
         raise ValueError("entry without a serial")
     return int.from_bytes(entry_der[s:e], "big", signed=True)
+
+
+def url_extension_values(der: bytes) -> tuple[bytes | None, bytes | None, bytes | None] | None:
+    """The raw values of a certificate's CRL distribution points, freshest CRL and AIA
+    extensions (``store.urls.URL_OIDS`` order), by a walk over its DER; None when it has
+    none of them or the layout is not the expected one (meant for stored certificates)."""
+    from store.urls import URL_OIDS
+
+    try:
+        _, p, _ = _tlv(der, 0)  # Certificate
+        _, p, end = _tlv(der, p)  # TBSCertificate
+        while p < end:
+            tag, s, e = _tlv(der, p)
+            p = e
+            if tag != 0xA3:
+                continue
+            _, q, exts_end = _tlv(der, s)
+            raws: list[bytes | None] = [None, None, None]
+            while q < exts_end:
+                _, r, ext_end = _tlv(der, q)
+                q = ext_end
+                _, _, oe = _tlv(der, r)
+                slot = URL_OIDS.get(der[r:oe])
+                if slot is None:
+                    continue
+                tag, vs, ve = _tlv(der, oe)
+                if tag == 0x01:  # critical
+                    tag, vs, ve = _tlv(der, ve)
+                if tag == 0x04 and raws[slot] is None:
+                    raws[slot] = der[vs:ve]
+            return (raws[0], raws[1], raws[2]) if raws != [None, None, None] else None
+    except (IndexError, ValueError):
+        return None
+    return None

@@ -18,7 +18,7 @@ from server.http import wire
 from server.http.listener import Reply
 from server.ocsp import publish
 from server.ocsp.service import OcspService
-from store.sqlbase import StoreError
+from store.errors import StoreError
 
 
 

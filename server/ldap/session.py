@@ -67,7 +67,7 @@ from server.ldap.schema import describe, select
 from server.privacy import BUDGET, OPEN, PRIVATE_KINDS, LdapRule
 from server.privacy import message as privacy_message
 from store import names
-from store.sqlbase import StoreError
+from store.errors import StoreError
 
 STARTTLS = "1.3.6.1.4.1.1466.20037"
 WHOAMI = "1.3.6.1.4.1.4203.1.11.3"

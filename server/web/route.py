@@ -26,9 +26,9 @@ from server.http.listener import Reply
 from server.http.publication import not_allowed, send
 from server.web import i18n
 from server.web.pages import Answer, Lang, WebPages
-from server.web.query import QueryError, parse_search, parse_serial
 from server.privacy import Privacy, WebGuard
-from store.sqlbase import StoreError
+from server.web.query import QueryError, parse_search, parse_serial
+from store.errors import StoreError
 
 _EXTENSIONS = ("cer", "pem", "p7c")
 
