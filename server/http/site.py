@@ -156,6 +156,7 @@ class OcspHttpFactory(HttpFactory):
             self.http_site.urls.set_names(getattr(config.http, "public_names", ()))
         if self.http_site.web is not None:
             self.http_site.web.pages.configure(public_attributes(config), config.http.ocsp_paths)
+            self.http_site.web.pages.public_names = frozenset(config.http.public_names)
         self.max_body = config.http.max_request_bytes
         self.limits.set_limits(config.http.max_connections,
                                config.http.max_connections_per_address)
@@ -178,6 +179,7 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
         feed.subscribe(service.on_changes)
     pages = WebPages(lambda: service.published, public_attributes(config), config.http.ocsp_paths,
                      clock_now)
+    pages.public_names = frozenset(getattr(config.http, "public_names", ()))
     urls = UrlRoute(getattr(config.http, "public_names", ()), store, clock_now, access)
     if feed is not None:
         feed.subscribe(urls.on_changes)

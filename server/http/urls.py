@@ -345,7 +345,8 @@ class UrlRoute:
     def _read_learnt(self) -> None:
         epoch = self.epoch
         table: dict[tuple[str, bytes], str] = {}
-        for u in self.store.learnt_urls():
+        read = getattr(self.store, "learnt_urls", None)  # a store without CRL scopes: none
+        for u in (read() if read is not None else ()):
             if u.scheme != "http":
                 continue  # a conflict stays in: its path answers 404, never falls through
             authority = urlsplit(u.url).netloc.lower().rpartition("@")[2]

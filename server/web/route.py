@@ -91,6 +91,8 @@ class WebRoute:
                 return self._run(request, fields, date, lang, pages.download, ca, serial, ext,
                                  lang)
             return self._run(request, fields, date, lang, pages.cert_page, ca, serial, lang)
+        if path == b"/api/v1/cas":
+            return self._run(request, fields, date, None, pages.api_cas)
         if path == b"/api/v1/search":
             return self._run(request, fields, date, None, pages.api_search, request.query)
         if path.startswith(b"/api/v1/cert/"):
