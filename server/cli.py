@@ -15,6 +15,7 @@ import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from server.config import DEFAULT_CONFIG_PATH, Config, load_config
 from server.configtools import ConfigError
@@ -141,9 +142,33 @@ def cmd_status(args: argparse.Namespace) -> int:
             crl = str(s.ca.crl_number) if s.ca.crl_number is not None else "-"
             print(f"{s.ca.name:<12} {s.good:>8} {s.revoked:>8} {s.on_hold:>8} {s.expired:>8}"
                   f" {s.total:>8}  {crl:>5}  {nu:<20}  {last}")
+        print_scopes(store, {s.ca.id: s.ca.name for s in rows}, t)
     finally:
         store.close()
     return 0
+
+
+def print_scopes(store: Any, names: dict[int, str], at: datetime) -> None:
+    """``certpub status``: the CRL scopes of each CA (issue 23: full, partitions, deltas),
+    with their number, thisUpdate, nextUpdate ("OVERDUE" once past it) and URLs."""
+    from server.web.scopes import label
+
+    read = getattr(store, "crl_scopes", None)
+    scopes = sorted((sc for sc in (read() if read is not None else []) if sc.ca_id in names),
+                    key=lambda sc: (names[sc.ca_id], sc.idp_der is not None, label(sc)))
+    if not scopes:
+        return
+    print()
+    print(f"{'CA':<12} {'CRL scope':<24} {'number':>8}  {'thisUpdate':<20}  "
+          f"{'nextUpdate':<20}  URLs")
+    for sc in scopes:
+        def ts(v: datetime | None) -> str:
+            return v.strftime("%Y-%m-%d %H:%M:%SZ") if v is not None else "-"
+
+        overdue = "  OVERDUE" if sc.next_update is not None and sc.next_update < at else ""
+        number = str(sc.number) if sc.number is not None else "-"
+        print(f"{names[sc.ca_id]:<12} {label(sc):<24} {number:>8}  {ts(sc.this_update):<20}  "
+              f"{ts(sc.next_update):<20}  {' '.join(sc.urls) or '-'}{overdue}")
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
