@@ -57,7 +57,8 @@ from importer.openssl_index import IndexTracker, sync_database
 from importer.progress import ImportSummary
 from importer.settings import ImportSettings, SetupError
 from store import open_store
-from store.sqlbase import SqlStore, StoreError
+from store.errors import StoreError
+from store.sqlbase import SqlStore
 
 log = Logger()
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from server.config import DEFAULT_CONFIG_PATH, Config, load_config
 from server.configtools import ConfigError
-from store.sqlite import StoreError
+from store.errors import StoreError
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG, as systemd and sysexits know it

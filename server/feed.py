@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from store.model import CaId, Change, Generation
-from store.sqlite import StoreError
+from store.errors import StoreError
 
 log = Logger()
 CHANGE_PAGE = 5000

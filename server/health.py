@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from server.metrics import CONTENT_TYPE, Metrics
 from store.model import CaRecord, Generation
-from store.sqlite import StoreError
+from store.errors import StoreError
 
 log = Logger()
 DAY = 86400.0

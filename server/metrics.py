@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from store.model import CaStats, Generation
-from store.sqlite import StoreError
+from store.errors import StoreError
 
 log = Logger()
 

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from store import open_store
-from store.sqlite import StoreError
+from store.errors import StoreError
 
 log = Logger()
 T = TypeVar("T")

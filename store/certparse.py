@@ -11,7 +11,15 @@ from cryptography import x509 as cx509
 from cryptography.x509.oid import CRLEntryExtensionOID
 
 from store import names
-from store.model import CaId, CertInput, CrlInput, RevocationReason, RevokedEntry, Serial
+from store.model import (
+    CaId,
+    CertInput,
+    CrlInput,
+    RevocationReason,
+    RevokedEntry,
+    Serial,
+    idp_key,
+)
 
 # Public DN attribute OIDs -> the LDAP attribute their values are indexed under.
 INDEXED_ATTRIBUTES: dict[str, str] = {
@@ -149,13 +157,67 @@ def _entries_fast(der: bytes) -> list[RevokedEntry] | None:
     return entries
 
 
+@dataclass(frozen=True)
+class CrlScopeInfo:
+    """Which scope a CRL belongs to (RFC 5280 §5.2.4, §5.2.5): its IDP and delta-ness."""
+
+    idp_der: bytes | None  # the IssuingDistributionPoint extension value, DER
+    urls: tuple[str, ...]  # URIs of the IDP's distributionPoint fullName, as printed
+    only: str  # "" | "user" | "ca" | "attribute"
+    indirect: bool
+    is_delta: bool
+    base_number: int | None
+
+    @property
+    def key(self) -> str:
+        """The scope's key in the store: "" for no IDP, else the IDP DER's SHA-256 (hex)."""
+        return idp_key(self.idp_der)
+
+
+def _uri_text(raw: bytes) -> str:
+    """A URI's IA5String content as printed (latin-1 keeps any stray byte visible, so the
+    store's URL checks see and refuse it; asn1crypto's ``native`` would percent-decode)."""
+    return raw.decode("latin-1")
+
+
+def _scope_info(crl: asn1crl.CertificateList) -> CrlScopeInfo:
+    base = crl.delta_crl_indicator_value
+    idp = crl.issuing_distribution_point_value
+    if idp is None:
+        return CrlScopeInfo(None, (), "", False, base is not None,
+                            None if base is None else int(base.native))
+    urls: list[str] = []
+    point = idp["distribution_point"]
+    if point.name == "full_name":
+        for general_name in point.chosen:
+            if general_name.name == "uniform_resource_identifier":
+                urls.append(_uri_text(general_name.chosen.contents))
+    only = ""
+    if idp["only_contains_user_certs"].native:
+        only = "user"
+    elif idp["only_contains_ca_certs"].native:
+        only = "ca"
+    elif idp["only_contains_attribute_certs"].native:
+        only = "attribute"
+    return CrlScopeInfo(idp.dump(), tuple(urls), only, bool(idp["indirect_crl"].native),
+                        base is not None, None if base is None else int(base.native))
+
+
+def scope_of(der: bytes) -> CrlScopeInfo:
+    """The scope of a CRL (its IDP and delta indicator), from one strict parse."""
+    try:
+        return _scope_info(asn1crl.CertificateList.load(der, strict=True))
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise ParseError(f"not a CRL: {exc}") from exc
+
+
 def crl_input(der: bytes, ca_id: CaId) -> CrlInput:
-    """A CRL's number, times and entries (RFC 5280 §5), copied out of one strict parse."""
+    """A CRL's number, scope, times and entries (RFC 5280 §5), from one strict parse."""
     try:
         crl = asn1crl.CertificateList.load(der, strict=True)
         tbs = crl["tbs_cert_list"]
         number = crl.crl_number_value
-        is_delta = crl.delta_crl_indicator_value is not None
+        scope = _scope_info(crl)
         this_update = _aware(tbs["this_update"].native)
         nu = tbs["next_update"].native
         next_update = None if nu is None else _aware(nu)
@@ -167,7 +229,8 @@ def crl_input(der: bytes, ca_id: CaId) -> CrlInput:
     return CrlInput(
         ca_id=ca_id, der=der, number=None if number is None else int(number.native),
         this_update=this_update, next_update=next_update, entries=tuple(entries),
-        is_delta=is_delta,
+        is_delta=scope.is_delta, base_number=scope.base_number, idp_der=scope.idp_der,
+        idp_urls=scope.urls, only=scope.only, indirect=scope.indirect,
     )
 
 

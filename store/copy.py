@@ -16,10 +16,10 @@ from typing import Any
 import psycopg
 
 from store.postgres import CHANNEL, WRITE_LOCK, PostgresStore, adapt_params
-from store.sqlbase import StoreError
+from store.errors import StoreError
 from store.sqlite import Store
 
-# Parents before children (foreign keys), every column of schema version 2.
+# Parents before children (foreign keys), every column of schema version 4.
 TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("meta", ("key", "value")),
     ("cas", ("id", "name", "subject_dn", "subject_key", "directory_key", "cert_der", "crl_der",
@@ -33,8 +33,16 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("entries", ("key", "rkey", "dn", "parent_key", "kind")),
     ("changes", ("generation", "kind", "ca_id", "serial", "directory_key")),
     ("imported_files", ("sha256", "name", "imported_at", "generation", "outcome")),
+    ("crl_scopes", ("id", "ca_id", "idp_key", "idp", "delta", "urls", "only_kind", "der",
+                    "number", "base_number", "this_update", "next_update", "updated_at",
+                    "generation")),
+    ("crl_holds", ("scope_id", "ca_id", "serial")),
+    ("crl_pending", ("id", "ca_id", "idp_key", "der", "sha256", "number", "base_number",
+                     "received_at", "source")),
+    ("crl_urls", ("url", "scheme", "host", "path", "kind", "ca_id", "conflict", "pair_url",
+                  "dn_key", "dn", "attr", "learnt_at", "generation")),
 )
-IDENTITY_TABLES = ("cas", "certs")
+IDENTITY_TABLES = ("cas", "certs", "crl_scopes", "crl_pending")
 FETCH = 2000
 
 

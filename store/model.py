@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NewType
@@ -76,7 +77,8 @@ class IssuerHashes:
 
 @dataclass(frozen=True)
 class CaRecord:
-    """A CA this repository serves, with its latest CRL."""
+    """A CA this repository serves, with the latest CRL of its full scope (no IDP, not a
+    delta; ``SqlStore.crl_scopes`` lists every scope)."""
 
     id: CaId
     name: str
@@ -129,13 +131,86 @@ class CertRecord:
 
 
 @dataclass(frozen=True)
+class CrlScope:
+    """The latest applied CRL of one scope: (CA, IDP, delta?) — RFC 5280 §5.2.5 / §5.2.4."""
+
+    id: int
+    ca_id: CaId
+    idp_der: bytes | None  # the IssuingDistributionPoint extension value (DER); None: full scope
+    delta: bool
+    urls: tuple[str, ...]  # URIs in the IDP distributionPoint fullName (http:// and ldap://)
+    only: str  # "" | "user" | "ca" | "attribute" (onlyContains… flags)
+    der: bytes  # the CRL itself, as imported
+    number: int | None
+    base_number: int | None  # delta CRLs: BaseCRLNumber (§5.2.4)
+    this_update: datetime
+    next_update: datetime | None
+    updated_at: datetime
+    generation: Generation
+
+    @property
+    def label(self) -> str:
+        """"full", "full (delta)", or the last path segment of the first URL (an http one
+        if any), with " (delta)" for deltas: stable, for people and metrics."""
+        if self.idp_der is None:
+            base = "full"
+        else:
+            base = scope_label(self.urls, self.only)
+        return base + " (delta)" if self.delta else base
+
+
+def idp_key(idp_der: bytes | None) -> str:
+    """A CRL scope's key in the store: "" for no IDP, else the IDP DER's SHA-256 (hex)."""
+    return "" if idp_der is None else hashlib.sha256(idp_der).hexdigest()
+
+
+def scope_label(urls: tuple[str, ...], only: str) -> str:
+    """The label of an IDP-scoped CRL: its first URL's last path segment (http first)."""
+    pick = next((u for u in urls if u.startswith(("http://", "https://"))), None)
+    if pick is None and urls:
+        pick = urls[0]
+    if pick is None:
+        return f"idp ({only or 'no name'})"
+    path = pick.split("?", 1)[0].split("://", 1)[-1]
+    tail = path.rstrip("/").rsplit("/", 1)[-1] if "/" in path else path
+    return tail or path
+
+
+@dataclass(frozen=True)
+class UrlTarget:
+    """What a URL printed in the CA's certificates names, resolved to stored bytes."""
+
+    url: str  # normalised: scheme and host lower-case, default port dropped
+    kind: str  # "crl" | "delta" | "ca"  (CDP, freshest CRL, AIA caIssuers)
+    ca_id: CaId  # the CA whose CRL / certificate it is
+    scope_id: int | None  # for "crl" / "delta"
+    der: bytes  # the CRL, or the CA certificate
+    this_update: datetime | None
+    next_update: datetime | None
+    generation: Generation
+
+
+@dataclass(frozen=True)
+class LearntUrl:
+    """A URL learnt from imported certificates (or a CRL's IDP)."""
+
+    url: str
+    scheme: str
+    host: str
+    path: str  # as printed (percent-encoded), no query
+    kind: str  # "crl" | "delta" | "ca"
+    ca_id: CaId  # the issuer of the certificates that print it
+    conflict: bool  # claimed by certificates of two different CAs → never served
+
+
+@dataclass(frozen=True)
 class DirectoryEntry:
     """A node of the published DN tree: a subject, a CA, or glue above them."""
 
     key: str
     dn: str
     parent_key: str | None
-    kind: str  # "glue" | "subject" | "ca"
+    kind: str  # "glue" | "crldp" | "subject" | "ca"
 
 
 class PublishedCert:
@@ -210,6 +285,9 @@ class CertInput:
     cn: str | None
     not_before: datetime
     not_after: datetime
+    # (kind, URI as printed): CRL distribution points "crl", freshest CRL "delta", AIA
+    # caIssuers "ca" (RFC 5280 §4.2.1.13, §4.2.1.15, §4.2.2.1), in certificate order
+    urls: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,6 +308,11 @@ class CrlInput:
     next_update: datetime | None
     entries: tuple[RevokedEntry, ...]
     is_delta: bool = False
+    base_number: int | None = None  # delta CRLs: BaseCRLNumber (RFC 5280 §5.2.4)
+    idp_der: bytes | None = None  # IssuingDistributionPoint extension value (§5.2.5), as DER
+    idp_urls: tuple[str, ...] = ()  # URIs of the IDP's distributionPoint fullName
+    only: str = ""  # "" | "user" | "ca" | "attribute": the IDP's onlyContains… flag
+    indirect: bool = False  # IDP indirectCRL (refused: §5.3.3 certificateIssuer not read)
 
 
 @dataclass(frozen=True)
@@ -257,9 +340,10 @@ class BatchResult:
     released: int = 0
     crls: int = 0
     cas: int = 0
+    urls: int = 0  # learnt URLs added or marked conflict
     notes: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
         return bool(self.certs_new or self.certs_updated or self.revoked or self.released
-                    or self.crls or self.cas)
+                    or self.crls or self.cas or self.urls)

@@ -26,14 +26,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 from store import redact_location
 from store.model import Generation
+from store.errors import StoreError, StoreSchemaError, refuse_newer_schema, require_current_schema
 from store.schema import SCHEMA_VERSION, migration
-from store.sqlbase import (
-    SqlStore,
-    StoreError,
-    StoreSchemaError,
-    refuse_newer_schema,
-    require_current_schema,
-)
+from store.sqlbase import SqlStore
 
 CHANNEL = "certpub_changes"
 CONNECT_TIMEOUT = 5  # seconds
@@ -85,6 +80,11 @@ def _secrets(url: str) -> list[str]:
         if s:
             out.update({s, unquote(s), quote(unquote(s), safe="")})
     return sorted(out, key=len, reverse=True)
+
+
+def _rows(cursor: Any) -> list[Any]:
+    """Every row of an executed statement, or none for a statement that returns none."""
+    return cursor.fetchall() if cursor.description is not None else []
 
 
 class PostgresStore(SqlStore):
@@ -246,7 +246,11 @@ class PostgresStore(SqlStore):
                     current = self.schema_version()  # another process may have migrated
                     for version in range(current + 1, target + 1):
                         for stmt in migration(version, "postgresql"):
-                            conn.execute(stmt)
+                            if isinstance(stmt, str):
+                                conn.execute(stmt)
+                            else:
+                                stmt(lambda sql, params: _rows(
+                                    conn.execute(to_pyformat(sql), adapt_params(params))))
                         conn.execute(
                             "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
                             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",

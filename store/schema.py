@@ -21,13 +21,68 @@ Indexes, one per lookup a server makes (no request path scans ``certs``):
 - ``changes (generation)`` — the change feed servers poll.
 - ``certs (not_after)`` — expired counts for ``certpub status`` (migration 2).
 - ``certs (sha256)`` — the search page's fingerprint lookup (migration 3).
+- ``crl_scopes (ca_id, idp_key, delta)`` unique — the scope a CRL belongs to (migration 4);
+  ``crl_holds (ca_id, serial)`` — does another scope still list this hold;
+  ``crl_urls (url)``, ``(ca_id)``, ``(dn_key)`` — a URL printed in certificates, a CA's
+  URLs, the URLs naming one LDAP DN.
+
+A migration may also hold Python steps (migration 4 parses each CA's stored CRL once): a
+callable in the list, run by the engine inside the same transaction with ``run(sql,
+params)``; ``migration`` hands it over unchanged.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
-MIGRATIONS: list[list[str]] = [
+# A migration step that SQL alone cannot express: called inside the migration's transaction
+# with ``run(sql, params) -> rows`` (``?`` placeholders, any engine).
+Run = Callable[[str, Sequence[Any]], list[Any]]
+PythonStep = Callable[[Run], None]
+Step = str | PythonStep
+
+
+def _scopes_from_cas(run: Run) -> None:
+    """Migration 4: each CA's one CRL becomes the scope its IDP names (the full scope when it
+    has none, as nearly every such CRL) and the CA's holds become that scope's listed holds;
+    the ``cas`` CRL columns are emptied (``CaRecord.crl_*`` now reads the full scope)."""
+    from store.certparse import ParseError, scope_of
+    from store.sqltext import serial_text
+
+    rows = run("SELECT id, crl_der, crl_number, crl_this_update, crl_next_update, updated_at,"
+               " generation FROM cas WHERE crl_der IS NOT NULL ORDER BY id", ())
+    for ca_id, der, number, this_update, next_update, updated_at, generation in rows:
+        der = bytes(der)
+        try:
+            scope = scope_of(der)
+        except ParseError:
+            scope = None
+        if scope is None:  # unreadable now: kept as the full scope, as the old code saw it
+            key, idp, delta, urls, only, base = "", None, 0, "", "", None
+        else:
+            key, idp, urls, only = scope.key, scope.idp_der, "\n".join(scope.urls), scope.only
+            delta = 1 if scope.is_delta else 0
+            base = None if scope.base_number is None else str(scope.base_number)
+        if this_update is None:
+            this_update = updated_at
+        scope_id = run(
+            "INSERT INTO crl_scopes (ca_id, idp_key, idp, delta, urls, only_kind, der, number,"
+            " base_number, this_update, next_update, updated_at, generation)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (ca_id, key, idp, delta, urls, only, der, number, base, this_update, next_update,
+             updated_at, generation))[0][0]
+        held = run("SELECT serial FROM certs WHERE ca_id = ? AND status = 'revoked'"
+                   " AND reason = 'certificate_hold'", (ca_id,))
+        for (serial,) in held:
+            run("INSERT INTO crl_holds (scope_id, ca_id, serial) VALUES (?, ?, ?)",
+                (scope_id, ca_id, serial_text(int(serial, 16))))
+    run("UPDATE cas SET crl_der = NULL, crl_number = NULL, crl_this_update = NULL,"
+        " crl_next_update = NULL", ())
+
+
+MIGRATIONS: list[list[Step]] = [
     # 1: initial schema
     [
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -112,6 +167,62 @@ MIGRATIONS: list[list[str]] = [
     [
         "CREATE INDEX certs_sha256 ON certs (sha256)",
     ],
+    # 4: CRL scopes (RFC 5280 §5.2.4, §5.2.5): each (CA, IDP, delta?) keeps its own latest
+    # CRL; the holds each scope lists; deltas waiting for their base; URLs learnt from the
+    # certificates (CDP, freshest CRL, AIA caIssuers) and from CRLs' IDPs.
+    [
+        """CREATE TABLE crl_scopes (
+            id INTEGER PRIMARY KEY,
+            ca_id INTEGER NOT NULL REFERENCES cas (id),
+            idp_key TEXT NOT NULL,
+            idp BLOB,
+            delta INTEGER NOT NULL,
+            urls TEXT NOT NULL DEFAULT '',
+            only_kind TEXT NOT NULL DEFAULT '',
+            der BLOB NOT NULL,
+            number TEXT,
+            base_number TEXT,
+            this_update BIGINT NOT NULL,
+            next_update BIGINT,
+            updated_at BIGINT NOT NULL,
+            generation BIGINT NOT NULL,
+            UNIQUE (ca_id, idp_key, delta))""",
+        """CREATE TABLE crl_holds (
+            scope_id INTEGER NOT NULL REFERENCES crl_scopes (id),
+            ca_id INTEGER NOT NULL,
+            serial TEXT NOT NULL,
+            PRIMARY KEY (scope_id, serial))""",
+        "CREATE INDEX crl_holds_serial ON crl_holds (ca_id, serial)",
+        """CREATE TABLE crl_pending (
+            id INTEGER PRIMARY KEY,
+            ca_id INTEGER NOT NULL REFERENCES cas (id),
+            idp_key TEXT NOT NULL,
+            der BLOB NOT NULL,
+            sha256 BLOB NOT NULL,
+            number TEXT,
+            base_number TEXT NOT NULL,
+            received_at BIGINT NOT NULL,
+            source TEXT NOT NULL,
+            UNIQUE (ca_id, sha256))""",
+        "CREATE INDEX crl_pending_scope ON crl_pending (ca_id, idp_key)",
+        """CREATE TABLE crl_urls (
+            url TEXT PRIMARY KEY,
+            scheme TEXT NOT NULL,
+            host TEXT NOT NULL,
+            path TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            ca_id INTEGER NOT NULL REFERENCES cas (id),
+            conflict INTEGER NOT NULL DEFAULT 0,
+            pair_url TEXT,
+            dn_key TEXT,
+            dn TEXT,
+            attr TEXT,
+            learnt_at BIGINT NOT NULL,
+            generation BIGINT NOT NULL)""",
+        "CREATE INDEX crl_urls_ca ON crl_urls (ca_id)",
+        "CREATE INDEX crl_urls_dn ON crl_urls (dn_key)",
+        _scopes_from_cas,
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -137,6 +248,7 @@ def render(statement: str, dialect: str) -> str:
     return statement
 
 
-def migration(version: int, dialect: str) -> list[str]:
-    """The statements of migration version (1-based), rendered for dialect."""
-    return [render(s, dialect) for s in MIGRATIONS[version - 1]]
+def migration(version: int, dialect: str) -> list[Step]:
+    """The steps of migration version (1-based): SQL statements rendered for dialect, and
+    Python steps (callables taking ``run``, see ``PythonStep``) in their place."""
+    return [render(s, dialect) if isinstance(s, str) else s for s in MIGRATIONS[version - 1]]

@@ -16,6 +16,12 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+from store.errors import (  # noqa: F401 - re-exported: their home before store.errors
+    StoreError,
+    StoreSchemaError,
+    refuse_newer_schema,
+    require_current_schema,
+)
 from store.model import (
     CaId,
     CaRecord,
@@ -23,95 +29,36 @@ from store.model import (
     CertRecord,
     CertStatus,
     Change,
+    CrlScope,
     DirectoryEntry,
     Generation,
     IssuerHashes,
+    LearntUrl,
     PublishedCert,
     RevocationReason,
-    Serial,
+    UrlTarget,
     utc,
+)
+from store.sqltext import (  # noqa: F401 - re-exported: their home before store.sqltext
+    IN_LIMIT,
+    TOP,
+    like_pattern,
+    reversed_key,
+    serial_int,
+    serial_text,
+    ts,
 )
 
 
-class StoreError(Exception):
-    """The store cannot be read or written (OCSP answers tryLater, LDAP unavailable)."""
-
-
-class StoreSchemaError(StoreError):
-    """The store was written by a newer certpub, is behind (migrate), or is not a certpub store."""
-
-
-def refuse_newer_schema(where: str, current: int) -> None:
-    """A store written by a newer certpub is never migrated or read."""
-    from store.schema import SCHEMA_VERSION
-
-    if current > SCHEMA_VERSION:
-        raise StoreSchemaError(
-            f"store {where} has schema version {current}; this certpub knows up to "
-            f"{SCHEMA_VERSION}: upgrade certpub"
-        )
-
-
-def require_current_schema(where: str, current: int) -> None:
-    """For ``migrate=False`` opens: the schema must be exactly this certpub's."""
-    from store.schema import SCHEMA_VERSION
-
-    if current != SCHEMA_VERSION:
-        raise StoreSchemaError(
-            f"store {where} has schema version {current}, this certpub needs "
-            f"{SCHEMA_VERSION}: run `certpub migrate` (or set [store] migrate = \"auto\")"
-        )
-
-
-# Above every character a key or value can hold: an exclusive upper bound of a prefix range.
-# Byte-wise comparison of UTF-8 orders by code point, so this holds on both engines.
-TOP = "\U0010ffff"
-IN_LIMIT = 500  # values in one ``IN (...)`` list (SQLite allows 32,766 parameters)
-
-
-def serial_text(serial: int) -> str:
-    """Exact, canonical text of a serial: lower-case hex without leading zeros."""
-    return format(serial, "x") if serial >= 0 else "-" + format(-serial, "x")
-
-
-def serial_int(text: str) -> Serial:
-    return Serial(int(text, 16))
-
-
-def ts(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp())
-
-
-def reversed_key(key: str) -> str:
-    """Root-first form of a DN key, so that a subtree is a range of one index."""
-    if not key:
-        return ""
-    if "\\" not in key:  # no escapes: every comma separates RDNs
-        return "\x01".join(reversed(key.split(","))) + "\x01"
-    # RDN separators in keys are unescaped commas; escaped ones are preceded by a backslash.
-    parts: list[str] = []
-    cur: list[str] = []
-    esc = False
-    for ch in key:
-        if esc:
-            cur.append(ch)
-            esc = False
-        elif ch == "\\":
-            cur.append(ch)
-            esc = True
-        elif ch == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    # "\x01" sorts below every printable character, so "a\x01" < "a\x01b" < "a\x02".
-    return "".join(p + "\x01" for p in reversed(parts))
-
-
+# A CA row with the latest CRL of its full scope (no IDP, not a delta; migration 4).
 CA_COLUMNS = (
-    "id, name, subject_dn, subject_key, directory_key, cert_der, crl_der, crl_number,"
-    " crl_this_update, crl_next_update, synced_at, updated_at"
+    "cas.id, cas.name, cas.subject_dn, cas.subject_key, cas.directory_key, cas.cert_der, f.der,"
+    " f.number, f.this_update, f.next_update, cas.synced_at, cas.updated_at"
+)
+CA_FROM = "cas LEFT JOIN crl_scopes f ON f.ca_id = cas.id AND f.idp_key = '' AND f.delta = 0"
+SCOPE_COLUMNS = (
+    "id, ca_id, idp, delta, urls, only_kind, der, number, base_number, this_update,"
+    " next_update, updated_at, generation"
 )
 CERT_COLUMNS = (
     "c.id, c.ca_id, c.serial, c.der, c.subject_dn, c.directory_dn, c.directory_key, c.emails,"
@@ -208,28 +155,138 @@ class SqlStore(abc.ABC):
         )
 
     def cas(self) -> list[CaRecord]:
-        return [self._ca(r) for r in self._query(f"SELECT {CA_COLUMNS} FROM cas ORDER BY id")]
+        return [self._ca(r) for r in
+                self._query(f"SELECT {CA_COLUMNS} FROM {CA_FROM} ORDER BY cas.id")]
 
     def ca_by_name(self, name: str) -> CaRecord | None:
-        rows = self._query(f"SELECT {CA_COLUMNS} FROM cas WHERE name = ?", (name,))
+        rows = self._query(f"SELECT {CA_COLUMNS} FROM {CA_FROM} WHERE cas.name = ?", (name,))
         return self._ca(rows[0]) if rows else None
 
     def ca_by_id(self, ca_id: int) -> CaRecord | None:
-        rows = self._query(f"SELECT {CA_COLUMNS} FROM cas WHERE id = ?", (ca_id,))
+        rows = self._query(f"SELECT {CA_COLUMNS} FROM {CA_FROM} WHERE cas.id = ?", (ca_id,))
         return self._ca(rows[0]) if rows else None
 
     def ca_by_issuer_hash(self, algorithm: str, name_hash: bytes, key_hash: bytes) -> CaRecord | None:
         """The CA a CertID names (RFC 6960 §4.1.1), by its hash algorithm."""
         rows = self._query(
-            f"SELECT {CA_COLUMNS} FROM cas WHERE id = (SELECT ca_id FROM ca_hashes"
+            f"SELECT {CA_COLUMNS} FROM {CA_FROM} WHERE cas.id = (SELECT ca_id FROM ca_hashes"
             " WHERE algorithm = ? AND name_hash = ? AND key_hash = ? LIMIT 1)",
             (algorithm, name_hash, key_hash),
         )
         return self._ca(rows[0]) if rows else None
 
     def cas_by_directory_key(self, key: str) -> list[CaRecord]:
-        rows = self._query(f"SELECT {CA_COLUMNS} FROM cas WHERE directory_key = ?", (key,))
+        rows = self._query(f"SELECT {CA_COLUMNS} FROM {CA_FROM} WHERE cas.directory_key = ?",
+                           (key,))
         return [self._ca(r) for r in rows]
+
+    # --- CRL scopes and the URLs learnt from certificates (migration 4) --------------------
+
+    def _scope(self, row: Sequence[Any]) -> CrlScope:
+        (id_, ca_id, idp, delta, urls, only, der, number, base, tu, nu, updated, gen) = row
+        return CrlScope(
+            id=int(id_), ca_id=CaId(ca_id), idp_der=None if idp is None else bytes(idp),
+            delta=bool(delta), urls=tuple(u for u in urls.split("\n") if u), only=only,
+            der=bytes(der), number=None if number is None else int(number),
+            base_number=None if base is None else int(base),
+            this_update=utc(tu) or datetime.fromtimestamp(0), next_update=utc(nu),
+            updated_at=utc(updated) or datetime.fromtimestamp(0), generation=Generation(gen),
+        )
+
+    def crl_scopes(self, ca_id: int | None = None) -> list[CrlScope]:
+        """The applied scopes (not pending deltas) of one CA or all: full scope first, then
+        by IDP, each base before its delta."""
+        where, params = ("WHERE ca_id = ?", (ca_id,)) if ca_id is not None else ("", ())
+        rows = self._query(f"SELECT {SCOPE_COLUMNS} FROM crl_scopes {where}"
+                           " ORDER BY ca_id, idp_key, delta", params)
+        return [self._scope(r) for r in rows]
+
+    def crl_scope(self, scope_id: int) -> CrlScope | None:
+        rows = self._query(f"SELECT {SCOPE_COLUMNS} FROM crl_scopes WHERE id = ?", (scope_id,))
+        return self._scope(rows[0]) if rows else None
+
+    def pending_deltas(self, ca_id: int | None = None) -> list[tuple[int, int | None, int]]:
+        """Delta CRLs kept until their base arrives: (CA id, number, BaseCRLNumber)."""
+        where, params = ("WHERE ca_id = ?", (ca_id,)) if ca_id is not None else ("", ())
+        rows = self._query(f"SELECT ca_id, number, base_number FROM crl_pending {where}"
+                           " ORDER BY ca_id, id", params)
+        return [(int(c), None if n is None else int(n), int(b)) for c, n, b in rows]
+
+    def learnt_urls(self, ca_id: int | None = None) -> list[LearntUrl]:
+        where, params = ("WHERE ca_id = ?", (ca_id,)) if ca_id is not None else ("", ())
+        rows = self._query("SELECT url, scheme, host, path, kind, ca_id, conflict FROM crl_urls"
+                           f" {where} ORDER BY url", params)
+        return [LearntUrl(u, s, h, p, k, CaId(c), bool(x)) for u, s, h, p, k, c, x in rows]
+
+    def resolve_url(self, url: str) -> UrlTarget | None:
+        """What a URL printed in certificates names (CDP, freshest CRL, AIA caIssuers), or
+        None: never learnt, a conflict, or not imported yet. Never another scope's CRL."""
+        from store.urls import normalise
+
+        key = normalise(url)
+        if key is None:
+            return None
+        rows = self._query("SELECT kind, ca_id, conflict, pair_url FROM crl_urls WHERE url = ?",
+                           (key,))
+        if not rows or rows[0][2]:
+            return None
+        kind, ca_id, _, pair = rows[0]
+        return self._target(key, kind, int(ca_id), pair)
+
+    def _target(self, url: str, kind: str, ca_id: int, pair: str | None) -> UrlTarget | None:
+        if kind == "ca":
+            rows = self._query("SELECT cert_der, generation FROM cas WHERE id = ?", (ca_id,))
+            if not rows:
+                return None
+            return UrlTarget(url, kind, CaId(ca_id), None, bytes(rows[0][0]), None, None,
+                             Generation(rows[0][1]))
+        scopes = self._query("SELECT id, idp_key, delta, urls FROM crl_scopes WHERE ca_id = ?",
+                             (ca_id,))
+        chosen = _pick_scope(scopes, url, kind == "delta")
+        if chosen is None and kind == "delta" and pair:
+            base = _pick_scope(scopes, pair, False)
+            if base is not None:
+                idp = next(k for i, k, _, _ in scopes if i == base)
+                chosen = next((i for i, k, d, _ in scopes if k == idp and d), None)
+        if chosen is None:
+            return None
+        rows = self._query("SELECT der, this_update, next_update, generation FROM crl_scopes"
+                           " WHERE id = ?", (chosen,))
+        if not rows:
+            return None
+        der, tu, nu, gen = rows[0]
+        return UrlTarget(url, kind, CaId(ca_id), int(chosen), bytes(der), utc(tu), utc(nu),
+                         Generation(gen))
+
+    def ldap_url_dns(self) -> list[tuple[str, str, str]]:
+        """(DN key, display DN, attribute) of every learnt ldap:// URL (not in conflict)."""
+        rows = self._query("SELECT DISTINCT dn_key, dn, attr FROM crl_urls WHERE scheme = 'ldap'"
+                           " AND conflict = 0 AND dn_key IS NOT NULL ORDER BY dn_key, attr")
+        seen: set[tuple[str, str]] = set()
+        out = []
+        for key, dn, attr in rows:
+            if (key, attr) not in seen:
+                seen.add((key, attr))
+                out.append((key, dn, attr))
+        return out
+
+    def ldap_dn_values(self, dn_key: str) -> list[tuple[str, bytes]]:
+        """(attribute, DER) that the ldap:// URLs naming this DN resolve to, as
+        ``resolve_url`` resolves them; an attribute that URLs of two CAs ask for at one DN
+        resolves to nothing (as a URL claimed by two CAs)."""
+        rows = self._query("SELECT url, kind, ca_id, pair_url, attr FROM crl_urls"
+                           " WHERE dn_key = ? AND conflict = 0 ORDER BY url", (dn_key,))
+        owners: dict[str, set[int]] = {}
+        for _, _, ca_id, _, attr in rows:
+            owners.setdefault(attr, set()).add(int(ca_id))
+        out: list[tuple[str, bytes]] = []
+        for url, kind, ca_id, pair, attr in rows:
+            if len(owners[attr]) > 1:
+                continue
+            target = self._target(url, kind, int(ca_id), pair)
+            if target is not None and (attr, target.der) not in out:
+                out.append((attr, target.der))
+        return out
 
     def _cert(self, row: Sequence[Any]) -> CertRecord:
         (id_, ca_id, serial, der, sdn, ddn, dkey, emails, cn, nb, na, status, rat, reason,
@@ -514,8 +571,13 @@ class SqlStore(abc.ABC):
             self._hash_cache.clear()
 
 
-def like_pattern(initial: str, any_: Sequence[str], final: str) -> str:
-    def esc(s: str) -> str:
-        return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-    return esc(initial) + "%" + "".join(esc(a) + "%" for a in any_ if a) + esc(final)
+def _pick_scope(scopes: Sequence[Any], url: str, delta: bool) -> int | None:
+    """The id of the scope (rows: id, idp_key, delta, urls) a CDP (delta False) or freshest
+    CRL (delta True) URL names: the one whose IDP names it; for a CA without IDP-scoped CRLs,
+    its full scope (or the full scope's delta)."""
+    for id_, _, d, urls in scopes:
+        if bool(d) == delta and url in urls.split("\n"):
+            return int(id_)
+    if any(k and not d for _, k, d, _ in scopes):
+        return None  # partitioned: a URL no IDP names resolves to nothing
+    return next((int(i) for i, k, d, _ in scopes if not k and bool(d) == delta), None)

@@ -19,21 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from store.errors import StoreError, StoreSchemaError, refuse_newer_schema, require_current_schema
 from store.schema import SCHEMA_VERSION, migration
-from store.sqlbase import (
-    CA_COLUMNS,
-    CERT_COLUMNS,
-    SqlStore,
-    StoreError,
-    StoreSchemaError,
-    like_pattern,
-    refuse_newer_schema,
-    require_current_schema,
-    reversed_key,
-    serial_int,
-    serial_text,
-    ts,
-)
+from store.sqlbase import CA_COLUMNS, CERT_COLUMNS, SqlStore
+from store.sqltext import like_pattern, reversed_key, serial_int, serial_text, ts
 
 WRITER_CACHE_KIB = 64 * 1024  # page cache of a connection that writes
 
@@ -123,6 +112,10 @@ class Store(SqlStore):
         ).fetchone()
         return row is not None
 
+    def _run_in_migration(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """A Python migration step's statement (inside the migration's transaction)."""
+        return self._conn.execute(sql, tuple(params)).fetchall()
+
     def _check_current(self) -> None:
         try:
             current = self.schema_version()
@@ -142,7 +135,10 @@ class Store(SqlStore):
                 current = self.schema_version()  # another process may have migrated meanwhile
                 for version in range(current + 1, target + 1):
                     for stmt in migration(version, "sqlite"):
-                        self._conn.execute(stmt)
+                        if isinstance(stmt, str):
+                            self._conn.execute(stmt)
+                        else:
+                            stmt(self._run_in_migration)
                     self._conn.execute(
                         "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
                         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",

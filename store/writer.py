@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from store.model import (
     HASH_ALGORITHMS,
@@ -25,15 +25,26 @@ from store.model import (
     IndexLine,
     RevocationReason,
     Serial,
+    idp_key,
 )
-from store.sqlbase import IN_LIMIT, StoreError, reversed_key, serial_text, ts
+from store.errors import StoreError
+from store.sqltext import IN_LIMIT, reversed_key, serial_text, ts
+from store.urls import ParsedUrl, UrlRefused, parse_url
 
-if TYPE_CHECKING:
-    from store.sqlbase import SqlStore
+
+class SqlEngine(Protocol):
+    """What a batch needs of its store (``store.sqlbase.SqlStore``; not imported here, so
+    the read half and the write half do not import each other)."""
+
+    engine: str
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
 
 HOLD = RevocationReason.CERTIFICATE_HOLD.value
 REVOKED = CertStatus.REVOKED.value
-_KIND_RANK = {"glue": 0, "subject": 1, "ca": 2}
+_KIND_RANK = {"glue": 0, "crldp": 1, "subject": 2, "ca": 3}
 
 
 class CertRow(NamedTuple):
@@ -67,7 +78,7 @@ def cert_row(cert: CertInput) -> CertRow:
 class Batch:
     """One atomic, idempotent write to the store."""
 
-    def __init__(self, store: SqlStore, now: datetime) -> None:
+    def __init__(self, store: SqlEngine, now: datetime) -> None:
         """Called by ``store.batch`` once the write transaction (and its lock) is held."""
         self._store = store
         self.now = now
@@ -78,6 +89,10 @@ class Batch:
         # Directory entries, written once per key at the end of the batch (see _add_entries).
         self._entries: dict[str, list[Any]] = {}
         self._known: dict[int, dict[int, list[Any] | None]] = {}  # see known_certs
+        # URLs printed in this batch's certificates and CRLs (see learn_urls, _flush_urls)
+        self._url_sets: set[tuple[int, tuple[tuple[str, str], ...]]] = set()
+        self._url_claims: dict[str, list[tuple[ParsedUrl, str, int, str | None, bool]]] = {}
+        self._noted: set[str] = set()
 
     def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         return self._exec(sql, params).fetchone()
@@ -101,11 +116,13 @@ class Batch:
 
     def finish(self) -> None:
         """Called by the store's batch before COMMIT: bump the generation if anything changed."""
+        self._flush_urls()
         if self._entries:
             self._store._executemany(
                 "INSERT INTO entries (key, rkey, dn, parent_key, kind) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET kind = excluded.kind"
                 " WHERE entries.kind = 'glue' AND excluded.kind <> 'glue'"
+                " OR entries.kind = 'crldp' AND excluded.kind IN ('subject', 'ca')"
                 " OR entries.kind = 'subject' AND excluded.kind = 'ca'",
                 [(k, reversed_key(k), d, parent, kind)
                  for k, (d, parent, kind) in self._entries.items()],
@@ -405,47 +422,229 @@ class Batch:
     # --- CRLs ---------------------------------------------------------------------------
 
     def apply_crl(self, crl: CrlInput, source: str) -> str:
-        """Apply a verified CRL: "applied", "unchanged" or "older" (an older CRL changes nothing)."""
-        row = self._one(
-            "SELECT crl_der, crl_number, crl_this_update FROM cas WHERE id = ?", (crl.ca_id,)
-        )
-        if row is None:
+        """Apply a verified CRL to its scope (CA, IDP, delta?; RFC 5280 §5.2.4, §5.2.5):
+        "applied"; "unchanged" (this CRL, or one with its number, is the scope's latest);
+        "older" (an older CRL of the scope, or a delta its stored base already covers:
+        it changes nothing); "pending" (a delta whose base is not stored yet: kept, and
+        applied once that base arrives); "refused" (an indirect CRL, §5.3.3 not read)."""
+        if crl.indirect:
+            return "refused"
+        if self._one("SELECT 1 FROM cas WHERE id = ?", (crl.ca_id,)) is None:
             raise StoreError(f"CRL for unknown CA id {crl.ca_id}")
-        old_der, old_number, old_tu = row
-        if old_der is not None and bytes(old_der) == crl.der:
-            return "unchanged"
-        if not crl.is_delta:
-            if old_number is not None and crl.number is not None:
-                if crl.number < int(old_number):
-                    return "older"
-                if crl.number == int(old_number):
-                    return "unchanged"
-            elif old_tu is not None and ts(crl.this_update) <= old_tu:  # type: ignore[operator]
-                return "older"
+        key = idp_key(crl.idp_der)
+        row = self._scope_row(crl.ca_id, key, crl.is_delta)
+        if row is not None:
+            if bytes(row[1]) == crl.der:
+                return "unchanged"
+            verdict = _against_latest(crl, row[2], row[3])
+            if verdict is not None:
+                return verdict
+        if crl.is_delta:
+            base = self._scope_row(crl.ca_id, key, False)
+            base_number = None if base is None or base[2] is None else int(base[2])
+            if crl.base_number is not None and (base_number is None
+                                                or base_number < crl.base_number):
+                self._keep_pending(crl, key, source)
+                return "pending"
+            if crl.number is not None and base_number is not None and crl.number <= base_number:
+                return "older"  # the stored base is as new: this delta adds nothing
+        scope_id = self._store_scope(crl, key, None if row is None else int(row[0]))
         by = f"crl:{crl.number}" if crl.number is not None else f"crl@{ts(crl.this_update)}"
-        settled = _settled_entries(crl, None if old_der is None else bytes(old_der))
+        settled = _settled_entries(crl, None if row is None else bytes(row[1]))
         for i, entry in enumerate(crl.entries):
             if i not in settled:
                 self.revoke(crl.ca_id, entry.serial, entry.revoked_at, entry.reason, by, source)
-        if not crl.is_delta:
-            held = self._exec(
-                "SELECT serial FROM certs WHERE ca_id = ? AND status = 'revoked' AND reason = ?",
-                (crl.ca_id, HOLD),
-            ).fetchall()
-            if held:
-                listed = {serial_text(entry.serial) for entry in crl.entries}
-                for (serial,) in held:
-                    if serial not in listed:
-                        self.release(crl.ca_id, int(serial, 16), by)
-            self._exec(
-                "UPDATE cas SET crl_der = ?, crl_number = ?, crl_this_update = ?,"
-                " crl_next_update = ?, updated_at = ?, generation = ? WHERE id = ?",
-                (crl.der, None if crl.number is None else str(crl.number), ts(crl.this_update),
-                 ts(crl.next_update), self._now_ts, self.generation, crl.ca_id),
-            )
-            self._change("crl", crl.ca_id)
+        self._update_holds(crl, scope_id, by)
+        self._change("crl", crl.ca_id)
         self.result.crls += 1
+        if not crl.is_delta and crl.number is not None:
+            self._apply_pending(crl.ca_id, key, crl.number)
         return "applied"
+
+    def _scope_row(self, ca_id: int, key: str, delta: bool) -> Any:
+        """(id, der, number, this_update) of a scope's latest CRL, or None."""
+        return self._one("SELECT id, der, number, this_update FROM crl_scopes"
+                         " WHERE ca_id = ? AND idp_key = ? AND delta = ?",
+                         (ca_id, key, 1 if delta else 0))
+
+    def _store_scope(self, crl: CrlInput, key: str, scope_id: int | None) -> int:
+        """Make crl the latest of its scope; learn its IDP's URLs. Returns the scope's id."""
+        urls = []
+        for text in crl.idp_urls:
+            try:
+                parsed = parse_url(text, "delta" if crl.is_delta else "crl")
+            except UrlRefused as exc:
+                self._note(f"CRL distribution point URL skipped: {exc}")
+                continue
+            urls.append(parsed.url)
+            self._claim(parsed, "delta" if crl.is_delta else "crl", crl.ca_id, None, idp=True)
+        values = (crl.idp_der, 1 if crl.is_delta else 0, "\n".join(urls), crl.only, crl.der,
+                  None if crl.number is None else str(crl.number),
+                  None if crl.base_number is None else str(crl.base_number),
+                  ts(crl.this_update), ts(crl.next_update), self._now_ts, self.generation)
+        if scope_id is None:
+            cur = self._exec(
+                "INSERT INTO crl_scopes (idp, delta, urls, only_kind, der, number, base_number,"
+                " this_update, next_update, updated_at, generation, ca_id, idp_key)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (*values, crl.ca_id, key))
+            return int(cur.fetchall()[0][0])
+        self._exec(
+            "UPDATE crl_scopes SET idp = ?, delta = ?, urls = ?, only_kind = ?, der = ?,"
+            " number = ?, base_number = ?, this_update = ?, next_update = ?, updated_at = ?,"
+            " generation = ? WHERE id = ?", (*values, scope_id))
+        return scope_id
+
+    def _update_holds(self, crl: CrlInput, scope_id: int, by: str) -> None:
+        """The scope now lists crl's holds. A hold it listed before and no longer lists is
+        released unless another scope's latest CRL still lists it; a removeFromCRL entry
+        (in a delta, RFC 5280 §5.3.1) was released by ``revoke`` and leaves every scope."""
+        holds = {serial_text(e.serial) for e in crl.entries
+                 if e.reason is RevocationReason.CERTIFICATE_HOLD}
+        before = {r[0] for r in self._exec("SELECT serial FROM crl_holds WHERE scope_id = ?",
+                                           (scope_id,)).fetchall()}
+        gone = before - holds
+        if gone:
+            listed = {serial_text(e.serial) for e in crl.entries}
+            self._store._executemany("DELETE FROM crl_holds WHERE scope_id = ? AND serial = ?",
+                                     [(scope_id, st) for st in sorted(gone)])
+            for st in sorted(gone - listed):
+                if self._one("SELECT 1 FROM crl_holds WHERE ca_id = ? AND serial = ?",
+                             (crl.ca_id, st)) is None:
+                    self.release(crl.ca_id, int(st, 16), by)
+        if holds - before:
+            self._store._executemany(
+                "INSERT INTO crl_holds (scope_id, ca_id, serial) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                [(scope_id, crl.ca_id, st) for st in sorted(holds - before)])
+        removed = sorted({serial_text(e.serial) for e in crl.entries
+                          if e.reason is RevocationReason.REMOVE_FROM_CRL})
+        if removed:
+            self._store._executemany("DELETE FROM crl_holds WHERE ca_id = ? AND serial = ?",
+                                     [(crl.ca_id, st) for st in removed])
+
+    def _keep_pending(self, crl: CrlInput, key: str, source: str) -> None:
+        """Keep a delta CRL whose base is not stored yet (until ``_apply_pending``)."""
+        self._exec(
+            "INSERT INTO crl_pending (ca_id, idp_key, der, sha256, number, base_number,"
+            " received_at, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (ca_id, sha256) DO NOTHING",
+            (crl.ca_id, key, crl.der, hashlib.sha256(crl.der).digest(),
+             None if crl.number is None else str(crl.number), str(crl.base_number),
+             self._now_ts, source))
+
+    def _apply_pending(self, ca_id: int, key: str, base_number: int) -> None:
+        """A base CRL numbered base_number was applied: apply the kept deltas over it (in
+        number order), drop those it makes obsolete, keep those that need a newer base."""
+        from store.certparse import crl_input
+
+        rows = self._exec("SELECT id, der, number, base_number, source FROM crl_pending"
+                          " WHERE ca_id = ? AND idp_key = ?", (ca_id, key)).fetchall()
+        done, ready = [], []
+        for id_, der, number, base, source in rows:
+            if number is not None and int(number) <= base_number:
+                done.append(id_)  # the base already covers it
+            elif int(base) <= base_number:
+                ready.append((-1 if number is None else int(number), id_, bytes(der), source))
+        for _, id_, der, source in sorted(ready):
+            delta = crl_input(der, CaId(ca_id))
+            outcome = self.apply_crl(delta, source)
+            self.result.notes.append(f"pending delta CRL {delta.number} of CA {ca_id}"
+                                     f" ({source}): {outcome} over base {base_number}")
+            done.append(id_)
+        if done:
+            self._store._executemany("DELETE FROM crl_pending WHERE id = ?",
+                                     [(i,) for i in done])
+
+    # --- URLs printed in certificates and CRLs -------------------------------------------
+
+    def _note(self, text: str) -> None:
+        if text not in self._noted:
+            self._noted.add(text)
+            self.result.notes.append(text)
+
+    def learn_urls(self, ca_id: int, urls: tuple[tuple[str, str], ...]) -> None:
+        """Remember the (kind, URI) pairs one certificate issued by ca_id prints; the same
+        pairs again in this batch cost one set look-up. Written by ``finish``."""
+        if not urls or (ca_id, urls) in self._url_sets:
+            return
+        self._url_sets.add((ca_id, urls))
+        parsed: list[tuple[str, ParsedUrl]] = []
+        first_cdp: dict[str, str] = {}
+        for kind, text in urls:
+            try:
+                p = parse_url(text, kind)
+            except UrlRefused as exc:
+                self._note(f"URL skipped: {exc}")
+                continue
+            parsed.append((kind, p))
+            if kind == "crl":
+                first_cdp.setdefault(p.scheme, p.url)
+                first_cdp.setdefault("", p.url)
+        for kind, p in parsed:
+            pair = first_cdp.get(p.scheme) or first_cdp.get("") if kind == "delta" else None
+            self._claim(p, kind, ca_id, pair)
+
+    def _claim(self, p: ParsedUrl, kind: str, ca_id: int, pair: str | None,
+               idp: bool = False) -> None:
+        claims = self._url_claims.setdefault(p.url, [])
+        if not any(c[2] == ca_id for c in claims):
+            claims.append((p, kind, ca_id, pair, idp))
+
+    def _flush_urls(self) -> None:
+        """Write the URLs claimed in this batch: new ones inserted, a URL claimed by a second
+        CA marked conflict (never served), an ldap:// URL's DN added to the DN tree."""
+        claims, self._url_claims = self._url_claims, {}
+        if not claims:
+            return
+        known: dict[str, tuple[int, int]] = {}
+        texts = sorted(claims)
+        for i in range(0, len(texts), IN_LIMIT):
+            part = texts[i:i + IN_LIMIT]
+            for url, ca_id, conflict in self._exec(
+                    f"SELECT url, ca_id, conflict FROM crl_urls WHERE url IN"
+                    f" ({','.join('?' * len(part))})", part).fetchall():
+                known[url] = (int(ca_id), int(conflict))
+        for url in texts:
+            got = claims[url]
+            owners = {c[2] for c in got}
+            row = known.get(url)
+            if row is not None:
+                owners.add(row[0])
+            conflict = len(owners) > 1
+            if row is None:
+                p, kind, ca_id, pair, _ = got[0]
+                self._exec(
+                    "INSERT INTO crl_urls (url, scheme, host, path, kind, ca_id, conflict,"
+                    " pair_url, dn_key, dn, attr, learnt_at, generation)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (url, p.scheme, p.host, p.path, kind, ca_id, 1 if conflict else 0, pair,
+                     p.dn_key, p.dn, p.attr, self._now_ts, self.generation))
+                if p.dn_key is not None and not conflict:
+                    self._add_crldp(p)
+            elif conflict and not row[1]:
+                self._exec("UPDATE crl_urls SET conflict = 1, generation = ? WHERE url = ?",
+                           (self.generation, url))
+            else:
+                continue
+            if conflict:
+                self._note(f"URL {url} is printed by certificates of two CAs (ids"
+                           f" {', '.join(map(str, sorted(owners)))}): never served")
+            self.result.urls += 1
+            for owner in sorted(owners):
+                self._change("crl", owner)
+
+    def _add_crldp(self, p: ParsedUrl) -> None:
+        """The DN an ldap:// URL names, as an entry of the DN tree (unless it is a CA's)."""
+        from store import names
+
+        assert p.dn_key is not None
+        if self._one("SELECT 1 FROM cas WHERE directory_key = ? OR subject_key = ?",
+                     (p.dn_key, p.dn_key)) is not None:
+            return
+        dn = names.parse(p.dn or "")
+        self._add_entries(p.dn_key, str(dn), tuple((a.key, str(a)) for a in dn.ancestors()),
+                          "crldp")
 
     # --- OpenSSL index.txt --------------------------------------------------------------
 
@@ -561,10 +760,22 @@ class Batch:
 _NEVER_SETTLED = (RevocationReason.CERTIFICATE_HOLD, RevocationReason.REMOVE_FROM_CRL)
 
 
+def _against_latest(crl: CrlInput, number: str | None, this_update: int | None) -> str | None:
+    """"older" or "unchanged" when crl is not newer than its scope's latest CRL (by CRL
+    number, by thisUpdate when either has none); None when it is newer."""
+    if number is not None and crl.number is not None:
+        if crl.number < int(number):
+            return "older"
+        return "unchanged" if crl.number == int(number) else None
+    if this_update is not None and ts(crl.this_update) <= this_update:  # type: ignore[operator]
+        return "older"
+    return None
+
+
 def _settled_entries(crl: CrlInput, previous_der: bytes | None) -> set[int]:
     """Indexes of crl's entries that ``revoke`` would certainly leave unchanged.
 
-    An entry byte-identical to one of the CA's previously applied full CRL, whose reason is
+    An entry byte-identical to one of its scope's previously applied full CRL, whose reason is
     neither certificateHold nor removeFromCRL: applying that CRL left the serial revoked with a
     reason other than certificateHold, and nothing moves such a row any more (``revoke`` keeps
     it, ``release`` lifts holds only). Holds and removeFromCRL entries are always applied again,

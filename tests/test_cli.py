@@ -62,7 +62,7 @@ def test_manual_migration_then_import_and_status(store_location: str, tmp_path: 
     first = certpub("migrate", "--config", str(conf))
     assert first.returncode == 0 and "schema version 0 -> 3" in first.stdout, first.stderr
     again = certpub("migrate", "--config", str(conf))
-    assert again.returncode == 0 and "schema version 3, nothing to do" in again.stdout
+    assert again.returncode == 0 and "schema version 4, nothing to do" in again.stdout
     done = certpub("import", str(tmp_path / "in"), "--config", str(conf))
     assert done.returncode == 0, done.stderr
     status = certpub("status", "--config", str(conf))

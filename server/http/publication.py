@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from server.http import wire
 from server.ocsp import publish
 from server.ocsp.service import OcspService
-from store.sqlbase import StoreError
+from store.errors import StoreError
 
 Reply = tuple[bytes, int, int, dict[str, Any]]
 

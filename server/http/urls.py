@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from server.http import wire
 from server.ocsp import publish
-from store.sqlbase import StoreError
+from store.errors import StoreError
 
 Reply = tuple[bytes, int, int, dict[str, Any]]
 Fallback = Callable[[], "Reply | Deferred[Reply]"]

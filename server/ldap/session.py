@@ -53,7 +53,7 @@ from server.ldap.errors import LdapError, ResultCode
 from server.ldap.filters import Match, evaluate, to_text
 from server.ldap.schema import describe, select
 from store import names
-from store.sqlbase import StoreError
+from store.errors import StoreError
 
 STARTTLS = "1.3.6.1.4.1.1466.20037"
 WHOAMI = "1.3.6.1.4.1.4203.1.11.3"

@@ -53,7 +53,7 @@ from server.ocsp.codec import (
 )
 from server.ocsp.responder import StatusStore
 from store.model import CertStatus
-from store.sqlite import StoreError
+from store.errors import StoreError
 
 MODES = ("ignore", "verify", "require")
 MIN_RSA_BITS = 2048

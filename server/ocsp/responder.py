@@ -44,7 +44,7 @@ from server.ocsp.codec import (
 )
 from server.ocsp.signer import Signer
 from store.model import HASH_ALGORITHMS, CaId, CaRecord, CertRecord, CertStatus, RevocationReason
-from store.sqlite import StoreError
+from store.errors import StoreError
 
 CLOCK_MARGIN = timedelta(seconds=60)
 

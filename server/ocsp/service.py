@@ -46,7 +46,7 @@ from server.ocsp.requestor import RequestorCheck
 from server.ocsp.responder import CaPolicy, OcspAnswer, Policy, StatusStore, answer
 from server.ocsp.signer import Signer, expiry_warning, load_signers
 from store.model import Change
-from store.sqlbase import StoreError
+from store.errors import StoreError
 
 log = Logger()
 

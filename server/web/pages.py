@@ -25,7 +25,8 @@ from urllib.parse import parse_qsl, urlencode
 import jinja2
 
 from store.model import CaRecord, CertRecord
-from store.sqlbase import StoreError, serial_text
+from store.errors import StoreError
+from store.sqlbase import serial_text
 from server.web import i18n, scopes as crl_scopes, view
 from server.web.query import (
     KINDS, MAX_QUERY, MAX_RESULTS, PAGE_SIZE, QueryError, Search, parse_search,

@@ -23,7 +23,7 @@ from server.http.publication import Reply, not_allowed, send
 from server.web import i18n
 from server.web.pages import Answer, Lang, WebPages
 from server.web.query import parse_serial
-from store.sqlbase import StoreError
+from store.errors import StoreError
 
 RETRY = [(b"Retry-After", b"10")]
 _EXTENSIONS = ("cer", "pem", "p7c")

@@ -89,10 +89,10 @@ def test_migration_from_v1_and_manual_mode(pki: MiniPki, pg_url: str) -> None:
                      " '\\x00'::bytea, 0, 1)")
         conn.execute("INSERT INTO certs (ca_id, serial, status, imported_at, source, generation,"
                      " not_after) VALUES (1, '80', 'good', 0, 'v1', 1, 100)")
-    with pytest.raises(StoreSchemaError, match=r"schema version 1, .*needs 3: run `certpub migrate`"):
+    with pytest.raises(StoreSchemaError, match=r"schema version 1, .*needs 4: run `certpub migrate`"):
         open_store(pg_url, migrate=False)
-    assert migrate_store(pg_url) == (1, 3)
-    assert migrate_store(pg_url) == (3, 3)
+    assert migrate_store(pg_url) == (1, 4)
+    assert migrate_store(pg_url) == (4, 4)
     s = open_store(pg_url, migrate=False)
     try:
         rec = s.cert(1, 0x80)
@@ -140,7 +140,8 @@ def test_a_second_migrator_waits_and_then_finds_nothing_to_do(pg_url: str) -> No
         assert t.is_alive() and not outcome  # waiting for the lock the holder has
         for version in range(1, SCHEMA_VERSION + 1):  # the first process migrates meanwhile
             for stmt in migration(version, "postgresql"):
-                holder.execute(stmt)
+                if isinstance(stmt, str):  # Python steps find nothing to do in a new store
+                    holder.execute(stmt)
         holder.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s)",
                        (str(SCHEMA_VERSION),))
         holder.commit()

@@ -133,7 +133,7 @@ def test_migration_from_v1(pki: MiniPki, tmp_path: Path) -> None:
     conn.close()
     store = Store.open(path)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         rec = store.cert(1, 0x80)
         assert rec is not None and rec.status is CertStatus.GOOD and rec.source == "v1"
         assert store.stats(NOW)[0].expired == 1
