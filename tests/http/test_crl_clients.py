@@ -1,0 +1,304 @@
+"""Issue 23 with real clients: every URL printed in the demo PKI's certificates answered here.
+
+The demo PKI is built for the ports of listeners opened first, so its CRL distribution
+point, freshest CRL and caIssuers URLs (http:// and ldap://) name this HTTP and LDAP
+listener; the real importer fills the store with the certificates and every CRL (the full
+ones, ec-ca's two partitions and their deltas). Then ``curl`` fetches each http:// URL of
+every certificate and ``ldapsearch`` reads each ldap:// URL's DN and attribute, and the bytes
+are compared with the CRL or certificate file the URL names; pyhanko-certvalidator, with OCSP
+switched off, follows a certificate's distribution point to its partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import pytest_twisted
+from asn1crypto import cms
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet import reactor, threads
+from twisted.internet.protocol import Factory
+
+from server.config import load_config
+from server.feed import ChangeFeed
+from server.http.site import make_http_factory
+from server.ldap.server import make_ldap_factory
+from server.storeaccess import StoreAccess
+from store.sqlite import Store
+from tests.conftest import require_tool
+from tests.ldap.test_integration import ldif
+
+pytestmark = pytest.mark.realclient
+
+
+class _Later(Factory):
+    """Listens first (the demo PKI's URLs need the port), serves once built."""
+
+    real: Any = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.real.buildProtocol(addr)
+
+
+def all_crl_files(pki: Any) -> list[Path]:
+    return [p for ca in pki.cas.values() if ca.crl_path is not None
+            for p in (ca.crl_path, *ca.scope_crl_paths)]
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["inline", "threads2"])
+def live(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from importer.run import import_openssl, import_paths
+    from server.demo.pki import build_demo_pki
+
+    http_proxy, ldap_proxy = _Later(), _Later()
+    http = reactor.listenTCP(0, http_proxy, interface="127.0.0.1")  # type: ignore[attr-defined]
+    ldap = reactor.listenTCP(0, ldap_proxy, interface="127.0.0.1")  # type: ignore[attr-defined]
+    now = datetime.now(UTC).replace(microsecond=0)
+    pki = build_demo_pki(tmp_path_factory.mktemp("crl-live"), now=now,
+                         http_port=http.getHost().port, ldap_port=ldap.getHost().port)
+    config = load_config(pki.config_path)
+    import_openssl(config, now=lambda: datetime.now(UTC), progress=None)
+    import_paths(config, all_crl_files(pki), now=lambda: datetime.now(UTC), progress=None)
+    store = Store.open(config.store.path)
+    access = StoreAccess(str(config.store.path), request.param, store=store)
+    access.start()
+    feed = ChangeFeed(access.store, interval=0.2, access=access)
+    site = make_http_factory(config, store, feed, lambda: datetime.now(UTC), reactor,
+                             access=access)
+    site.doStart()
+    http_proxy.real = site
+    ldap_proxy.real = make_ldap_factory(config.ldap, store, feed, None,
+                                        lambda: datetime.now(UTC), access=access)
+    feed.start()
+    yield {"pki": pki, "http": http.getHost().port, "ldap": ldap.getHost().port,
+           "store": store, "config": config}
+    feed.stop()
+    site.doStop()
+    pytest_twisted.blockon(http.stopListening())
+    pytest_twisted.blockon(ldap.stopListening())
+    access.stop()
+    store.close()
+
+
+async def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await threads.deferToThread(  # the reactor keeps serving meanwhile
+        subprocess.run, list(args), capture_output=True, timeout=60)
+
+
+def der_of(path: Path) -> bytes:
+    data = path.read_bytes()
+    if b"BEGIN X509 CRL" in data:
+        return x509.load_pem_x509_crl(data).public_bytes(Encoding.DER)
+    return x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+
+
+def printed_urls(cert: x509.Certificate) -> list[tuple[str, str]]:
+    """(kind, URL) of the CDP ("crl"), freshest CRL ("delta") and caIssuers ("ca")."""
+    out: list[tuple[str, str]] = []
+    for kind, cls in (("crl", x509.CRLDistributionPoints), ("delta", x509.FreshestCRL)):
+        try:
+            points = cert.extensions.get_extension_for_class(cls).value  # type: ignore[type-var]
+        except x509.ExtensionNotFound:
+            continue
+        out += [(kind, n.value) for p in points for n in p.full_name or ()]
+    try:
+        aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except x509.ExtensionNotFound:
+        return out
+    return out + [("ca", d.access_location.value) for d in aia
+                  if d.access_method == x509.oid.AuthorityInformationAccessOID.CA_ISSUERS]
+
+
+def expected(pki: Any, issuer: str, kind: str, url: str) -> bytes:
+    """The bytes a URL names: the CRL file whose IDP names it (its delta for a freshest-CRL
+    URL), the CA's full CRL for a URL no IDP names, the issuer certificate for caIssuers."""
+    ca = pki.cas[issuer]
+    if kind == "ca":
+        return der_of(ca.cert_path)
+    for path in ca.scope_crl_paths:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+        delta = path.stem.endswith("-delta")
+        cdp = [n.value for n in idp.full_name or ()]
+        if delta == (kind == "delta") and (url in cdp or url.replace("-delta.crl", ".crl")
+                                           in cdp or url.replace("deltaRevocationList",
+                                                                 "certificateRevocationList")
+                                           in cdp):
+            return der_of(path)
+    assert kind == "crl", url
+    return der_of(ca.crl_path)
+
+
+def issuer_of(pki: Any, cert: x509.Certificate) -> str:
+    return next(name for name, ca in pki.cas.items()
+                if ca.load_certificate().subject == cert.issuer)
+
+
+def every_certificate(pki: Any) -> list[x509.Certificate]:
+    cas = [ca.load_certificate() for ca in pki.cas.values()]
+    return cas + [c.load() for c in pki.certs]
+
+
+def ldap_search(live: dict[str, Any], url: str) -> list[str]:
+    """The ldapsearch command an ldap:// URL stands for (RFC 4516): its DN as a base."""
+    parts = urlsplit(url)
+    dn = unquote(parts.path[1:])
+    attr = unquote(parts.query.split("?")[0])
+    return [require_tool("ldapsearch"), "-x", "-LLL", "-o", "ldif-wrap=no",
+            "-H", f"ldap://127.0.0.1:{live['ldap']}", "-s", "base", "-b", dn, "(objectClass=*)",
+            attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_printed_url_fetched_with_curl_and_ldapsearch(live: dict[str, Any]) -> None:
+    pki = live["pki"]
+    curl = require_tool("curl")
+    done: set[str] = set()
+    kinds: set[tuple[str, str]] = set()
+    for cert in every_certificate(pki):
+        if cert.issuer == cert.subject:
+            continue  # the root prints no URLs
+        issuer = issuer_of(pki, cert)
+        for kind, url in printed_urls(cert):
+            if url in done:
+                continue
+            done.add(url)
+            want = expected(pki, issuer, kind, url)
+            if url.startswith("http://"):
+                r = await run(curl, "-sS", "--fail", "-D", "-", "-o", "-", url)
+                assert r.returncode == 0, (url, r.stderr)
+                head, _, body = r.stdout.partition(b"\r\n\r\n")
+                if url.endswith(".p7c"):
+                    assert b"application/pkcs7-mime" in head
+                    signed = cms.ContentInfo.load(body)["content"]
+                    assert [c.dump() for c in signed["certificates"]] == [want], url
+                else:
+                    assert body == want, url
+                    ctype = b"application/pkix-" + (b"cert" if kind == "ca" else b"crl")
+                    assert b"Content-Type: " + ctype in head, (url, head)
+                kinds.add(("http", kind))
+            else:
+                assert url.startswith("ldap://"), url
+                r = await run(*ldap_search(live, url))
+                assert r.returncode == 0, (url, r.stderr)
+                entries = ldif(r.stdout)
+                attr = unquote(urlsplit(url).query).lower()
+                assert len(entries) == 1 and want in entries[0][attr], (url, entries)
+                kinds.add(("ldap", kind))
+    assert kinds == {(s, k) for s in ("http", "ldap") for k in ("crl", "delta", "ca")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_ldap_entries_answer_with_and_without_binary(live: dict[str, Any]) -> None:
+    """A distribution point's DN carries cn and objectClass cRLDistributionPoint; the CRL
+    is named ``;binary`` whichever spelling was asked; the CA entry carries deltas only
+    when its full scope has one (ec-ca's deltas are its partitions')."""
+    pki = live["pki"]
+    cert = next(c.load() for c in pki.certs if c.ca == "ec-ca")
+    url = next(u for k, u in printed_urls(cert) if k == "crl" and u.startswith("ldap://"))
+    cmd = ldap_search(live, url)
+    plain = await run(*cmd[:-1], "certificateRevocationList", "objectClass", "cn")
+    entries = ldif(plain.stdout)
+    assert plain.returncode == 0 and len(entries) == 1, plain.stderr
+    assert b"cRLDistributionPoint" in entries[0]["objectclass"]
+    assert entries[0]["cn"][0].startswith(b"Demo EC Issuing CA part ")
+    assert entries[0]["certificaterevocationlist;binary"] == [
+        expected(pki, "ec-ca", "crl", url)]
+    assert "deltarevocationlist;binary" not in entries[0]  # not asked for
+
+
+@pytest_twisted.ensureDeferred
+async def test_conditional_get_head_and_hostile_paths(live: dict[str, Any]) -> None:
+    pki = live["pki"]
+    curl = require_tool("curl")
+    cert = next(c.load() for c in pki.certs if c.ca == "ec-ca")
+    url = next(u for k, u in printed_urls(cert) if k == "crl" and u.startswith("http://"))
+    r = await run(curl, "-sS", "-D", "-", "-o", "/dev/null", url)
+    etag = next(line.split(b": ", 1)[1] for line in r.stdout.split(b"\r\n")
+                if line.lower().startswith(b"etag:"))
+    r = await run(curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+                  b"If-None-Match: ".decode() + etag.decode(), url)
+    assert r.stdout == b"304"
+    r = await run(curl, "-sS", "-I", url)
+    assert r.stdout.startswith(b"HTTP/1.1 200") and b"max-age=" in r.stdout
+    base = f"http://127.0.0.1:{live['http']}"
+    for path, status in (("/repository/ec-ca/../rsa-ca/part0.crl", b"400"),
+                         ("/repository/ec-ca%2fpart0.crl", b"400"),
+                         ("/repository/ec-ca/part0.crl?x=1", b"400"),
+                         ("/repository/ec-ca/part9.crl", b"404"),
+                         ("/repository/../../../etc/passwd", b"400")):
+        r = await run(curl, "-sS", "--path-as-is", "-o", "/dev/null", "-w", "%{http_code}",
+                      base + path)
+        assert r.stdout == status, path
+    # certpub's own paths stay: the full scope, and the CA certificate
+    r = await run(curl, "-sS", "--fail", "-o", "-", base + "/crl/ec-ca.crl")
+    assert r.stdout == der_of(pki.cas["ec-ca"].crl_path)
+    r = await run(curl, "-sS", "--fail", "-o", "-", base + "/ca/ec-ca.crt")
+    assert r.stdout == der_of(pki.cas["ec-ca"].cert_path)
+
+
+def _pyhanko_crl_only(pki: Any, path: Path) -> Exception | None:
+    from asn1crypto import x509 as asn1_x509
+    from pyhanko_certvalidator import CertificateValidator, ValidationContext
+    from pyhanko_certvalidator.fetchers.aiohttp_fetchers import AIOHttpFetcherBackend
+    from pyhanko_certvalidator.policy_decl import (
+        CertRevTrustPolicy,
+        RevocationCheckingPolicy,
+        RevocationCheckingRule,
+    )
+
+    def load(p: Path) -> asn1_x509.Certificate:
+        return asn1_x509.Certificate.load(der_of(p))
+
+    async def go() -> Exception | None:
+        backend = AIOHttpFetcherBackend()
+        rule = RevocationCheckingRule.CRL_REQUIRED  # no OCSP: CRLs from the CDP, hard fail
+        policy = CertRevTrustPolicy(RevocationCheckingPolicy(rule, rule))
+        vc = ValidationContext(trust_roots=[load(pki.cas["root"].cert_path)],
+                               other_certs=[load(pki.cas["ec-ca"].cert_path)],
+                               allow_fetching=True, revinfo_policy=policy,
+                               fetchers=backend.get_fetchers())
+        validator = CertificateValidator(load(path), validation_context=vc)
+        try:
+            await validator.async_validate_usage(set())
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            return exc
+        finally:
+            await backend.close()
+        return None
+
+    return asyncio.run(go())
+
+
+@pytest_twisted.ensureDeferred
+async def test_pyhanko_crl_only_through_the_partition(live: dict[str, Any]) -> None:
+    pki = live["pki"]
+    good = next(c for c in pki.certs if c.ca == "ec-ca" and c.state == "good"
+                and c.serial != pki.crl2_revokes["ec-ca"])
+    error = await threads.deferToThread(_pyhanko_crl_only, pki, good.path)
+    assert error is None, repr(error)
+    for part in (0, 1):  # a revoked certificate of each partition
+        revoked = next(c for c in pki.certs if c.ca == "ec-ca" and c.state == "revoked"
+                       and c.serial % 2 == part)
+        error = await threads.deferToThread(_pyhanko_crl_only, pki, revoked.path)
+        assert error is not None and type(error).__name__ == "RevokedError", repr(error)
+        assert "CRL" in str(error), str(error)
+
+
+def test_ldap_url_query_is_what_ldapsearch_reads() -> None:
+    url = ("ldap://h:1/CN=Demo%20EC%20Issuing%20CA%20part%201,OU=CRL,C=MO"
+           "?certificateRevocationList;binary")
+    cmd = ldap_search({"ldap": 1}, url)
+    assert cmd[-3:] == ["CN=Demo EC Issuing CA part 1,OU=CRL,C=MO", "(objectClass=*)",
+                        "certificateRevocationList;binary"]
+    assert base64  # (ldif decodes base64 values)
