@@ -2,6 +2,8 @@
 
 Usage: python bench/ocsp_bench.py DATA [--rounds 3] [--duration 5] [--connections 4]
                                        [--workers 1] [--serial 0x1000] [--work DIR]
+       python bench/ocsp_bench.py --crl-urls WORK [--rounds 3] [--duration 5] [--connections 4]
+           (issue 23: CRLs / CA certificates at the certificates' own URLs; bench/crl_urls.py)
 
 DATA is a directory written by ``bench/gen_certs.py`` and already imported
 (``certpub import --config DATA/certpub.toml --openssl`` then ``... DATA/crl.pem``).
@@ -417,7 +419,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path)
+    parser.add_argument("data", type=Path, nargs="?")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (max 5)")
     parser.add_argument("--connections", type=int, default=4)
@@ -433,8 +435,21 @@ def main() -> None:
                         help="count PID's process tree (e.g. bench/pg_env.py's PostgreSQL "
                         "postmaster) as target NAME's server CPU; also reported alone (db cpu)")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
+    parser.add_argument("--crl-urls", type=Path, default=None, metavar="WORK",
+                        help="instead: the issue-23 scenario (bench/crl_urls.py) in WORK: CRLs"
+                        " and CA certificates at the certificates' URLs vs certpub's cached OCSP"
+                        " GET and vs nginx (DATA not needed)")
+    parser.add_argument("--big-entries", type=int, default=280_000,
+                        help="entries of --crl-urls's big CRL (280,000: ~10 MB)")
     args = parser.parse_args()
     args.duration = min(args.duration, 5)
+    if args.crl_urls is not None:
+        import crl_urls
+
+        crl_urls.main(args, sys.modules[__name__])
+        return
+    if args.data is None:
+        parser.error("DATA is required (unless --crl-urls)")
     data = args.data.resolve()
     work = args.work or Path(tempfile.mkdtemp(prefix="ocsp-bench-"))
     work.mkdir(parents=True, exist_ok=True)
