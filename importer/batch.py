@@ -31,12 +31,13 @@ from importer.pool import FileLoad, Job, WorkerPool
 from importer.progress import ImportSummary, Progress
 from importer.settings import ImportSettings, SetupError
 from importer.verify import Anchor, Verified, Verifier
-from store.model import CaId
+from store.model import CaId, CrlInput, scope_label
 from store.sqlbase import SqlStore
 
 log = Logger()
 
 AHEAD = 2  # batches read and verified ahead of the one being written
+MAX_NOTES = 20  # notes of one batch logged (skipped URLs, URL conflicts, pending deltas)
 
 
 @dataclass
@@ -60,6 +61,25 @@ class _Prepared:
 
     outcomes: list[FileOutcome]
     job: Job
+
+
+_OUTCOME_WORDS = {
+    "applied": "applied",
+    "unchanged": "unchanged",
+    "older": "older, changes nothing",
+    "pending": "pending delta (its base CRL is not stored yet)",
+    "refused": "refused",
+}
+
+
+def crl_outcome_text(ca: str, crl: CrlInput, outcome: str) -> str:
+    """"<CA> <scope label> #<number>: <what apply_crl did>" for the summary and the log."""
+    label = "full" if crl.idp_der is None else scope_label(
+        tuple(crl.idp_urls), crl.only)
+    if crl.is_delta:
+        label += f" (delta over #{crl.base_number})"
+    number = f"#{crl.number}" if crl.number is not None else f"of {crl.this_update:%Y-%m-%d %H:%M}"
+    return f"{ca} {label} {number}: {_OUTCOME_WORDS.get(outcome, outcome)}"
 
 
 def _keep_stored(stored_der: bytes | None, new_der: bytes) -> bool:
@@ -224,6 +244,10 @@ class Importer:
                 self._apply(batch, work)
             result = batch.result
             self.summary.add(result)
+            for note in result.notes[:MAX_NOTES]:
+                log.info("import note: {note}", note=note)
+            if len(result.notes) > MAX_NOTES:
+                log.info("import notes: {more} more not shown", more=len(result.notes) - MAX_NOTES)
             log.info("batch files={files} accepted={accepted} generation={generation}"
                      " new={new} revoked={revoked} released={released} crls={crls}",
                      files=len(outcomes), accepted=sum(o.outcome == "accepted" for o in work),
@@ -317,12 +341,11 @@ class Importer:
         for crl, o in crls:
             o.crls += 1
             outcome = batch.apply_crl(crl, o.name)
-            if outcome != "older" and not crl.is_delta:
-                o.crl_cas.add(self._ca_name(crl.ca_id))
-            if outcome == "older":
-                log.info("file {name}: CRL number {number} of {ca} is older than the stored"
-                         " one; it changes nothing", name=o.name, number=crl.number,
-                         ca=self._ca_name(crl.ca_id))
+            if outcome in ("applied", "unchanged") and not crl.is_delta and crl.idp_der is None:
+                o.crl_cas.add(self._ca_name(crl.ca_id))  # the full scope: every revocation
+            what = crl_outcome_text(self._ca_name(crl.ca_id), crl, outcome)
+            self.summary.crl_outcomes.append(what)
+            log.info("file {name}: CRL {what}", name=o.name, what=what)
         batch.record_files([(o.sha256, o.name, "accepted") for o in files])
 
     def _ca_name(self, ca_id: int) -> str:

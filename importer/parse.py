@@ -23,6 +23,7 @@ from cryptography import x509
 from store import names
 from store.certparse import INDEXED_ATTRIBUTES, cert_input
 from store.model import CaId, CertInput, Serial
+from store.urls import URL_OIDS, urls_of_extensions
 from store.writer import CertRow, cert_row
 
 _STRINGS = {0x0C: "utf-8", 0x13: "latin1", 0x16: "ascii"}  # asn1crypto's codecs for these
@@ -205,9 +206,12 @@ def tbs_parts(tbs: bytes) -> tuple[int, int, int, int, int, int, int]:
 _SAN_OID = b"\x06\x03\x55\x1d\x11"  # id-ce-subjectAltName (RFC 5280 §4.2.1.6)
 
 
-def _san_emails_der(tbs: bytes, p: int, end: int) -> list[str]:
+def _san_emails_der(tbs: bytes, p: int, end: int,
+                    url_raws: list[bytes | None]) -> list[str]:
     """The rfc822Name values of the SubjectAltName extension, from the fields after the
-    subjectPublicKeyInfo; an extension repeated or anything unexpected raises _Unusual."""
+    subjectPublicKeyInfo; an extension repeated or anything unexpected raises _Unusual.
+    The raw values of the URL-bearing extensions (CRL distribution points, freshest CRL,
+    AIA: ``store.urls.URL_OIDS``) go into url_raws, by slot."""
     out: list[str] = []
     while p < end:
         tag, q, e = _tlv(tbs, p)
@@ -231,6 +235,14 @@ def _san_emails_der(tbs: bytes, p: int, end: int) -> list[str]:
             seen.add(oid)
             q = ext_end
             if oid != _SAN_OID:
+                slot = URL_OIDS.get(oid)
+                if slot is not None:
+                    tag, vs, ve = _tlv(tbs, oe)
+                    if tag == 0x01:  # critical
+                        tag, vs, ve = _tlv(tbs, ve)
+                    if tag != 0x04 or ve != ext_end:
+                        raise _Unusual
+                    url_raws[slot] = tbs[vs:ve]
                 continue
             tag, vs, ve = _tlv(tbs, oe)
             if tag == 0x01:  # critical
@@ -333,7 +345,8 @@ def _parent(name_der: bytes, p: int, last: int) -> _Parent:
 
 def _fields(cert: x509.Certificate, tbs: bytes) -> tuple[Any, ...]:
     """(subject_dn, subject_key, directory_dn, directory_key, ancestors, emails, attributes,
-    cn) of a certificate: the leaf RDN read here, the RDNs above it from a cache."""
+    cn, urls) of a certificate: the leaf RDN read here, the RDNs above it from a cache; the
+    URLs (``store.urls.urls_of_extensions``) read once per distinct extension value."""
     _, _, s0, s1, _, spki_end, tbs_end = tbs_parts(tbs)
     name = tbs[s0:s1]
     _, p, end = _tlv(name, 0)
@@ -362,7 +375,8 @@ def _fields(cert: x509.Certificate, tbs: bytes) -> tuple[Any, ...]:
         dkey, ddn, ancestors = "", "", ()
     emails: list[str] = []
     seen: set[str] = set()
-    for value in (*_san_emails_der(tbs, spki_end, tbs_end),
+    url_raws: list[bytes | None] = [None, None, None]
+    for value in (*_san_emails_der(tbs, spki_end, tbs_end, url_raws),
                   *(a.display for a in leaf if INDEXED_ATTRIBUTES.get(a.oid) == "mail"),
                   *parent.mails):
         if value and value.lower() not in seen:
@@ -375,8 +389,12 @@ def _fields(cert: x509.Certificate, tbs: bytes) -> tuple[Any, ...]:
         if attr is not None and not a.norm.startswith("#"):
             attrs.add((attr, a.norm))
     cns = [a.display for a in leaf if a.oid == "2.5.4.3"] or parent.cns
+    urls = urls_of_extensions(*url_raws) if url_raws != _NO_URLS else ()
     return (subject_dn, subject_key, ddn, dkey, ancestors, emails, tuple(sorted(attrs)),
-            cns[0] if cns else None)
+            cns[0] if cns else None, urls)
+
+
+_NO_URLS: list[bytes | None] = [None, None, None]
 
 
 _NO_PARENT = _Parent("", "", (), (), frozenset(), ())
@@ -389,11 +407,11 @@ def fast_cert_row(cert: x509.Certificate, der: bytes, ca_id: CaId,
     try:
         if tbs is None:
             tbs = tbs_of(der)
-        sdn, skey, ddn, dkey, ancestors, emails, attrs, cn = _fields(cert, tbs)
+        sdn, skey, ddn, dkey, ancestors, emails, attrs, cn, urls = _fields(cert, tbs)
         row = CertRow(ca_id, cert.serial_number, der, hashlib.sha256(der).digest(), sdn,
                       ddn, dkey, "\n".join(emails), cn,
                       int(cert.not_valid_before_utc.timestamp()),
-                      int(cert.not_valid_after_utc.timestamp()), attrs, ancestors)
+                      int(cert.not_valid_after_utc.timestamp()), attrs, ancestors, urls)
     except Exception:  # noqa: BLE001 - anything unusual: the reference decides
         return cert_row(cert_input(der, ca_id))
     return row
@@ -402,7 +420,7 @@ def fast_cert_row(cert: x509.Certificate, der: bytes, ca_id: CaId,
 def fast_cert_input(cert: x509.Certificate, der: bytes, ca_id: CaId) -> CertInput:
     """``store.certparse.cert_input(der, ca_id)`` for a certificate already parsed."""
     try:
-        sdn, skey, ddn, dkey, ancestors, emails, attrs, cn = _fields(cert, tbs_of(der))
+        sdn, skey, ddn, dkey, ancestors, emails, attrs, cn, urls = _fields(cert, tbs_of(der))
         serial = Serial(cert.serial_number)
         not_before: datetime = cert.not_valid_before_utc
         not_after: datetime = cert.not_valid_after_utc
@@ -412,5 +430,5 @@ def fast_cert_input(cert: x509.Certificate, der: bytes, ca_id: CaId) -> CertInpu
         ca_id=ca_id, serial=serial, der=der, subject_dn=sdn, subject_key=skey,
         directory_dn=ddn, directory_key=dkey, directory_ancestors=ancestors,
         emails=tuple(emails), attributes=attrs, cn=cn,
-        not_before=not_before, not_after=not_after,
+        not_before=not_before, not_after=not_after, urls=urls,
     )

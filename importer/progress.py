@@ -15,6 +15,9 @@ from typing import TextIO
 from store.model import BatchResult
 
 
+MAX_CRL_OUTCOMES = 8  # CRLs named in the summary line; the log names every one
+
+
 @dataclass
 class ImportSummary:
     """Totals of one import run; ``line()`` is the summary printed at the end."""
@@ -31,6 +34,8 @@ class ImportSummary:
     crls: int = 0
     cas: int = 0
     index_lines: int = 0
+    # per CRL offered: "<CA> <scope> #<number>: <applied|unchanged|older|pending delta|…>"
+    crl_outcomes: list[str] = field(default_factory=list)
     malformed_lines: int = 0
     generation: int = 0
     elapsed: float = 0.0
@@ -65,6 +70,10 @@ class ImportSummary:
             (f"revocations {self.revocations}, releases {self.releases}, CRLs {self.crls},"
              f" CA updates {self.cas}"),
         ]
+        if self.crl_outcomes:
+            shown = self.crl_outcomes[:MAX_CRL_OUTCOMES]
+            more = len(self.crl_outcomes) - len(shown)
+            parts.append("CRL " + ", ".join(shown) + (f" and {more} more" if more else ""))
         if self.index_lines or self.malformed_lines:
             parts.append(f"index lines {self.index_lines} ({self.malformed_lines} malformed)")
         parts.append(f"generation {self.generation}")

@@ -216,10 +216,17 @@ class Verifier:
                 valid = False
             if valid:
                 try:
-                    return Verified("crl", crl=crl_input(der, ca.anchor.ca_id))
+                    parsed = crl_input(der, ca.anchor.ca_id)
                 except ParseError as exc:
                     return Verified("bad", error=f"a CRL of {ca.anchor.name} that cannot be"
                                     f" read ({exc})")
+                if parsed.indirect:
+                    return Verified("bad", error=f"an indirect CRL of {ca.anchor.name} (its"
+                                    " issuing distribution point says indirectCRL): certpub"
+                                    " does not read the certificateIssuer entry extension"
+                                    " (RFC 5280 §5.3.3), so it cannot tell whose"
+                                    " certificates it revokes; refused")
+                return Verified("crl", crl=parsed)
         try:
             who = issuer.rfc4514_string()
         except ValueError:

@@ -11,6 +11,7 @@ from cryptography import x509 as cx509
 from cryptography.x509.oid import CRLEntryExtensionOID
 
 from store import names
+from store.urls import urls_of_certificate
 from store.model import (
     CaId,
     CertInput,
@@ -90,6 +91,7 @@ def cert_input(der: bytes, ca_id: CaId) -> CertInput:
             for general_name in san:
                 if general_name.name == "rfc822_name":
                     san_emails.append(str(general_name.native))
+        urls = urls_of_certificate(cert)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise ParseError(f"not a certificate: {exc}") from exc
     public, ancestors = _directory(dn)
@@ -111,7 +113,7 @@ def cert_input(der: bytes, ca_id: CaId) -> CertInput:
         ca_id=ca_id, serial=serial, der=der, subject_dn=str(dn), subject_key=dn.key,
         directory_dn=str(public), directory_key=public.key, directory_ancestors=ancestors,
         emails=tuple(emails), attributes=tuple(sorted(attrs)), cn=cns[0] if cns else None,
-        not_before=not_before, not_after=not_after,
+        not_before=not_before, not_after=not_after, urls=urls,
     )
 
 
@@ -188,7 +190,7 @@ def _scope_info(crl: asn1crl.CertificateList) -> CrlScopeInfo:
                             None if base is None else int(base.native))
     urls: list[str] = []
     point = idp["distribution_point"]
-    if point.name == "full_name":
+    if isinstance(point, asn1x509.DistributionPointName) and point.name == "full_name":
         for general_name in point.chosen:
             if general_name.name == "uniform_resource_identifier":
                 urls.append(_uri_text(general_name.chosen.contents))
@@ -225,6 +227,8 @@ def crl_input(der: bytes, ca_id: CaId) -> CrlInput:
         if entries is None:
             entries = _entries_asn1crypto(tbs)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise ParseError(f"not a CRL: {exc}") from exc
+    except AttributeError as exc:  # an optional field asn1crypto leaves as Void
         raise ParseError(f"not a CRL: {exc}") from exc
     return CrlInput(
         ca_id=ca_id, der=der, number=None if number is None else int(number.native),

@@ -170,7 +170,7 @@ def _points(raw: bytes) -> list[str]:
         if point["crl_issuer"].native:
             continue
         name = point["distribution_point"]
-        if name.name == "full_name":
+        if isinstance(name, asn1x509.DistributionPointName) and name.name == "full_name":
             out += _uris(name.chosen)
     return out
 
@@ -186,14 +186,14 @@ def urls_of_extensions(cdp: bytes | None, freshest: bytes | None,
         if raw is not None:
             try:
                 out += [(kind, u) for u in _points(raw)]
-            except (ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError, AttributeError):
                 pass
     if aia is not None:
         try:
             for access in asn1x509.AuthorityInfoAccessSyntax.load(aia, strict=True):
                 if access["access_method"].native == "ca_issuers":
                     out += [("ca", u) for u in _uris([access["access_location"]])]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             pass
     seen: set[tuple[str, str]] = set()
     return tuple(p for p in out if not (p in seen or seen.add(p)))  # type: ignore[func-returns-value]

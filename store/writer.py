@@ -65,6 +65,7 @@ class CertRow(NamedTuple):
     not_after: int | None
     attributes: tuple[tuple[str, str], ...]  # (attr, normalised value), sorted, no repeats
     directory_ancestors: tuple[tuple[str, str], ...]
+    urls: tuple[tuple[str, str], ...] = ()  # (kind, URI): CertInput.urls
 
 
 def cert_row(cert: CertInput) -> CertRow:
@@ -72,7 +73,7 @@ def cert_row(cert: CertInput) -> CertRow:
     return CertRow(cert.ca_id, cert.serial, cert.der, hashlib.sha256(cert.der).digest(),
                    cert.subject_dn, cert.directory_dn, cert.directory_key,
                    "\n".join(cert.emails), cert.cn, ts(cert.not_before), ts(cert.not_after),
-                   tuple(sorted(set(cert.attributes))), cert.directory_ancestors)
+                   tuple(sorted(set(cert.attributes))), cert.directory_ancestors, cert.urls)
 
 
 class Batch:
@@ -210,6 +211,7 @@ class Batch:
         "unchanged", or "conflict" (the CA already has a different certificate with this
         serial; nothing is written)."""
         sha = hashlib.sha256(cert.der).digest()
+        self.learn_urls(cert.ca_id, cert.urls)
         self._known.clear()  # see known_certs
         row = self._one(
             "SELECT id, sha256 FROM certs WHERE ca_id = ? AND serial = ?",
@@ -302,7 +304,10 @@ class Batch:
         now, generation = self._now_ts, self.generation
         changes = self._changes
         entries = self._entries
+        url_sets = self._url_sets
         for cert, source in items:
+            if cert.urls and (cert.ca_id, cert.urls) not in url_sets:
+                self.learn_urls(cert.ca_id, cert.urls)
             rows = known[cert.ca_id]
             row = rows.get(cert.serial)
             if row is not None and row[1] is not None:
@@ -497,18 +502,27 @@ class Batch:
 
     def _update_holds(self, crl: CrlInput, scope_id: int, by: str) -> None:
         """The scope now lists crl's holds. A hold it listed before and no longer lists is
-        released unless another scope's latest CRL still lists it; a removeFromCRL entry
-        (in a delta, RFC 5280 §5.3.1) was released by ``revoke`` and leaves every scope."""
+        released unless another scope's latest CRL still lists it. A full CRL (no IDP, not a
+        delta) speaks for every certificate of its CA: any hold it does not list (set by an
+        index, say) is released on the same condition. A removeFromCRL entry (in a delta,
+        RFC 5280 §5.3.1) was released by ``revoke`` and leaves every scope."""
         holds = {serial_text(e.serial) for e in crl.entries
                  if e.reason is RevocationReason.CERTIFICATE_HOLD}
         before = {r[0] for r in self._exec("SELECT serial FROM crl_holds WHERE scope_id = ?",
                                            (scope_id,)).fetchall()}
         gone = before - holds
+        candidates = set(gone)
+        if crl.idp_der is None and not crl.is_delta:
+            candidates.update(r[0] for r in self._exec(
+                "SELECT serial FROM certs WHERE ca_id = ? AND status = 'revoked' AND reason = ?",
+                (crl.ca_id, HOLD)).fetchall())
+            candidates -= holds
         if gone:
-            listed = {serial_text(e.serial) for e in crl.entries}
             self._store._executemany("DELETE FROM crl_holds WHERE scope_id = ? AND serial = ?",
                                      [(scope_id, st) for st in sorted(gone)])
-            for st in sorted(gone - listed):
+        if candidates:
+            listed = {serial_text(e.serial) for e in crl.entries}
+            for st in sorted(candidates - listed):
                 if self._one("SELECT 1 FROM crl_holds WHERE ca_id = ? AND serial = ?",
                              (crl.ca_id, st)) is None:
                     self.release(crl.ca_id, int(st, 16), by)
