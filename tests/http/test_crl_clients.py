@@ -54,9 +54,8 @@ def all_crl_files(pki: Any) -> list[Path]:
             for p in (ca.crl_path, *ca.scope_crl_paths)]
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["inline", "threads2"])
-def live(request: pytest.FixtureRequest,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def serve(folder: Path, threads: int, subscribers: int = 25) -> Iterator[dict[str, Any]]:
+    """The demo PKI built for two listeners' ports, imported (every CRL), served."""
     from importer.run import import_openssl, import_paths
     from server.demo.pki import build_demo_pki
 
@@ -64,13 +63,13 @@ def live(request: pytest.FixtureRequest,
     http = reactor.listenTCP(0, http_proxy, interface="127.0.0.1")  # type: ignore[attr-defined]
     ldap = reactor.listenTCP(0, ldap_proxy, interface="127.0.0.1")  # type: ignore[attr-defined]
     now = datetime.now(UTC).replace(microsecond=0)
-    pki = build_demo_pki(tmp_path_factory.mktemp("crl-live"), now=now,
-                         http_port=http.getHost().port, ldap_port=ldap.getHost().port)
+    pki = build_demo_pki(folder, now=now, http_port=http.getHost().port,
+                         ldap_port=ldap.getHost().port, subscribers_per_ca=subscribers)
     config = load_config(pki.config_path)
     import_openssl(config, now=lambda: datetime.now(UTC), progress=None)
     import_paths(config, all_crl_files(pki), now=lambda: datetime.now(UTC), progress=None)
     store = Store.open(config.store.path)
-    access = StoreAccess(str(config.store.path), request.param, store=store)
+    access = StoreAccess(str(config.store.path), threads, store=store)
     access.start()
     feed = ChangeFeed(access.store, interval=0.2, access=access)
     site = make_http_factory(config, store, feed, lambda: datetime.now(UTC), reactor,
@@ -81,13 +80,25 @@ def live(request: pytest.FixtureRequest,
                                         lambda: datetime.now(UTC), access=access)
     feed.start()
     yield {"pki": pki, "http": http.getHost().port, "ldap": ldap.getHost().port,
-           "store": store, "config": config}
+           "store": store, "config": config, "feed": feed}
     feed.stop()
     site.doStop()
     pytest_twisted.blockon(http.stopListening())
     pytest_twisted.blockon(ldap.stopListening())
     access.stop()
     store.close()
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["inline", "threads2"])
+def live(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from serve(tmp_path_factory.mktemp("crl-live"), request.param)
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A demo of its own, for tests that import more into its store."""
+    yield from serve(tmp_path / "demo", 0, subscribers=15)
 
 
 async def run(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -293,6 +304,68 @@ async def test_pyhanko_crl_only_through_the_partition(live: dict[str, Any]) -> N
         error = await threads.deferToThread(_pyhanko_crl_only, pki, revoked.path)
         assert error is not None and type(error).__name__ == "RevokedError", repr(error)
         assert "CRL" in str(error), str(error)
+
+
+async def fetch(live: dict[str, Any], url: str) -> tuple[bytes, bytes]:
+    """(status code, body) of a GET with curl."""
+    r = await run(require_tool("curl"), "-sS", "-o", "-", "-w", "\n%{http_code}", url)
+    body, _, code = r.stdout.rpartition(b"\n")
+    return code, body
+
+
+def import_now(live: dict[str, Any], *paths: Path) -> None:
+    from importer.run import import_paths
+
+    import_paths(live["config"], list(paths), now=lambda: datetime.now(UTC), progress=None)
+    d = live["feed"].poll()
+    if d is not None:
+        pytest_twisted.blockon(d)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crl_whose_idp_names_another_cas_url_is_never_served_there(
+        fresh: dict[str, Any]) -> None:
+    """rsa-ca signs a CRL whose IDP names ec-ca's partition 0 URL: that URL keeps answering
+    ec-ca's partition (the store resolves a URL within the CA that printed it)."""
+    from server.demo.pki import make_crl
+
+    pki = fresh["pki"]
+    part0 = der_of(pki.cas["ec-ca"].scope_crl_paths[0])
+    url = next(n.value for n in x509.load_der_x509_crl(part0).extensions.get_extension_for_class(
+        x509.IssuingDistributionPoint).value.full_name if n.value.startswith("http://"))
+    assert await fetch(fresh, url) == (b"200", part0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    idp = x509.IssuingDistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(url)], relative_name=None,
+        only_contains_user_certs=False, only_contains_ca_certs=False, only_some_reasons=None,
+        indirect_crl=False, only_contains_attribute_certs=False)
+    forged = make_crl(pki.cas["rsa-ca"], [(0x1234, now, "key_compromise")], 99, now,
+                      now.replace(year=now.year + 1), [(idp, True)])
+    path = fresh["pki"].root / "forged.pem"
+    path.write_bytes(forged.public_bytes(Encoding.PEM))
+    import_now(fresh, path)
+    code, body = await fetch(fresh, url)
+    assert body != forged.public_bytes(Encoding.DER)
+    assert (code, body) in ((b"200", part0), (b"404", b"not found\n"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_url_claimed_by_two_cas_is_served_by_neither(fresh: dict[str, Any]) -> None:
+    """An rsa-ca certificate printing ec-ca's partition 1 URL: the URL is in conflict, 404."""
+    from server.demo.pki import issue_certificate, write_pem
+
+    pki = fresh["pki"]
+    victim = next(c.load() for c in pki.certs if c.ca == "ec-ca" and c.serial % 2 == 1)
+    url = next(u for k, u in printed_urls(victim) if k == "crl" and u.startswith("http://"))
+    assert (await fetch(fresh, url))[0] == b"200"
+    now = datetime.now(UTC).replace(microsecond=0)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Claims Another URL")])
+    cert = issue_certificate(pki.cas["rsa-ca"], name, ["claim@example.mo"], 0x77AA, now,
+                             now.replace(year=now.year + 1), crl_url=url)
+    path = pki.root / "claim.pem"
+    write_pem(path, cert)
+    import_now(fresh, path)
+    assert await fetch(fresh, url) == (b"404", b"not found\n")
 
 
 def test_ldap_url_query_is_what_ldapsearch_reads() -> None:
