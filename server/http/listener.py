@@ -52,6 +52,9 @@ ABORT_TIMEOUT = 15.0  # a connection that does not close this long after we clos
 MAX_PENDING = 32  # answers in computation per connection before reading pauses
 MEMO_ENTRIES = 4096  # remembered reads (one whole request each) per listener
 MEMO_READ_BYTES = 2048  # longer reads are never remembered
+# Answers longer than this (a large CRL) go through the transport's buffer whole: it sends
+# them in memoryview slices, where a direct send would copy what the socket did not take.
+DIRECT_MAX = 256 * 1024
 
 # What a route returns: the complete response bytes, the status, the body size, the log fields.
 Reply = tuple[bytes, int, int, dict[str, Any]]
@@ -324,7 +327,7 @@ class HttpChannel(Protocol):
         """Write data now when the transport has nothing buffered (see ``direct_send``),
         else (and whatever the socket did not take) through the transport's buffer."""
         send = self._socket_send
-        if send is not None:
+        if send is not None and len(data) <= DIRECT_MAX:
             t = self.transport
             if (not t.dataBuffer and not t._tempDataBuffer and t.connected and not t.TLS
                     and not t.disconnecting):
