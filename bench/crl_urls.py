@@ -7,8 +7,7 @@ ec-ca prints partition, delta and caIssuers URLs on 127.0.0.1:PORT), imported, p
 partition of ec-ca — ``big.crl``, an IDP-scoped CRL of ``--big-entries`` revoked serials
 (~10 MB at 280,000) — built with asn1crypto and signed with the CA's key. Targets: ``certpub
 serve`` (one worker, HTTP only, logging one line per request to a file) and nginx (one
-worker, ``sendfile on`` for the big file as nginx is deployed for large static files, the
-small ones from ``open_file_cache``). Scenarios, each one ``wrk -t1 -cC -dD`` run, rounds
+worker, ``sendfile on`` as nginx is deployed for static files, ``open_file_cache``). Scenarios, each one ``wrk -t1 -cC -dD`` run, rounds
 alternating the targets:
 
 - ``ocsp-get``: certpub, the cached OCSP GET of a demo certificate (the reference rate);
@@ -164,46 +163,14 @@ def ocsp_get_path(setup: dict[str, Any]) -> str:
     return "/ocsp/" + urllib.parse.quote(base64.b64encode(der).decode(), safe="")
 
 
-def nginx_conf(work: Path, port: int, bodies: dict[str, bytes], paths: dict[str, str]) -> Path:
-    import pwd
-
+def nginx_site(work: Path, bodies: dict[str, bytes], paths: dict[str, str]) -> Path:
+    """The files nginx serves: the same bytes at the same paths."""
     root = work / "www"
     for name, path in paths.items():
         target = root / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(bodies[name])
-    t = work / "nginx-tmp"
-    for d in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (t / d).mkdir(parents=True, exist_ok=True)
-    conf = work / "nginx.conf"
-    conf.write_text(f"""
-user {pwd.getpwuid(os.getuid()).pw_name};
-worker_processes 1;
-daemon off;
-master_process on;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    open_file_cache max=16 inactive=60s;
-    open_file_cache_valid 60s;
-    keepalive_timeout 65;
-    keepalive_requests 100000000;
-    client_body_temp_path {t}/client;
-    proxy_temp_path {t}/proxy;
-    fastcgi_temp_path {t}/fastcgi;
-    uwsgi_temp_path {t}/uwsgi;
-    scgi_temp_path {t}/scgi;
-    types {{ }}
-    default_type application/pkix-crl;
-    server {{ listen 127.0.0.1:{port}; root {root}; }}
-}}
-""")
-    return conf
+    return root
 
 
 def run_url(port: int, path: str, lua: Path, args: Any, cpu_of: Any, pid: int
@@ -247,8 +214,9 @@ def main(args: Any, helpers: Any) -> None:
                                stdout=open(work / "certpub.out", "wb"),  # noqa: SIM115
                                stderr=subprocess.STDOUT)
     nginx_port = helpers.free_port()
-    nginx = subprocess.Popen(["nginx", "-c", str(nginx_conf(work, nginx_port, setup["bodies"],
-                                                            setup["paths"])), "-p", str(work)],
+    conf = helpers.nginx_conf(work, nginx_port, nginx_site(work, setup["bodies"], setup["paths"]),
+                              sendfile=True, default_type="application/pkix-crl")
+    nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     runs: list[dict[str, Any]] = []
     try:

@@ -263,13 +263,28 @@ class Nginx(Target):
         root = work / "www"
         root.mkdir(exist_ok=True)
         (root / "resp.der").write_bytes(response)
-        for d in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (work / "nginx-tmp" / d).mkdir(parents=True, exist_ok=True)
-        conf = work / "nginx.conf"
-        t = work / "nginx-tmp"
-        # As root, nginx's worker would run as nobody and could not read the 0700 work folder.
-        user = pwd.getpwuid(os.getuid()).pw_name
-        conf.write_text(f"""
+        conf = nginx_conf(work, self.port, root, sendfile=False,
+                          default_type="application/ocsp-response", location="""
+        location / {
+            rewrite ^ /resp.der break;
+            error_page 405 =200 /resp.der;
+        }""")
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+
+
+def nginx_conf(work: Path, port: int, root: Path, *, sendfile: bool, default_type: str,
+               location: str = "") -> Path:
+    """nginx.conf for one worker serving root on 127.0.0.1:port: keep-alive, no access log,
+    ``open_file_cache``; ``sendfile`` off for small answers (faster), on for large files."""
+    for d in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (work / "nginx-tmp" / d).mkdir(parents=True, exist_ok=True)
+    conf = work / "nginx.conf"
+    t = work / "nginx-tmp"
+    # As root, nginx's worker would run as nobody and could not read the 0700 work folder.
+    user = pwd.getpwuid(os.getuid()).pw_name
+    conf.write_text(f"""
 user {user};
 worker_processes 1;
 daemon off;
@@ -279,7 +294,7 @@ error_log {work}/nginx-error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
-    sendfile off;
+    sendfile {"on" if sendfile else "off"};
     tcp_nodelay on;
     open_file_cache max=16 inactive=60s;
     open_file_cache_valid 60s;
@@ -291,20 +306,14 @@ http {{
     uwsgi_temp_path {t}/uwsgi;
     scgi_temp_path {t}/scgi;
     types {{ }}
-    default_type application/ocsp-response;
+    default_type {default_type};
     server {{
-        listen 127.0.0.1:{self.port};
-        root {root};
-        location / {{
-            rewrite ^ /resp.der break;
-            error_page 405 =200 /resp.der;
-        }}
+        listen 127.0.0.1:{port};
+        root {root};{location}
     }}
 }}
 """)
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc)
+    return conf
 
 
 class Floor(Target):

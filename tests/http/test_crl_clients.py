@@ -11,7 +11,6 @@ switched off, follows a certificate's distribution point to its partition.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import subprocess
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from server.storeaccess import StoreAccess
 from store.sqlite import Store
 from tests.conftest import require_tool
 from tests.ldap.test_integration import ldif
+from tests.ocsp.test_clients import _pyhanko_validate
 
 pytestmark = pytest.mark.realclient
 
@@ -258,50 +258,18 @@ async def test_conditional_get_head_and_hostile_paths(live: dict[str, Any]) -> N
     assert r.stdout == der_of(pki.cas["ec-ca"].cert_path)
 
 
-def _pyhanko_crl_only(pki: Any, path: Path) -> Exception | None:
-    from asn1crypto import x509 as asn1_x509
-    from pyhanko_certvalidator import CertificateValidator, ValidationContext
-    from pyhanko_certvalidator.fetchers.aiohttp_fetchers import AIOHttpFetcherBackend
-    from pyhanko_certvalidator.policy_decl import (
-        CertRevTrustPolicy,
-        RevocationCheckingPolicy,
-        RevocationCheckingRule,
-    )
-
-    def load(p: Path) -> asn1_x509.Certificate:
-        return asn1_x509.Certificate.load(der_of(p))
-
-    async def go() -> Exception | None:
-        backend = AIOHttpFetcherBackend()
-        rule = RevocationCheckingRule.CRL_REQUIRED  # no OCSP: CRLs from the CDP, hard fail
-        policy = CertRevTrustPolicy(RevocationCheckingPolicy(rule, rule))
-        vc = ValidationContext(trust_roots=[load(pki.cas["root"].cert_path)],
-                               other_certs=[load(pki.cas["ec-ca"].cert_path)],
-                               allow_fetching=True, revinfo_policy=policy,
-                               fetchers=backend.get_fetchers())
-        validator = CertificateValidator(load(path), validation_context=vc)
-        try:
-            await validator.async_validate_usage(set())
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            return exc
-        finally:
-            await backend.close()
-        return None
-
-    return asyncio.run(go())
-
-
 @pytest_twisted.ensureDeferred
 async def test_pyhanko_crl_only_through_the_partition(live: dict[str, Any]) -> None:
     pki = live["pki"]
     good = next(c for c in pki.certs if c.ca == "ec-ca" and c.state == "good"
                 and c.serial != pki.crl2_revokes["ec-ca"])
-    error = await threads.deferToThread(_pyhanko_crl_only, pki, good.path)
+    error = await threads.deferToThread(_pyhanko_validate, pki, good, "ec-ca", crl_only=True)
     assert error is None, repr(error)
     for part in (0, 1):  # a revoked certificate of each partition
         revoked = next(c for c in pki.certs if c.ca == "ec-ca" and c.state == "revoked"
                        and c.serial % 2 == part)
-        error = await threads.deferToThread(_pyhanko_crl_only, pki, revoked.path)
+        error = await threads.deferToThread(_pyhanko_validate, pki, revoked, "ec-ca",
+                                            crl_only=True)
         assert error is not None and type(error).__name__ == "RevokedError", repr(error)
         assert "CRL" in str(error), str(error)
 
