@@ -290,3 +290,22 @@ def test_a_tally_counts_as_its_observations() -> None:
     fa, fb = families(a), families(b)
     assert fa["certpub_requests"] == fb["certpub_requests"]
     assert fa["certpub_request_seconds"] == fb["certpub_request_seconds"]
+
+
+def test_each_crl_scope_exports_its_next_update(store: Store) -> None:
+    from types import SimpleNamespace
+
+    from tests.test_health import ScopedStore
+
+    ca = store.cas()[0]
+    scopes = [SimpleNamespace(ca_id=ca.id, label=label, this_update=T0,
+                              next_update=T0 + timedelta(hours=h))
+              for label, h in (("full", 24), ("part0.crl", 6), ("part0.crl (delta)", 1))]
+    m = Metrics(FakeClock(), process=False)
+    m.watch(store=ScopedStore(store, scopes))
+    f = families(m)
+    for s in scopes:
+        assert value(f, "certpub_crl_next_update_timestamp_seconds", ca=ca.name,
+                     scope=s.label) == s.next_update.timestamp()
+        assert value(f, "certpub_crl_this_update_timestamp_seconds", ca=ca.name,
+                     scope=s.label) == T0.timestamp()
