@@ -29,7 +29,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from asn1crypto import cms
 from asn1crypto import x509 as asn1x509
@@ -50,7 +50,7 @@ CRL = b"application/pkix-crl"
 CERT = b"application/pkix-cert"
 PKCS7 = b"application/pkcs7-mime"
 _HOSTILE = re.compile(rb"(?i)%(2f|5c|00|2e)|\\|[^\x21-\x7e]|(^|/)\.\.?(/|$)")
-_SCOPE_PATH = re.compile(rb"/crl/([A-Za-z0-9._-]{1,64})/([0-9]{1,12})\.crl")
+_SCOPE_PATH = re.compile(rb"/crl/([^/?]{1,256})/([0-9]{1,12})\.crl")
 _MISSING = "missing"  # a ready-cache marker: learnt, nothing imported (404)
 
 
@@ -245,7 +245,7 @@ class UrlRoute:
         m = _SCOPE_PATH.fullmatch(request.path)
         if m is None:
             return None
-        name, scope_id = m.group(1).decode(), int(m.group(2))
+        name, scope_id = unquote(m.group(1).decode("latin-1"), errors="replace"), int(m.group(2))
         return self._serve(request, b"scope:%d:%s" % (scope_id, m.group(1)), date,
                            lambda: self._scope(name, scope_id))
 

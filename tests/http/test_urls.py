@@ -214,6 +214,7 @@ def test_other_hosts_and_paths_keep_todays_behaviour(env: Any) -> None:
 def test_scope_at_certpubs_own_path(env: Any) -> None:
     status, h, body = fetch(env.site, b"/crl/web/7.crl", b"anything")
     assert status == 200 and body == env.crl.der
+    assert fetch(env.site, b"/crl/w%65b/7.crl")[2] == env.crl.der  # as pages quote names
     assert fetch(env.site, b"/crl/other/7.crl")[0] == 404  # the scope of another CA
     assert fetch(env.site, b"/crl/web/8.crl")[0] == 404
 
