@@ -473,7 +473,11 @@ class Directory:
         if entry.kind not in ("subject", "ca"):
             return
         certs = self.store.certs_by_directory_key(entry.key)
-        for child, c in zip(self.cert_children(entry, now, certs), certs, strict=True):
+        # in the order of their positions (by serial), so that a paged search resuming
+        # after one child of an entry neither skips nor repeats its other children
+        children = sorted(zip(self.cert_children(entry, now, certs), certs, strict=True),
+                          key=lambda pair: _child_order(pair[0]))
+        for child, c in children:
             pos = (phase, 0, entry.key, _child_order(child))
             if (after is None or pos > after) and evaluate(f, child, self.allow) is True:
                 yield Hit(child, pos, expiry_bound((c,), now))
