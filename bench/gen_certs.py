@@ -1,11 +1,13 @@
 """Bulk test data: one CA, N subscriber certificates (one reused key), a CRL, index.txt, config.
 
-Usage: python bench/gen_certs.py OUT_DIR N [--files | --bundle] [--revoked-percent 3]
+Usage: python bench/gen_certs.py OUT_DIR N [--files | --bundle] [--revoked-percent 3] [--urls]
 
 Writes OUT_DIR/ca.pem, ca.key, ocsp.pem, ocsp.key, certs/NNN.pem (one file each, --files) or
 bundle.pem (all in one file, --bundle), crl.pem, index.txt and certpub.toml. Prints the time
 it took. Serials are sequential from 0x1000, e-mail user<i>@bench.example, subjects
-cn=User <i>,ou=Bench,o=Bench,c=MO.
+cn=User <i>,ou=Bench,o=Bench,c=MO. --urls adds what a real CA prints: CRL distribution points
+(an http:// and an ldap:// URL, one of four partitions by serial), a freshest CRL and an AIA
+caIssuers URL (RFC 5280 §4.2.1.13, §4.2.1.15, §4.2.2.1), for the URL learning's cost.
 """
 
 from __future__ import annotations
@@ -37,7 +39,23 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def generate(out: Path, n: int, *, bundle: bool, revoked_percent: float) -> None:
+def _url_extensions(part: int) -> list[x509.ExtensionType]:
+    uri = x509.UniformResourceIdentifier
+    ldap = (f"ldap://dir.bench.example/cn=Bench%20CA%20part{part},ou=CRL,o=Bench,c=MO"
+            "?certificateRevocationList;binary")
+    return [
+        x509.CRLDistributionPoints([x509.DistributionPoint(
+            [uri(f"http://crl.bench.example/part{part}.crl"), uri(ldap)], None, None, None)]),
+        x509.FreshestCRL([x509.DistributionPoint(
+            [uri(f"http://crl.bench.example/part{part}-delta.crl")], None, None, None)]),
+        x509.AuthorityInformationAccess([x509.AccessDescription(
+            x509.oid.AuthorityInformationAccessOID.CA_ISSUERS,
+            uri("http://www.bench.example/bench-ca.crt"))]),
+    ]
+
+
+def generate(out: Path, n: int, *, bundle: bool, revoked_percent: float,
+             urls: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC).replace(microsecond=0)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -84,8 +102,11 @@ def generate(out: Path, n: int, *, bundle: bool, revoked_percent: float) -> None
                 .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1095))
                 .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(f"user{i}@bench.example")]),
                                critical=False)
-                .add_extension(aki, critical=False)
-                .sign(ca_key, hashes.SHA256()))
+                .add_extension(aki, critical=False))
+        if urls:
+            for ext in _url_extensions(i % 4):
+                cert = cert.add_extension(ext, critical=False)
+        cert = cert.sign(ca_key, hashes.SHA256())
         pem = cert.public_bytes(serialization.Encoding.PEM)
         if bundle_file is not None:
             bundle_file.write(pem)
@@ -143,9 +164,12 @@ def main() -> None:
     parser.add_argument("n", type=int)
     parser.add_argument("--bundle", action="store_true", help="one PEM file instead of one per certificate")
     parser.add_argument("--revoked-percent", type=float, default=3.0)
+    parser.add_argument("--urls", action="store_true",
+                        help="CRL distribution points, freshest CRL and caIssuers URLs")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    generate(args.out.resolve(), args.n, bundle=args.bundle, revoked_percent=args.revoked_percent)
+    generate(args.out.resolve(), args.n, bundle=args.bundle, revoked_percent=args.revoked_percent,
+             urls=args.urls)
     print(f"generated {args.n} certificates in {time.perf_counter() - t0:.1f} s into {args.out}")
 
 

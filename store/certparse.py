@@ -295,3 +295,37 @@ def entry_serial(entry_der: bytes) -> int:
     if tag != 0x02:
         raise ValueError("entry without a serial")
     return int.from_bytes(entry_der[s:e], "big", signed=True)
+
+
+def url_extension_values(der: bytes) -> tuple[bytes | None, bytes | None, bytes | None] | None:
+    """The raw values of a certificate's CRL distribution points, freshest CRL and AIA
+    extensions (``store.urls.URL_OIDS`` order), by a walk over its DER; None when it has
+    none of them or the layout is not the expected one (meant for stored certificates)."""
+    from store.urls import URL_OIDS
+
+    try:
+        _, p, _ = _tlv(der, 0)  # Certificate
+        _, p, end = _tlv(der, p)  # TBSCertificate
+        while p < end:
+            tag, s, e = _tlv(der, p)
+            p = e
+            if tag != 0xA3:
+                continue
+            _, q, exts_end = _tlv(der, s)
+            raws: list[bytes | None] = [None, None, None]
+            while q < exts_end:
+                _, r, ext_end = _tlv(der, q)
+                q = ext_end
+                _, _, oe = _tlv(der, r)
+                slot = URL_OIDS.get(der[r:oe])
+                if slot is None:
+                    continue
+                tag, vs, ve = _tlv(der, oe)
+                if tag == 0x01:  # critical
+                    tag, vs, ve = _tlv(der, ve)
+                if tag == 0x04 and raws[slot] is None:
+                    raws[slot] = der[vs:ve]
+            return (raws[0], raws[1], raws[2]) if raws != [None, None, None] else None
+    except (IndexError, ValueError):
+        return None
+    return None

@@ -82,6 +82,65 @@ def _scopes_from_cas(run: Run) -> None:
         " crl_next_update = NULL", ())
 
 
+class _RunEngine:
+    """What ``store.writer.Batch`` needs of a store, over a migration step's ``run``."""
+
+    engine = "sqlite"  # the generic SQL paths (no COPY): ``run`` renders for either engine
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return _Rows(self._run(sql, tuple(params)))
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        for row in rows:
+            self._run(sql, tuple(row))
+
+
+class _Rows:
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = rows
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self._rows
+
+
+def _urls_from_certs(run: Run) -> None:
+    """Migration 4: learn the URLs the stored certificates print (CRL distribution points,
+    freshest CRL, caIssuers), as the importer learns them from new ones: one walk over each
+    certificate's DER, each distinct set of URLs learnt once."""
+    from datetime import UTC, datetime
+
+    from store.certparse import url_extension_values
+    from store.urls import urls_of_extensions
+    from store.writer import Batch
+
+    sets: set[tuple[int, tuple[tuple[str, str], ...]]] = set()
+    last = -1
+    while True:
+        rows = run("SELECT id, ca_id, der FROM certs WHERE id > ? AND der IS NOT NULL"
+                   " ORDER BY id LIMIT 2000", (last,))
+        if not rows:
+            break
+        for id_, ca_id, der in rows:
+            last = int(id_)
+            raws = url_extension_values(bytes(der))
+            if raws is not None:
+                urls = urls_of_extensions(*raws)
+                if urls:
+                    sets.add((int(ca_id), urls))
+    if not sets:
+        return
+    batch = Batch(_RunEngine(run), datetime.now(UTC))
+    for ca_id, urls in sorted(sets):
+        batch.learn_urls(ca_id, urls)
+    batch.finish()
+
+
 MIGRATIONS: list[list[Step]] = [
     # 1: initial schema
     [
@@ -222,6 +281,7 @@ MIGRATIONS: list[list[Step]] = [
         "CREATE INDEX crl_urls_ca ON crl_urls (ca_id)",
         "CREATE INDEX crl_urls_dn ON crl_urls (dn_key)",
         _scopes_from_cas,
+        _urls_from_certs,
     ],
 ]
 

@@ -44,6 +44,7 @@ class SqlEngine(Protocol):
 
 HOLD = RevocationReason.CERTIFICATE_HOLD.value
 REVOKED = CertStatus.REVOKED.value
+MAX_PENDING = 16  # delta CRLs kept per scope while their base has not come
 _KIND_RANK = {"glue": 0, "crldp": 1, "subject": 2, "ca": 3}
 
 
@@ -546,6 +547,15 @@ class Batch:
             (crl.ca_id, key, crl.der, hashlib.sha256(crl.der).digest(),
              None if crl.number is None else str(crl.number), str(crl.base_number),
              self._now_ts, source))
+        kept = self._exec("SELECT id, number FROM crl_pending WHERE ca_id = ? AND idp_key = ?",
+                          (crl.ca_id, key)).fetchall()
+        if len(kept) > MAX_PENDING:  # a base that never comes: keep the newest few
+            kept.sort(key=lambda r: -1 if r[1] is None else int(r[1]))
+            drop = kept[:len(kept) - MAX_PENDING]
+            self._store._executemany("DELETE FROM crl_pending WHERE id = ?",
+                                     [(r[0],) for r in drop])
+            self._note(f"CA {crl.ca_id}: {len(drop)} delta CRL(s) waiting for a base CRL"
+                       f" dropped (more than {MAX_PENDING} wait for one that has not come)")
 
     def _apply_pending(self, ca_id: int, key: str, base_number: int) -> None:
         """A base CRL numbered base_number was applied: apply the kept deltas over it (in

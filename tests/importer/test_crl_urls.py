@@ -228,3 +228,21 @@ def test_parse_url_normalises() -> None:
     assert q.url == "ldap://dir/CN=A%5c%2cB,o=X?deltaRevocationList;binary"
     assert q.dn == "cn=A\\,B,o=X" and q.attr == "deltaRevocationList"
     assert parse_url("ldap://dir/cn=A", "ca").attr == "cACertificate"
+
+
+def test_fast_and_reference_readings_agree_on_urls(tmp_path: Path) -> None:
+    from importer.parse import fast_cert_row
+    from store.certparse import cert_input, url_extension_values
+    from store.writer import cert_row
+
+    pki = MiniPki(tmp_path / "pki")
+    c = cert(pki, "ca-a", 5, [P0, L0], freshest=[D0], ca_issuers=[CA_URL, "ldap://d/cn=x"])
+    want = (("crl", P0), ("crl", L0), ("delta", D0), ("ca", CA_URL), ("ca", "ldap://d/cn=x"))
+    fast = fast_cert_row(c, der(c), 1)  # type: ignore[arg-type]
+    assert fast.urls == want
+    assert cert_row(cert_input(der(c), 1)).urls == want  # type: ignore[arg-type]
+    raws = url_extension_values(der(c))  # what migration 4 reads of stored certificates
+    assert raws is not None and all(raws)
+    plain = pki.cert("ca-a", 6)
+    assert fast_cert_row(plain, der(plain), 1).urls == ()  # type: ignore[arg-type]
+    assert url_extension_values(der(plain)) is None

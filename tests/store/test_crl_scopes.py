@@ -210,6 +210,15 @@ def test_delta_before_its_base_is_kept_and_applied_when_the_base_arrives(env: En
     assert labels == [("full", 10, None), ("full (delta)", 11, 10)]
 
 
+def test_pending_deltas_are_bounded(env: Env) -> None:
+    from store.writer import MAX_PENDING
+
+    for n in range(MAX_PENDING + 3):
+        assert env.apply(make_crl(env.ca, 100 + n, [(3, None)], base=99)) == "pending"
+    kept = env.store.pending_deltas(env.ca_id)
+    assert [k[1] for k in kept] == list(range(103, 100 + MAX_PENDING + 3))
+
+
 def test_delta_over_a_stale_base_waits_for_a_new_enough_one(env: Env) -> None:
     env.apply(make_crl(env.ca, 10, [(2, None)]))
     assert env.apply(make_crl(env.ca, 13, [(5, None)], base=12)) == "pending"
