@@ -2,6 +2,8 @@
 
 Usage: python bench/ocsp_bench.py DATA [--rounds 3] [--duration 5] [--connections 4]
                                        [--workers 1] [--serial 0x1000] [--work DIR]
+       python bench/ocsp_bench.py --crl-urls WORK [--rounds 3] [--duration 5] [--connections 4]
+           (issue 23: CRLs / CA certificates at the certificates' own URLs; bench/crl_urls.py)
 
 DATA is a directory written by ``bench/gen_certs.py`` and already imported
 (``certpub import --config DATA/certpub.toml --openssl`` then ``... DATA/crl.pem``).
@@ -266,13 +268,28 @@ class Nginx(Target):
         root = work / "www"
         root.mkdir(exist_ok=True)
         (root / "resp.der").write_bytes(response)
-        for d in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (work / "nginx-tmp" / d).mkdir(parents=True, exist_ok=True)
-        conf = work / "nginx.conf"
-        t = work / "nginx-tmp"
-        # As root, nginx's worker would run as nobody and could not read the 0700 work folder.
-        user = pwd.getpwuid(os.getuid()).pw_name
-        conf.write_text(f"""
+        conf = nginx_conf(work, self.port, root, sendfile=False,
+                          default_type="application/ocsp-response", location="""
+        location / {
+            rewrite ^ /resp.der break;
+            error_page 405 =200 /resp.der;
+        }""")
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_port(self.port, self.proc)
+
+
+def nginx_conf(work: Path, port: int, root: Path, *, sendfile: bool, default_type: str,
+               location: str = "") -> Path:
+    """nginx.conf for one worker serving root on 127.0.0.1:port: keep-alive, no access log,
+    ``open_file_cache``; ``sendfile`` off for small answers (faster), on for large files."""
+    for d in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (work / "nginx-tmp" / d).mkdir(parents=True, exist_ok=True)
+    conf = work / "nginx.conf"
+    t = work / "nginx-tmp"
+    # As root, nginx's worker would run as nobody and could not read the 0700 work folder.
+    user = pwd.getpwuid(os.getuid()).pw_name
+    conf.write_text(f"""
 user {user};
 worker_processes 1;
 daemon off;
@@ -282,7 +299,7 @@ error_log {work}/nginx-error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
-    sendfile off;
+    sendfile {"on" if sendfile else "off"};
     tcp_nodelay on;
     open_file_cache max=16 inactive=60s;
     open_file_cache_valid 60s;
@@ -294,20 +311,14 @@ http {{
     uwsgi_temp_path {t}/uwsgi;
     scgi_temp_path {t}/scgi;
     types {{ }}
-    default_type application/ocsp-response;
+    default_type {default_type};
     server {{
-        listen 127.0.0.1:{self.port};
-        root {root};
-        location / {{
-            rewrite ^ /resp.der break;
-            error_page 405 =200 /resp.der;
-        }}
+        listen 127.0.0.1:{port};
+        root {root};{location}
     }}
 }}
 """)
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc)
+    return conf
 
 
 class Floor(Target):
@@ -422,7 +433,7 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path)
+    parser.add_argument("data", type=Path, nargs="?")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (max 5)")
     parser.add_argument("--connections", type=int, default=4)
@@ -441,8 +452,21 @@ def main() -> None:
                         help="count PID's process tree (e.g. bench/pg_env.py's PostgreSQL "
                         "postmaster) as target NAME's server CPU; also reported alone (db cpu)")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
+    parser.add_argument("--crl-urls", type=Path, default=None, metavar="WORK",
+                        help="instead: the issue-23 scenario (bench/crl_urls.py) in WORK: CRLs"
+                        " and CA certificates at the certificates' URLs vs certpub's cached OCSP"
+                        " GET and vs nginx (DATA not needed)")
+    parser.add_argument("--big-entries", type=int, default=280_000,
+                        help="entries of --crl-urls's big CRL (280,000: ~10 MB)")
     args = parser.parse_args()
     args.duration = min(args.duration, 5)
+    if args.crl_urls is not None:
+        import crl_urls
+
+        crl_urls.main(args, sys.modules[__name__])
+        return
+    if args.data is None:
+        parser.error("DATA is required (unless --crl-urls)")
     data = args.data.resolve()
     work = args.work or Path(tempfile.mkdtemp(prefix="ocsp-bench-"))
     work.mkdir(parents=True, exist_ok=True)

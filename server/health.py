@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from store.errors import StoreError
 
 log = Logger()
 DAY = 86400.0
+SCOPES_TTL = 30.0  # seconds between reads of the CRL scopes' nextUpdate
 
 
 class HealthStore(Protocol):
@@ -64,6 +66,8 @@ class HealthCheck:
         self.max_poll_lag = max_poll_lag
         self._file_id = self._identity()
         self._last_reasons: list[str] = []  # logged on change only
+        self._last_warnings: list[str] = []
+        self._scopes: tuple[float, list[tuple[str, str, datetime]]] = (-1e9, [])
 
     def _identity(self) -> tuple[int, int] | None:
         path = getattr(self.store, "path", None)
@@ -88,9 +92,32 @@ class HealthCheck:
     def _read_store(self) -> tuple[int, list[CaRecord]] | StoreError:
         """The store's generation and CAs, or why they cannot be read."""
         try:
-            return int(self.store.generation()), self.store.cas()
+            generation, cas = int(self.store.generation()), self.store.cas()
+            self._read_scopes(cas)
+            return generation, cas
         except StoreError as exc:
             return exc
+
+    def _read_scopes(self, cas: list[CaRecord]) -> None:
+        """(CA, scope label, nextUpdate) of every CRL scope (issue 23), read at most every
+        SCOPES_TTL seconds (the CRLs themselves are large; nextUpdate moves rarely)."""
+        read = getattr(self.store, "crl_scopes", None)
+        if read is None or 0 <= time.monotonic() - self._scopes[0] < SCOPES_TTL:
+            return
+        from server.web.scopes import label
+
+        names = {ca.id: ca.name for ca in cas}
+        self._scopes = (time.monotonic(), [
+            (names[sc.ca_id], label(sc), sc.next_update) for sc in read()
+            if sc.ca_id in names and sc.next_update is not None])
+
+    def _check_crls(self, now: datetime, body: dict[str, Any], warnings: list[str]) -> None:
+        """A warning (degraded, still serving) per CRL scope past its nextUpdate: the CA
+        stopped publishing, and relying parties will soon refuse its certificates."""
+        for ca, scope, next_update in sorted(self._scopes[1]):
+            if next_update < now:
+                warnings.append(f"CRL of {ca} scope {scope} is past its nextUpdate"
+                                f" ({next_update.strftime('%Y-%m-%dT%H:%M:%SZ')})")
 
     def _verdict(self, reading: tuple[int, list[CaRecord]] | StoreError
                  ) -> tuple[bool, dict[str, Any]]:
@@ -101,8 +128,15 @@ class HealthCheck:
         self._check_store(now, reading, body, reasons, details)
         self._check_signers(now, body, reasons)
         self._check_feed(body, reasons, details)
+        warnings: list[str] = []
+        self._check_crls(now, body, warnings)
         ok = not reasons
-        body = {"status": "ok" if ok else "fail", "reasons": reasons, **body}
+        body = {"status": "fail" if not ok else "degraded" if warnings else "ok",
+                "reasons": reasons, "warnings": warnings, **body}
+        if warnings != self._last_warnings:
+            if warnings:
+                log.warn("health: warning: {warnings}", warnings="; ".join(warnings))
+            self._last_warnings = warnings
         if reasons != self._last_reasons:
             if ok:
                 log.info("health: ok again")

@@ -255,6 +255,7 @@ class Metrics:
         self.presign_backlog: Callable[[], int] | None = None
         self.spools: tuple[Path, ...] = ()
         self.registry.register(_BacklogCollector(self))
+        self.registry.register(_CrlScopeCollector(self))  # store-derived: the scraper's
 
     def register_worker(self, collector: Collector) -> None:
         """A collector of this process's own state (summed over workers, see ``export``)."""
@@ -605,6 +606,43 @@ class _BacklogCollector(Collector):
                 files.add_metric([str(spool)], found[0])
                 age.add_metric([str(spool)], found[1])
         yield from (files, age)
+
+
+class _CrlScopeCollector(Collector):
+    """Each CRL scope's thisUpdate and nextUpdate (issue 23: full, partitions, deltas), so an
+    alert can fire before a CRL goes stale; read at most once every ``STATS_TTL`` seconds."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+        self._taken: float = -1e9
+        self._rows: list[tuple[str, str, float, float | None]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.m.store
+        read = getattr(store, "crl_scopes", None)
+        if read is None:
+            return
+        if not 0 <= time.monotonic() - self._taken < STATS_TTL:
+            try:
+                from server.web.scopes import label
+
+                names = {s.ca.id: s.ca.name for s in self.m.store_snapshot(store).stats}
+                self._rows = [(names[sc.ca_id], label(sc), sc.this_update.timestamp(),
+                               _ts(sc.next_update)) for sc in read() if sc.ca_id in names]
+                self._taken = time.monotonic()
+            except StoreError:
+                return
+        this = GaugeMetricFamily("certpub_crl_this_update_timestamp_seconds",
+                                 "thisUpdate of the latest CRL of each scope.",
+                                 labels=["ca", "scope"])
+        nxt = GaugeMetricFamily("certpub_crl_next_update_timestamp_seconds",
+                                "nextUpdate of the latest CRL of each scope: past it, the CA"
+                                " stopped publishing.", labels=["ca", "scope"])
+        for ca, scope, this_update, next_update in self._rows:
+            this.add_metric([ca, scope], this_update)
+            if next_update is not None:
+                nxt.add_metric([ca, scope], next_update)
+        yield from (this, nxt)
 
 
 _current: Metrics | None = None

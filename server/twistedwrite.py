@@ -65,6 +65,11 @@ def available() -> bool:
     return bool(ok)
 
 
+# Answers longer than this (a large CRL) go through the transport's buffer whole: it sends
+# them in memoryview slices, where a direct send would copy what the socket did not take.
+DIRECT_MAX = 256 * 1024
+
+
 def socket_writer(transport: Any) -> Callable[[bytes], None]:
     """How to write to transport: at once while nothing is buffered, when it is a plain
     TCP connection whose buffers we can see; else ``transport.write``."""
@@ -81,8 +86,8 @@ def socket_writer(transport: Any) -> Callable[[bytes], None]:
     t = transport
 
     def send_now(data: bytes) -> None:
-        if (not t.dataBuffer and not t._tempDataBuffer and t.connected and not t.TLS
-                and not t.disconnecting):
+        if (len(data) <= DIRECT_MAX and not t.dataBuffer and not t._tempDataBuffer
+                and t.connected and not t.TLS and not t.disconnecting):
             try:
                 n = send(data)
             except OSError:  # EAGAIN; or an error the transport reports once it writes

@@ -89,7 +89,10 @@ def test_status_columns_partition_the_certificates(demo_pki, demo_now, tmp_path:
     assert lines[1].split()[:7] == ["CA", "good", "revoked", "on", "hold", "expired", "total"]
     kind = {"good": 0, "revoked": 1, "revoked-expired": 1, "hold": 2, "expired": 3}
     seen = set()
-    for line in lines[2:]:
+    end = lines.index("") if "" in lines else len(lines)  # then the CRL scopes, per CA
+    assert lines[end + 1].split()[:3] == ["CA", "CRL", "scope"]
+    assert any(line.split()[:2] == ["rsa-ca", "full"] for line in lines[end + 2:])
+    for line in lines[2:end]:
         ca, *counts = line.split()[:6]
         good, revoked, hold, expired, total = map(int, counts)
         expected = [0, 0, 0, 0]

@@ -295,3 +295,39 @@ def test_state_changes_are_logged_once_with_details(store: Store) -> None:
     assert len(lines) == 2
     assert "store unreadable" in lines[0] and "/secret/path" in lines[0]
     assert lines[1] == "health: ok again"
+
+
+class ScopedStore:
+    """The store plus CRL scopes (issue 23) with chosen nextUpdate times."""
+
+    def __init__(self, store: Store, scopes: list[Any]) -> None:
+        self._store, self.scopes = store, scopes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def crl_scopes(self, ca_id: int | None = None) -> list[Any]:
+        return list(self.scopes)
+
+
+def test_a_crl_scope_past_its_next_update_is_a_warning_not_a_failure(store: Store) -> None:
+    from types import SimpleNamespace
+
+    ca = store.cas()[0]
+    clock = FakeClock()
+    now = clock()
+
+    def scope(label: str, next_update: datetime) -> Any:
+        return SimpleNamespace(ca_id=ca.id, label=label, next_update=next_update)
+
+    scoped = ScopedStore(store, [scope("full", now + timedelta(days=1)),
+                                 scope("part0.crl", now - timedelta(minutes=5))])
+    health = HealthCheck(scoped, ChangeFeed(store), clock, lambda: SIGNER_OK)
+    code, body = health_body(ops_factory(health))
+    assert code == 200 and body["status"] == "degraded" and body["reasons"] == []
+    assert body["warnings"] == [f"CRL of {ca.name} scope part0.crl is past its nextUpdate"
+                                f" ({(now - timedelta(minutes=5)).strftime('%Y-%m-%dT%H:%M:%SZ')})"]
+    scoped.scopes.pop()
+    health._scopes = (-1e9, [])  # (read again at most every SCOPES_TTL seconds)
+    code, body = health_body(ops_factory(health))
+    assert code == 200 and body["status"] == "ok" and body["warnings"] == []

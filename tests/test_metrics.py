@@ -317,3 +317,22 @@ def test_export_copies_a_workers_own_families_counters_only_grow() -> None:
     assert rss._labelnames == ("worker",) and rss.labels("2")._value.get() == 80
     assert rss._multiprocess_mode == "livesum"
     assert metrics_module.GAUGE_MODES["certpub_feed_generation"] == "livemin"
+
+
+def test_each_crl_scope_exports_its_next_update(store: Store) -> None:
+    from types import SimpleNamespace
+
+    from tests.test_health import ScopedStore
+
+    ca = store.cas()[0]
+    scopes = [SimpleNamespace(ca_id=ca.id, label=label, this_update=T0,
+                              next_update=T0 + timedelta(hours=h))
+              for label, h in (("full", 24), ("part0.crl", 6), ("part0.crl (delta)", 1))]
+    m = Metrics(FakeClock(), process=False)
+    m.watch(store=ScopedStore(store, scopes))
+    f = families(m)
+    for s in scopes:
+        assert value(f, "certpub_crl_next_update_timestamp_seconds", ca=ca.name,
+                     scope=s.label) == s.next_update.timestamp()
+        assert value(f, "certpub_crl_this_update_timestamp_seconds", ca=ca.name,
+                     scope=s.label) == T0.timestamp()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import cast
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -73,6 +74,9 @@ class DemoCa:
     crl2_path: Path | None = None
     ocsp_url: str | None = None  # URLs put into the certificates this CA issues
     crl_url: str | None = None
+    # CRLs of its other scopes (RFC 5280 §5.2.5 partitions, §5.2.4 deltas), to import after
+    # crl_path: the partitioned CA's part0.pem, part1.pem, part0-delta.pem, part1-delta.pem
+    scope_crl_paths: tuple[Path, ...] = ()
 
     def load_certificate(self) -> x509.Certificate:
         """Read the CA certificate from its PEM file."""
@@ -263,8 +267,10 @@ def make_crl(
     crl_number: int,
     this_update: datetime,
     next_update: datetime,
+    extensions: Extensions = (),
 ) -> x509.CertificateRevocationList:
-    """Sign a CRL of (serial, revoked_at, asn1crypto reason name or None) entries."""
+    """Sign a CRL of (serial, revoked_at, asn1crypto reason name or None) entries;
+    extensions: e.g. an IssuingDistributionPoint (a partition) or a DeltaCRLIndicator."""
     issuer_cert, issuer_key = load_ca(ca)
     builder = (
         x509.CertificateRevocationListBuilder()
@@ -274,6 +280,8 @@ def make_crl(
         .add_extension(x509.CRLNumber(crl_number), critical=False)
         .add_extension(_aki(issuer_cert), critical=False)
     )
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical=critical)
     for serial, revoked_at, reason in revoked:
         entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revoked_at)
         if reason not in (None, "unspecified"):  # RFC 5280: omit reasonCode unspecified
@@ -338,6 +346,26 @@ def _index_line(cert: DemoCert) -> str:
 
 
 # ---------------------------------------------------------------- the demo
+
+PARTITIONS = 2  # CRL partitions of the partitioned demo CA (ec-ca)
+
+
+def partition_of(serial: int) -> int:
+    """The CRL partition a subscriber of the partitioned CA belongs to."""
+    return serial % PARTITIONS
+
+
+def ca_name_cn(subject: x509.Name) -> str:
+    return str(subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+
+
+def _rdn_escape(value: str) -> str:
+    return "".join("\\" + c if c in ',+"\\<>;=' else c for c in value)
+
+
+def _ldap_dn(dn: str) -> str:
+    """A DN as the dn part of an LDAP URL (RFC 4516 §2: UTF-8, percent-encoded)."""
+    return quote(dn, safe="=,+-._~")
 
 
 def _random_serial(ca: str, slot: int, octets: int) -> int:
@@ -410,7 +438,10 @@ def _config(folder: Path, cas: dict[str, DemoCa], ldap_port: int, http_port: int
                       f"signer_key = {_toml(ca.ocsp_key_path)}"]
         lines.append("")
     for section, port in (("ldap", ldap_port), ("http", http_port)):
-        lines += [f"[{section}]", f"listen = [{_toml(f'tcp:{port}:interface=127.0.0.1')}]", ""]
+        lines += [f"[{section}]", f"listen = [{_toml(f'tcp:{port}:interface=127.0.0.1')}]"]
+        if section == "http":  # the host of the URLs printed in the certificates
+            lines.append('public_names = ["127.0.0.1", "localhost"]')
+        lines.append("")
     lines += ["[log]", 'format = "logfmt"', ""]
     return "\n".join(lines)
 
@@ -432,10 +463,12 @@ def _prepare(folder: Path, overwrite: bool) -> None:
 class _Builder:
     """State shared while building one demo PKI."""
 
-    def __init__(self, folder: Path, now: datetime, http_port: int, utf8: bool) -> None:
+    def __init__(self, folder: Path, now: datetime, http_port: int, utf8: bool,
+                 ldap_port: int = 1389) -> None:
         """Remember the build parameters."""
         self.ca_dir, self.now, self.utf8 = folder / "ca", now, utf8
         self.base = f"http://127.0.0.1:{http_port}"
+        self.ldap_base = f"ldap://127.0.0.1:{ldap_port}"
         self.person = 0
         self.certs: list[DemoCert] = []
         self.crl2_revokes: dict[str, int] = {}
@@ -459,7 +492,8 @@ class _Builder:
         return ca, (cert, key)
 
     def issuing(self, name: str, cn: str, key: IssuerKey, ocsp_key: IssuerKey, number: int,
-                root: tuple[x509.Certificate, IssuerKey], count: int) -> DemoCa:
+                root: tuple[x509.Certificate, IssuerKey], count: int,
+                partitioned: bool = False) -> DemoCa:
         """Create an issuing CA, its OCSP signer, subscribers, index.txt and CRLs."""
         d, own, now = self.ca_dir, self.ca_dir / name, self.now
         exts = [(x509.BasicConstraints(ca=True, path_length=0), True),
@@ -477,9 +511,12 @@ class _Builder:
             write_pem(d / f"{name}{suffix}.pem", obj)
         write_key(d / f"{name}.key", key)
         write_key(d / f"{name}-ocsp.key", ocsp_key)
+        scopes = tuple(own / f"part{p}{d}.pem" for d in ("", "-delta") for p in range(PARTITIONS)
+                       ) if partitioned else ()
         ca = DemoCa(name, d / f"{name}.pem", d / f"{name}.key", d / f"{name}-ocsp.pem",
                     d / f"{name}-ocsp.key", own / "index.txt", own / "newcerts", own / "crl.pem",
-                    own / "crl-2.pem", f"{self.base}/ocsp", f"{self.base}/crl/{name}.crl")
+                    own / "crl-2.pem", f"{self.base}/ocsp", f"{self.base}/crl/{name}.crl",
+                    scopes)
         issued = self.subscribers(ca, (cert, key), count)
         _atomic_write(own / "index.txt", "".join(map(_index_line, issued)).encode(), 0o644)
         _atomic_write(own / "index.txt.attr", b"unique_subject = no\n", 0o644)
@@ -492,7 +529,47 @@ class _Builder:
         revoked2.append((newly, now - timedelta(minutes=10), "key_compromise"))
         write_pem(own / "crl-2.pem", make_crl((cert, key), revoked2, 2, now, now + 7 * DAY))
         self.crl2_revokes[name], self.crl2_releases[name] = newly, released
+        if partitioned:
+            self.partitions(ca, (cert, key), issued)
         return ca
+
+    def partition_urls(self, ca: str, subject: x509.Name, part: int) -> dict[str, list[str]]:
+        """The URLs of one CRL partition of a CA, as its certificates print them: ``crl``
+        (CDP and the partition's IDP), ``delta`` (freshest CRL) and ``ca`` (caIssuers)."""
+        ca_dn = subject.rfc4514_string()
+        dp_dn = f"CN={_rdn_escape(ca_name_cn(subject))} part {part},OU=CRL," + ca_dn.split(",", 1)[1]
+        ldap = f"{self.ldap_base}/{_ldap_dn(dp_dn)}"
+        repo = f"{self.base}/repository/{ca}"
+        return {
+            "crl": [f"{repo}/part{part}.crl", f"{ldap}?certificateRevocationList;binary"],
+            "delta": [f"{repo}/part{part}-delta.crl", f"{ldap}?deltaRevocationList;binary"],
+            "ca": [f"{self.base}/repository/{ca}.crt", f"{self.base}/repository/{ca}.p7c",
+                   f"{self.ldap_base}/{_ldap_dn(ca_dn)}?cACertificate;binary"],
+        }
+
+    def partitions(self, ca: DemoCa, pair: tuple[x509.Certificate, IssuerKey],
+                   issued: list[DemoCert]) -> None:
+        """Two CRL partitions (RFC 5280 §5.2.5; both number 1, each listing the revoked
+        certificates whose CDP names it) and a delta CRL of each (§5.2.4: number 2, base 1;
+        the delta of the partition holding the crl-2 slot revokes that certificate)."""
+        own, now = ca.cert_path.parent / ca.name, self.now
+        newly = self.crl2_revokes[ca.name]
+        for part in range(PARTITIONS):
+            urls = self.partition_urls(ca.name, pair[0].subject, part)
+            idp = x509.IssuingDistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(u) for u in urls["crl"]],
+                relative_name=None, only_contains_user_certs=True,
+                only_contains_ca_certs=False, only_some_reasons=None, indirect_crl=False,
+                only_contains_attribute_certs=False)
+            mine = [c for c in issued if partition_of(c.serial) == part]
+            revoked = [(c.serial, c.revoked_at, c.reason) for c in mine if c.revoked_at is not None]
+            write_pem(own / f"part{part}.pem", make_crl(
+                pair, revoked, 1, now - timedelta(hours=1), now + 7 * DAY, [(idp, True)]))
+            delta = [(c.serial, now - timedelta(minutes=20), "key_compromise") for c in mine
+                     if c.serial == newly]
+            write_pem(own / f"part{part}-delta.pem", make_crl(
+                pair, delta, 2, now - timedelta(minutes=30), now + DAY,
+                [(idp, True), (x509.DeltaCRLIndicator(1), True)]))
 
     def subscribers(self, ca: DemoCa, pair: tuple[x509.Certificate, IssuerKey],
                     count: int) -> list[DemoCert]:
@@ -511,8 +588,12 @@ class _Builder:
                 not_before, not_after, revoked_at = _dates(slot, state, self.now)
             if serial is None:
                 serial = _random_serial(ca.name, slot, 20 if slot == 3 else 16)
+            extra: list[tuple[x509.ExtensionType, bool]] = []
+            if ca.scope_crl_paths:  # partitioned: its CDP, freshest CRL and caIssuers URLs
+                extra = self.partition_extensions(ca, pair[0].subject, partition_of(serial))
             cert = issue_certificate(pair, subject, emails, serial, not_before, not_after,
-                                     ocsp_url=ca.ocsp_url, crl_url=ca.crl_url)
+                                     ocsp_url=ca.ocsp_url, crl_url=ca.crl_url,
+                                     extra_extensions=extra)
             path = ca.newcerts_dir / f"{openssl_serial(serial)}.pem"
             write_pem(path, cert)
             issued.append(DemoCert(ca.name, serial, subject.rfc4514_string(), emails, state,
@@ -520,6 +601,24 @@ class _Builder:
                                    openssl_oneline(subject, utf8=self.utf8)))
         self.certs += issued
         return issued
+
+    def partition_extensions(self, ca: DemoCa, subject: x509.Name,
+                             part: int) -> list[tuple[x509.ExtensionType, bool]]:
+        """CDP (the partition's http and ldap URLs), freshest CRL, and AIA with OCSP and
+        caIssuers (DER, PKCS#7, LDAP) of a subscriber of a partitioned CA."""
+        urls = self.partition_urls(ca.name, subject, part)
+
+        def point(names: list[str]) -> x509.DistributionPoint:
+            return x509.DistributionPoint([x509.UniformResourceIdentifier(u) for u in names],
+                                          None, None, None)
+
+        access = [x509.AccessDescription(AuthorityInformationAccessOID.OCSP,
+                                         x509.UniformResourceIdentifier(ca.ocsp_url or ""))]
+        access += [x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS,
+                                          x509.UniformResourceIdentifier(u)) for u in urls["ca"]]
+        return [(x509.CRLDistributionPoints([point(urls["crl"])]), False),
+                (x509.FreshestCRL([point(urls["delta"])]), False),
+                (x509.AuthorityInformationAccess(access), False)]
 
 
 def build_demo_pki(
@@ -541,7 +640,7 @@ def build_demo_pki(
     now = now.astimezone(UTC).replace(microsecond=0)
     folder = Path(folder).absolute()
     _prepare(folder, overwrite)
-    builder = _Builder(folder, now, http_port, index_utf8_subjects)
+    builder = _Builder(folder, now, http_port, index_utf8_subjects, ldap_port)
     root_ca, root = builder.root()
     write_key(folder / "ca" / "subscriber.key", subscriber_key())
     cas = {"root": root_ca}
@@ -550,7 +649,7 @@ def build_demo_pki(
         rsa.generate_private_key(65537, 2048), 2, root, subscribers_per_ca)
     cas["ec-ca"] = builder.issuing(
         "ec-ca", "Demo EC Issuing CA", ec.generate_private_key(ec.SECP384R1()),
-        ec.generate_private_key(ec.SECP256R1()), 3, root, subscribers_per_ca)
+        ec.generate_private_key(ec.SECP256R1()), 3, root, subscribers_per_ca, partitioned=True)
     config_path = folder / "certpub.toml"
     _atomic_write(config_path, _config(folder, cas, ldap_port, http_port).encode(), 0o644)
     return DemoPki(folder, cas, builder.certs, config_path, folder / "spool",

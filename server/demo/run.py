@@ -32,6 +32,19 @@ def _directory_dn(pem_path: Path) -> str:
     return str(names.from_x509(asn1x509.Certificate.load(der).subject).public())
 
 
+def _ldap_url_dn(pem_path: Path) -> str:
+    """The DN of the first ldap:// URL in a certificate's CRL distribution points."""
+    from urllib.parse import unquote, urlsplit
+
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(pem_path).read_bytes())
+    points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    url = next(n.value for p in points for n in p.full_name or ()
+               if n.value.startswith("ldap://"))
+    return unquote(urlsplit(url).path[1:])
+
+
 def _pick(pki: Any) -> dict[str, Any]:
     """Example certificates for the printed commands (saved so a rerun prints the same)."""
     def first(state: str, ca: str | None = None) -> Any:
@@ -47,7 +60,10 @@ def _pick(pki: Any) -> dict[str, Any]:
                 "subject": c.subject_rfc4514, "reason": c.reason,
                 "directory_dn": _directory_dn(c.path)}
 
+    part_ca = next(ca for ca in pki.cas.values() if ca.scope_crl_paths)
+    part_cert = next(c for c in pki.certs if c.ca == part_ca.name and c.state == "good")
     return {
+        "partitioned": {**info(part_cert), "dp_dn": _ldap_url_dn(part_cert.path)},
         "good": info(good),
         "revoked": info(revoked),
         "crl2": {**info(crl2_cert), "crl": str(pki.cas[crl2_ca].crl_path.with_name("crl-2.pem"))},
@@ -101,10 +117,37 @@ def commands(m: dict[str, Any], ldap_port: int, http_port: int) -> str:
         "# the CA certificate and CRL over HTTP",
         f"curl -s http://127.0.0.1:{http_port}/crl/{m['good']['ca']}.crl | openssl crl -inform DER -noout -text | head",
         "",
+        *partition_commands(m, ldap_port),
         "# the store: certificates per CA and status, CRLs, last import",
         f"{certpub_command()} status --config {q(m['config'])}",
     ]
     return "\n".join(lines)
+
+
+def partition_commands(m: dict[str, Any], ldap_port: int) -> list[str]:
+    """Fetching what a certificate's own URLs say (CDP, freshest CRL, caIssuers), by HTTP and
+    LDAP, for a subscriber of the CA with two CRL partitions and delta CRLs."""
+    if "partitioned" not in m:
+        return []
+    q = shlex.quote
+    cert = q(m["partitioned"]["path"])
+    grep = "grep -o 'http://[^ ,]*'"
+    return [
+        f"# {m['partitioned']['ca']} has two CRL partitions and delta CRLs: the URLs its "
+        "certificates print are served as printed",
+        f"url=$(openssl x509 -in {cert} -noout -ext crlDistributionPoints | {grep})",
+        'echo "$url"; curl -sf "$url" | openssl crl -inform DER -noout -text | '
+        "grep -E -A3 'Issuing Distribution|CRL Number'",
+        f"url=$(openssl x509 -in {cert} -noout -ext freshestCRL | {grep})",
+        'curl -sf "$url" | openssl crl -inform DER -noout -text | grep -A1 \'Delta CRL\'',
+        f"url=$(openssl x509 -in {cert} -noout -ext authorityInfoAccess | grep 'CA Issuers' "
+        f"| {grep} | head -1)",
+        'curl -sf "$url" | openssl x509 -inform DER -noout -subject',
+        "# the ldap:// distribution point of the same certificate: its DN, as a base search",
+        f"ldapsearch -x -LLL -H ldap://127.0.0.1:{ldap_port} -s base "
+        f"-b {q(m['partitioned']['dp_dn'])} 'certificateRevocationList;binary' | head -3",
+        "",
+    ]
 
 
 def certpub_command() -> str:
@@ -173,12 +216,13 @@ def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool,
         shutil.rmtree(folder)
     if manifest_path.exists():
         m: dict[str, Any] = json.loads(manifest_path.read_text())
-        if m.get("ports") != [ldap_port, http_port]:
-            raise SystemExit(
-                f"certpub: {folder} was built for ports {m.get('ports')}; use --fresh to rebuild"
-            )
-        if "crls" not in m:
-            raise SystemExit(f"certpub: {folder} was built by an older certpub; use --fresh")
+        if m.get("ports") != [ldap_port, http_port] or "partitioned" not in m:
+            # the URLs printed in its certificates name the ports: build them again
+            print(f"certpub: {folder} was built for ports {m.get('ports')} (or by an older"
+                  f" certpub); rebuilding it for LDAP {ldap_port}, HTTP {http_port}",
+                  file=sys.stderr)
+            shutil.rmtree(folder)
+            return prepare(folder, ldap_port, http_port, False, hsm)
         if hsm != bool(m.get("softhsm2_conf")):
             raise SystemExit(f"certpub: {folder} was built {'without' if hsm else 'with'} --hsm;"
                              " use --fresh to rebuild")
@@ -194,7 +238,8 @@ def prepare(folder: Path, ldap_port: int, http_port: int, fresh: bool,
         pki = build_demo_pki(folder, ldap_port=ldap_port, http_port=http_port)
         m = _pick(pki)
         m["ports"] = [ldap_port, http_port]
-        m["crls"] = [str(ca.crl_path) for ca in pki.cas.values() if ca.crl_path is not None]
+        m["crls"] = [str(p) for ca in pki.cas.values() if ca.crl_path is not None
+                     for p in (ca.crl_path, *ca.scope_crl_paths)]
         if hsm:
             from server.demo.hsm import SoftHsmMissing, create_token, move_signer_keys
 

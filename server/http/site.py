@@ -29,6 +29,7 @@ from server.http.listener import HttpFactory, Replay, Reply
 from server.http.ocsp import OcspRoute
 from server.health import OPS_PATHS
 from server.http.publication import PublicationRoute, not_allowed, send
+from server.http.urls import UrlRoute
 from server.ldap.config import DEFAULT_ATTRIBUTES
 from server.limits import ConnectionLimits
 from server.ocsp import publish
@@ -44,10 +45,11 @@ class HttpSite:
     """Routes one request to the OCSP, publication or operations route."""
 
     def __init__(self, ocsp: OcspRoute, publication: PublicationRoute,
-                 web: WebRoute | None = None) -> None:
+                 web: WebRoute | None = None, urls: UrlRoute | None = None) -> None:
         self.ocsp = ocsp
         self.publication = publication
         self.web = web  # the search pages; without them ``/`` is the CA files page
+        self.urls = urls  # the certificates' own URLs on [http] public_names
         self.ops: Any = None  # server.health.OpsRoute, mounted by the composition root
         # [ops] public_networks: whether a client address may fetch the ops paths here
         self.ops_allowed: Callable[[str], bool] = lambda client: False
@@ -59,14 +61,36 @@ class HttpSite:
         if method == b"POST":
             if path in ocsp.post_paths:
                 return ocsp.post(request, date, client)
-        elif (method == b"GET" or method == b"HEAD") and ocsp.is_get(path):
-            return ocsp.get(request, date, client)
+        elif method == b"GET" or method == b"HEAD":
+            urls = self.urls
+            host = urls.host_of(request) if urls is not None else None
+            if host is not None:  # a learnt URL first: "/M…" may be a CRL, not OCSP
+                assert urls is not None
+                return urls.handle(request, host, date,
+                                   lambda: self._get(request, date, client),
+                                   check=not ocsp.is_get(path))
+            return self._get(request, date, client)
+        return self._other(request, date, client)
+
+    def _get(self, request: wire.Request, date: bytes,
+             client: str) -> Reply | Deferred[Reply]:
+        if self.ocsp.is_get(request.path):
+            return self.ocsp.get(request, date, client)
         return self._other(request, date, client)
 
     def replay(self, request: wire.Request) -> Replay | None:
-        """How to answer the same request bytes again (an OCSP cache hit), else None."""
+        """How to answer the same request bytes again (an OCSP cache hit, a ready answer at
+        a certificate URL), else None."""
         method, path = request.method, request.path
         ocsp = self.ocsp
+        urls = self.urls
+        if (method == b"GET" or method == b"HEAD") and urls is not None:
+            host = urls.host_of(request)
+            if host is not None:
+                if urls.learnt is None:
+                    return None
+                if (host, path) in urls.learnt:
+                    return urls.replay(request)
         if (path in ocsp.post_paths if method == b"POST"
                 else (method == b"GET" or method == b"HEAD") and ocsp.is_get(path)):
             return ocsp.replay(request)
@@ -76,6 +100,10 @@ class HttpSite:
                client: str = "-") -> Reply | Deferred[Reply]:
         method, path = request.method, request.path
         if path.startswith((b"/ca/", b"/crl/")):
+            if self.urls is not None and path.count(b"/") == 3:
+                scoped = self.urls.scope_file(request, date)
+                if scoped is not None:
+                    return scoped
             return self.publication.file(request, date)
         web = self.web
         if web is not None and web.wants(path):
@@ -129,8 +157,11 @@ class OcspHttpFactory(HttpFactory):
         self.memo.clear()
         self.http_site.ocsp.forget()
         self.http_site.ocsp.set_paths(config.http.ocsp_paths)
+        if self.http_site.urls is not None:
+            self.http_site.urls.set_names(getattr(config.http, "public_names", ()))
         if self.http_site.web is not None:
             self.http_site.web.pages.configure(public_attributes(config), config.http.ocsp_paths)
+            self.http_site.web.pages.public_names = frozenset(config.http.public_names)
             privacy = self.http_site.web.privacy
             if privacy is not None and getattr(config, "privacy", None) is not None:
                 privacy.configure(config.privacy)
@@ -166,9 +197,13 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
         feed.subscribe(service.on_changes)
     pages = WebPages(lambda: service.published, public_attributes(config), config.http.ocsp_paths,
                      clock_now)
+    pages.public_names = frozenset(getattr(config.http, "public_names", ()))
+    urls = UrlRoute(getattr(config.http, "public_names", ()), store, clock_now, access)
+    if feed is not None:
+        feed.subscribe(urls.on_changes)
     site = HttpSite(OcspRoute(service, config.http.ocsp_paths),
                     PublicationRoute(service, store, access),
-                    WebRoute(pages, store, access, privacy))
+                    WebRoute(pages, store, access, privacy), urls)
     limits = ConnectionLimits(config.http.max_connections, config.http.max_connections_per_address,
                               service="http", log=log)
     ops = getattr(config, "ops", None)

@@ -10,7 +10,7 @@ from server.configtools import ConfigError, Section
 DEFAULT_ATTRIBUTES: tuple[str, ...] = (
     "objectClass", "cn", "sn", "givenName", "mail", "o", "ou", "c", "l", "st",
     "userCertificate", "cACertificate", "certificateRevocationList",
-    "authorityRevocationList", "crossCertificatePair",
+    "authorityRevocationList", "deltaRevocationList", "crossCertificatePair",
     "certpubStatus", "certpubRevocationTime", "certpubRevocationReason",
     "certpubSerialNumber", "certpubNotAfter", "certpubCA",
 )

@@ -44,6 +44,7 @@ from server.ldap.entries import (
     Entry,
     ca_entry,
     cert_entry,
+    crldp_entry,
     dse_entry,
     glue_entry,
     parse_dn,
@@ -79,6 +80,7 @@ class DirectoryStore(Protocol):
     def subtree(self, base_key: str, limit: int = ..., after: str = ...) -> list[DirectoryEntry]: ...
     def roots(self) -> list[DirectoryEntry]: ...
     def cas(self) -> list[CaRecord]: ...
+    # and, when the store has CRL scopes (issue 23): ldap_dn_values(key), crl_scopes(ca_id)
     def cert(self, ca_id: int, serial: int) -> CertRecord | None: ...
     def certs_by_directory_key(self, key: str, limit: int = ...) -> list[CertRecord]: ...
     def certs_by_attribute(self, attr: str, value: str, limit: int = ...) -> list[CertRecord]: ...
@@ -203,7 +205,7 @@ class Directory:
             cached = self._cached(e.key, now)
             if cached is not None:
                 return cached
-        if e.kind == "glue":
+        if e.kind == "glue" or e.kind == "crldp":
             return self._build(e, (), now, epoch)
         return self._build(e, self.store.published_certs(e.key, CERTS_PER_ENTRY), now, epoch)
 
@@ -211,9 +213,12 @@ class Directory:
                epoch: int) -> tuple[Entry, float]:
         if e.kind == "glue":
             entry, until = glue_entry(e), NEVER
+        elif e.kind == "crldp":
+            entry, until = crldp_entry(e, self._dn_values(e.key)), NEVER
         else:
             if e.kind == "ca":
-                entry = ca_entry(e, self._ca_map().get(e.key, []), certs, now)
+                cas = self._ca_map().get(e.key, [])
+                entry = ca_entry(e, cas, certs, now, self._ca_extras(e.key, cas))
             else:
                 entry = subject_entry(e, certs, now)
             until = expiry_bound(certs, now)  # an entry shows a certificate until it expires
@@ -232,6 +237,22 @@ class Directory:
                 return None
             self._entries.move_to_end(key)
         return hit
+
+    def _dn_values(self, key: str) -> list[tuple[str, bytes]]:
+        """(attribute, DER) that the certificates' ldap:// URLs at this DN name."""
+        read = getattr(self.store, "ldap_dn_values", None)
+        return list(read(key)) if read is not None else []
+
+    def _ca_extras(self, key: str, cas: Sequence[CaRecord]) -> list[tuple[str, bytes]]:
+        """A CA entry's values beyond its full CRL: what ldap:// URLs at its DN name, and
+        the delta CRL of its full scope (RFC 5280 §5.2.4) as deltaRevocationList."""
+        extra = self._dn_values(key)
+        scopes = getattr(self.store, "crl_scopes", None)
+        if scopes is not None:
+            for ca in cas:
+                extra += [("deltaRevocationList", s.der) for s in scopes(ca.id)
+                          if s.delta and s.idp_der is None]
+        return extra
 
     def entry_at(self, key: str, now: datetime) -> Entry | None:
         """The materialised entry with this key: from the cache, else one indexed read."""
@@ -327,7 +348,7 @@ class Directory:
                 return Hit(found[0], (0, 0, "", 0), found[1])
         dn = parse_dn(text)
         entry, until = self._base(dn, now)
-        if (entry.kind in ("glue", "subject", "ca") and entry.key == dn.key
+        if (entry.kind in ("glue", "subject", "ca", "crldp") and entry.key == dn.key
                 and self.entry_cache):
             with self._lock:
                 if len(self._base_keys) >= 1024:
@@ -456,7 +477,11 @@ class Directory:
         if entry.kind not in ("subject", "ca"):
             return
         certs = self.store.certs_by_directory_key(entry.key)
-        for child, c in zip(self.cert_children(entry, now, certs), certs, strict=True):
+        # in the order of their positions (by serial), so that a paged search resuming
+        # after one child of an entry neither skips nor repeats its other children
+        children = sorted(zip(self.cert_children(entry, now, certs), certs, strict=True),
+                          key=lambda pair: _child_order(pair[0]))
+        for child, c in children:
             pos = (phase, 0, entry.key, _child_order(child))
             if (after is None or pos > after) and evaluate(f, child, self.allow) is True:
                 yield Hit(child, pos, expiry_bound((c,), now))

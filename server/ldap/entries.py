@@ -22,6 +22,12 @@ away after the operation; nothing here keeps a copy of the directory. Status mar
   certificate of the CAs with that DN), ``certificateRevocationList;binary`` (their latest
   full CRLs) and, for a self-signed CA, ``authorityRevocationList;binary`` (its CRL is the list
   of revoked CA certificates).
+- A **CRL distribution point entry** (``cRLDistributionPoint``, RFC 4523 §3.2) sits at each DN
+  an ``ldap://`` URL of the certificates names that is not a CA's own DN, carrying what the
+  URLs ask for there (``certificateRevocationList``, ``authorityRevocationList``,
+  ``deltaRevocationList``; the store resolves each URL to its CRL scope); a CA entry also
+  carries what URLs at its DN ask for, and ``deltaRevocationList`` when its full scope has a
+  delta CRL (object class ``deltaCRL``).
 - **Glue entries** carry the naming attributes of their own RDN and an object class per naming
   attribute (country, organization, organizationalUnit, locality, domain, else certpubGlue).
 """
@@ -76,7 +82,7 @@ class Entry:
 
     dn: str
     key: str
-    kind: str  # dse | subschema | glue | subject | ca | cert
+    kind: str  # dse | subschema | glue | subject | ca | crldp | cert
     attributes: dict[str, tuple[Value, ...]]
     parsed: names.DN | None = field(default=None, compare=False)
 
@@ -237,7 +243,8 @@ def _self_signed(der: bytes) -> bool:
 
 
 def ca_entry(
-    e: DirectoryEntry, cas: Sequence[CaRecord], certs: Sequence[CertRecord], now: datetime
+    e: DirectoryEntry, cas: Sequence[CaRecord], certs: Sequence[CertRecord], now: datetime,
+    extra: Sequence[tuple[str, bytes]] = (),
 ) -> Entry:
     dn = parse_dn(e.dn)
     leaf = dn.rdns[0] if dn.rdns else ()
@@ -252,8 +259,12 @@ def ca_entry(
             _add(attrs, "certificateRevocationList", ca.crl_der)
             if _self_signed(ca.cert_der):
                 _add(attrs, "authorityRevocationList", ca.crl_der)
+    for name, der in extra:  # what ldap:// URLs at this DN name; the full scope's delta
+        _add(attrs, name, der)
     if attrs.get("certificateRevocationList") and attrs.get("authorityRevocationList"):
         classes.append("certificationAuthority")
+    if attrs.get("deltaRevocationList"):
+        classes.append("deltaCRL")
     if certs:  # the CA's own certificates as issued by its parent (pkiUser, RFC 4523 §3.1)
         classes.append("pkiUser")
         for cert in certs:
@@ -261,6 +272,26 @@ def ca_entry(
                 _add(attrs, "mail", email)
         attrs["userCertificate"] = [c.der for c in certs if c.der is not None and usable(c, now)]
     return Entry(e.dn, e.key, "ca", _freeze(attrs), dn)
+
+
+def crldp_entry(e: DirectoryEntry, values: Sequence[tuple[str, bytes]]) -> Entry:
+    """The entry an ldap:// CRL distribution point names (RFC 4523 §3.2
+    cRLDistributionPoint), with the CRLs its URLs ask for: certificateRevocationList,
+    authorityRevocationList, deltaRevocationList (or a CA certificate for caIssuers)."""
+    dn = parse_dn(e.dn)
+    leaf = dn.rdns[0] if dn.rdns else ()
+    classes: list[Value] = ["top", "cRLDistributionPoint"]
+    attrs: dict[str, list[Value]] = {"objectClass": classes}
+    _naming(attrs, leaf)
+    if not attrs.get("cn"):  # cn is the class's MUST: the leaf's value stands for it
+        shown = [a.display for a in leaf if not a.display.startswith("#")]
+        if shown:
+            attrs["cn"] = [shown[0]]
+    for name, der in values:
+        _add(attrs, name, der)
+    if attrs.get("cACertificate"):
+        classes.append("pkiCA")
+    return Entry(e.dn, e.key, "crldp", _freeze(attrs), dn)
 
 
 def cert_rdn(serial: int, ca_name: str) -> str:

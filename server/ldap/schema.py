@@ -135,6 +135,7 @@ ATTRIBUTE_TYPES: tuple[AttributeType, ...] = (
     _cert("authorityRevocationList", "2.5.4.38", CERTIFICATE_LIST, None),
     _cert("certificateRevocationList", "2.5.4.39", CERTIFICATE_LIST, None),
     _cert("crossCertificatePair", "2.5.4.40", CERTIFICATE_PAIR, None),
+    _cert("deltaRevocationList", "2.5.4.53", CERTIFICATE_LIST, None),  # RFC 4523 §2.6
     AttributeType("certpubStatus", ATTRIBUTE_ARC + ".1", DIRECTORY_STRING, "caseIgnoreMatch",
                   None, "caseIgnoreSubstringsMatch", single=True,
                   desc="status of the certificate: valid, revoked or expired"),
@@ -247,6 +248,10 @@ OBJECT_CLASSES: tuple[ObjectClass, ...] = (
                 ("crossCertificatePair",)),
     ObjectClass("pkiUser", "2.5.6.21", "AUXILIARY", "top", (), ("userCertificate",)),
     ObjectClass("pkiCA", "2.5.6.22", "AUXILIARY", "top", (), _CA_ATTRS),
+    # RFC 4523 §3.2, §3.4: where a CRL distribution point's ldap:// URL points
+    ObjectClass("cRLDistributionPoint", "2.5.6.19", "STRUCTURAL", "top", ("cn",),
+                ("certificateRevocationList", "authorityRevocationList", "deltaRevocationList")),
+    ObjectClass("deltaCRL", "2.5.6.23", "AUXILIARY", "top", (), ("deltaRevocationList",)),
     ObjectClass("inetOrgPerson", "2.16.840.1.113730.3.2.2", "STRUCTURAL", "organizationalPerson",
                 (), ("givenName", "mail", "o", "userCertificate")),
     ObjectClass("domain", "0.9.2342.19200300.100.4.13", "STRUCTURAL", "top", ("dc",), ("o", "l")),

@@ -187,7 +187,7 @@ class SearchJob(Job):
         count = 0
         try:
             base = directory.base_hit(req.base, self.now)
-            if req.scope == 0 and base.entry.kind in ("glue", "subject", "ca"):
+            if req.scope == 0 and base.entry.kind in ("glue", "subject", "ca", "crldp"):
                 self.keys = {base.entry.key}  # the answer depends on this entry alone
                 self.until = base.until
             else:

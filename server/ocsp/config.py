@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,10 @@ class HttpConfig:
     #                                         its certificate's pre-signed response
     unknown_cache_entries: int = 10_000  # signed answers about never-issued serials kept
     unknown_per_address: float = 20.0  # such answers signed per second per address
+    # Host names the CA's certificates print in their http:// CRL distribution point,
+    # freshest CRL and caIssuers URLs, lower-case (server.http.urls): requests for these
+    # hosts are answered at the paths the certificates say.
+    public_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,26 @@ class OcspSignerConfig:
     validity: float  # seconds between thisUpdate and nextUpdate
     unknown_serials: str  # "unknown" | "revoked" (RFC 6960 §2.2 extended revoke)
     archive_cutoff: bool
+
+
+# A DNS name (RFC 1123 labels), an IPv4 address or a bracketed IPv6 address; no port.
+_HOST_NAME = re.compile(r"(?=.{1,253}\Z)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?"
+                        r"|\[[0-9a-f:.]{2,45}\]")
+
+
+def parse_public_names(sec: Section) -> tuple[str, ...]:
+    """``[http] public_names``: host names only (no scheme, port or path), lower-cased."""
+    names = sec.str_list("public_names", ())
+    out: list[str] = []
+    for i, name in enumerate(names):
+        host = name.strip().lower().rstrip(".")
+        if not host or _HOST_NAME.fullmatch(host) is None:
+            raise ConfigError(f"{sec.key('public_names')}[{i}]",
+                              "expected a host name as printed in the certificates' URLs"
+                              f" (no scheme, port or path), e.g. \"crl.example.mo\"; got {name!r}")
+        if host not in out:
+            out.append(host)
+    return tuple(out)
 
 
 def parse_http(sec: Section) -> HttpConfig:
@@ -82,6 +107,7 @@ def parse_http(sec: Section) -> HttpConfig:
         unknown_cache_entries=sec.int("unknown_cache_entries", 10_000, min=1,
                                       max=10_000_000),
         unknown_per_address=sec.float("unknown_per_address", 20.0, min=0.1, max=1e6),
+        public_names=parse_public_names(sec),
     )
     if cfg.signing_queue_per_address > cfg.signing_queue:
         raise ConfigError(sec.key("signing_queue_per_address"),

@@ -27,7 +27,7 @@ import jinja2
 from store.model import CaRecord, CertRecord
 from store.errors import StoreError
 from store.sqlbase import serial_text
-from server.web import i18n, view
+from server.web import i18n, scopes as crl_scopes, view
 from server.web.query import (
     KINDS, MAX_QUERY, MAX_RESULTS, PAGE_SIZE, QueryError, Search, parse_search,
 )
@@ -106,6 +106,8 @@ class WebPages:
             undefined=jinja2.StrictUndefined, auto_reload=False)
         self.css = (HERE / "static" / "certpub.css").read_bytes()
         self._cas: tuple[float, dict[int, CaRecord]] = (-1e9, {})
+        self._scopes: tuple[float, list[Any]] = (-1e9, [])
+        self.public_names: frozenset[str] = frozenset()  # [http] public_names (CRL links)
 
     def configure(self, allowed: Sequence[str], ocsp_paths: Sequence[str]) -> None:
         """The public attributes (the LDAP allowlist) and the OCSP paths; again on SIGHUP."""
@@ -121,6 +123,20 @@ class WebPages:
             cas = {ca.id: ca for ca in store.cas()}
             self._cas = (time.monotonic(), cas)
         return cas
+
+    def scopes(self, store: Any) -> list[Any]:
+        """The store's CRL scopes (issue 23), re-read every CA_CACHE_SECONDS; [] from a
+        store without them."""
+        read_at, scopes = self._scopes
+        if time.monotonic() - read_at > CA_CACHE_SECONDS:
+            read = getattr(store, "crl_scopes", None)
+            scopes = list(read()) if read is not None else []
+            self._scopes = (time.monotonic(), scopes)
+        return scopes
+
+    def scope_rows(self, store: Any, cas: Mapping[int, CaRecord]) -> list[dict[str, Any]]:
+        return crl_scopes.scope_rows(self.scopes(store), {i: c.name for i, c in cas.items()},
+                                     self.public_names, view.when, self.now())
 
     def _page(self, status: int, template: str, lang: Lang, title: str,
               **values: Any) -> Answer:
@@ -160,10 +176,12 @@ class WebPages:
             # the plain page stays up without the store: the form and the CA files
             try:
                 cas = self.cas(store) if store is not None else {}
+                rows = self.scope_rows(store, cas) if store is not None else []
             except StoreError:
-                cas = {}
+                cas, rows = {}, []
         else:
             cas = self.cas(store)
+            rows = self.scope_rows(store, cas)
         values: dict[str, Any] = {
             "text": "", "kind": "any", "ca": "", "searched": False, "error": error,
             "results": [], "total": 0, "truncated": False, "page": 1, "pages": 1,
@@ -203,11 +221,12 @@ class WebPages:
                  else t("search_title"))
         return self._page(status, "search.html", lang, title, kinds=KINDS,
                           ca_names=sorted(ca.name for ca in cas.values()),
-                          cas=self._ca_table(cas), max_query=MAX_QUERY,
+                          cas=self._ca_table(cas, rows), max_query=MAX_QUERY,
                           max_results=MAX_RESULTS, page_url=page_url, short=short,
                           explicit_lang=lang.explicit, **values)
 
-    def _ca_table(self, cas: Mapping[int, CaRecord]) -> list[dict[str, str]]:
+    def _ca_table(self, cas: Mapping[int, CaRecord],
+                  scope_rows: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
         by_name = {ca.name: ca for ca in cas.values()}
         rows = []
         for name, published in sorted(self.published().items()):
@@ -216,8 +235,24 @@ class WebPages:
                 "name": name, "subject": published.subject,
                 "crl_number": "" if rec is None or rec.crl_number is None else str(rec.crl_number),
                 "crl_next": view.when(rec.crl_next_update) if rec is not None else "",
-                "der": f"/ca/{name}.crt", "pem": f"/ca/{name}.pem", "crl": f"/crl/{name}.crl"})
+                "der": f"/ca/{name}.crt", "pem": f"/ca/{name}.pem", "crl": f"/crl/{name}.crl",
+                # every CRL scope but the full one (the row's own CRL): partitions, deltas
+                "scopes": [r for r in scope_rows if r["ca"] == name
+                           and not (r["label"] == "full" and not r["delta"])]})
         return rows
+
+    def api_cas(self, store: Any) -> Answer:
+        """``/api/v1/cas``: the CAs served and every CRL scope of each (issue 23)."""
+        cas = self.cas(store)
+        rows = self.scope_rows(store, cas)
+        by_name = {ca.name: ca for ca in cas.values()}
+        doc = {"cas": [{
+            "name": name, "subject": published.subject,
+            "certificate": f"/ca/{name}.crt",
+            "crls": crl_scopes.json_rows(r for r in rows if r["ca"] == name),
+            "crl_number": getattr(by_name.get(name), "crl_number", None),
+        } for name, published in sorted(self.published().items())]}
+        return 200, api_headers(), json.dumps(doc, ensure_ascii=False, indent=1).encode() + b"\n"
 
     def api_search(self, store: Any, query: bytes | None, guard: WebGuard | None = None
                    ) -> Answer:
@@ -275,13 +310,15 @@ class WebPages:
                 return found[0], cas[ca_id]
         raise QueryError("error_not_found", ca=ca_name, serial=view.serial_display(serial))
 
-    def _view(self, rec: CertRecord, ca: CaRecord) -> view.CertView:
+    def _view(self, rec: CertRecord, ca: CaRecord, store: Any = None) -> view.CertView:
         published = self.published().get(ca.name)
         if published is not None:  # the CA's subject as its certificate spells it
             ca = dataclasses.replace(ca, subject_dn=published.subject)
-        return view.cert_view(rec, ca, self.allowed, self.now(),
-                              crl_published=ca.name in self.published(),
-                              ocsp_paths=self.ocsp_paths)
+        v = view.cert_view(rec, ca, self.allowed, self.now(),
+                           crl_published=ca.name in self.published(),
+                           ocsp_paths=self.ocsp_paths)
+        covering = crl_scopes.covering_crl(store, rec.der, ca.name, self.public_names)
+        return dataclasses.replace(v, crl_url=covering) if covering else v
 
     def cert_page(self, store: Any, ca_name: str, serial: int, lang: Lang) -> Answer:
         t = lang.t
@@ -289,7 +326,7 @@ class WebPages:
             rec, ca = self._lookup(store, ca_name, serial)
         except QueryError as exc:
             return self.message(404, lang, "error_not_found_title", exc.key, **exc.args_)
-        v = self._view(rec, ca)
+        v = self._view(rec, ca, store)
         reason = t("reason_" + (v.reason or "unspecified"))
         sentence = {
             "valid": lambda: t("status_valid", date=v.not_after),
@@ -311,7 +348,7 @@ class WebPages:
             rec, ca = self._lookup(store, ca_name, serial)
         except QueryError as exc:
             return self.api_error(404, exc.key, **exc.args_)
-        v = self._view(rec, ca)
+        v = self._view(rec, ca, store)
         doc = self._json_summary(rec, ca, self.now())
         doc.update({
             "issuer": v.issuer_dn,

@@ -103,6 +103,8 @@ class WebRoute:
                 return self._run(request, fields, date, lang, pages.download, ca, serial, ext,
                                  lang)
             return self._run(request, fields, date, lang, pages.cert_page, ca, serial, lang)
+        if path == b"/api/v1/cas":
+            return self._run(request, fields, date, None, pages.api_cas)
         if path == b"/api/v1/search":
             guard = self._guard(client)
             if guard is not None and (wait := self._over_budget(guard, request.query)) > 0:

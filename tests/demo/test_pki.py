@@ -26,6 +26,7 @@ from server.demo.pki import (
     issue_certificate,
     make_crl,
     openssl_oneline,
+    partition_of,
     openssl_serial,
     openssl_time,
     subscriber_key,
@@ -95,7 +96,8 @@ def test_layout_and_config(pki: DemoPki) -> None:
         assert entry["ocsp"] == {"signer_certificate": str(ca.ocsp_cert_path),
                                  "signer_key": str(ca.ocsp_key_path)}
     assert cfg["ldap"] == {"listen": ["tcp:1389:interface=127.0.0.1"]}
-    assert cfg["http"] == {"listen": ["tcp:8080:interface=127.0.0.1"]}
+    assert cfg["http"] == {"listen": ["tcp:8080:interface=127.0.0.1"],
+                           "public_names": ["127.0.0.1", "localhost"]}
     assert cfg["log"] == {"format": "logfmt"}
 
 
@@ -166,9 +168,23 @@ def test_subscriber_contents(pki: DemoPki) -> None:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert tuple(san.get_values_for_type(x509.RFC822Name)) == demo.emails
         aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
-        assert [d.access_location.value for d in aia] == ["http://127.0.0.1:8080/ocsp"]
         dp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
-        assert dp[0].full_name[0].value == f"http://127.0.0.1:8080/crl/{demo.ca}.crl"
+        if pki.cas[demo.ca].scope_crl_paths:  # the partitioned CA: the CA's own paths
+            part = partition_of(demo.serial)
+            assert [d.access_location.value for d in aia] == [
+                "http://127.0.0.1:8080/ocsp", f"http://127.0.0.1:8080/repository/{demo.ca}.crt",
+                f"http://127.0.0.1:8080/repository/{demo.ca}.p7c",
+                "ldap://127.0.0.1:1389/CN=Demo%20EC%20Issuing%20CA,O=Autoridade%20de%20Certifica"
+                "%C3%A7%C3%A3o%20Demo%20%E6%BC%94%E7%A4%BA,C=MO?cACertificate;binary"]
+            names = [n.value for n in dp[0].full_name]
+            assert names[0] == f"http://127.0.0.1:8080/repository/{demo.ca}/part{part}.crl"
+            assert names[1].startswith(f"ldap://127.0.0.1:1389/CN=Demo%20EC%20Issuing%20CA%20"
+                                       f"part%20{part},OU=CRL,O=")
+            fresh = cert.extensions.get_extension_for_class(x509.FreshestCRL).value
+            assert fresh[0].full_name[0].value == names[0].replace(".crl", "-delta.crl")
+        else:
+            assert [d.access_location.value for d in aia] == ["http://127.0.0.1:8080/ocsp"]
+            assert dp[0].full_name[0].value == f"http://127.0.0.1:8080/crl/{demo.ca}.crl"
         assert demo.not_after == cert.not_valid_after_utc
         expired = cert.not_valid_after_utc < pki.now  # type: ignore[operator]
         assert expired == (demo.state in {"expired", "revoked-expired"})
@@ -449,3 +465,37 @@ def test_fixed_now_and_awkward_folder(tmp_path: Path) -> None:
     assert crl.last_update_utc == now.replace(microsecond=0) - timedelta(hours=1)
     with pytest.raises(ValueError, match="timezone"):
         build_demo_pki(tmp_path / "naive", now=datetime(2031, 1, 1))
+
+
+def test_partitions_and_deltas(pki: DemoPki) -> None:
+    """ec-ca publishes two CRL partitions (RFC 5280 §5.2.5, both number 1) whose IDPs name
+    exactly its subscribers' CDP URLs, and a delta of each (§5.2.4, number 2 over base 1)
+    whose IDP is its partition's; together the partitions list every revoked subscriber."""
+    ca = pki.cas["ec-ca"]
+    key = _cert(ca.cert_path).public_key()
+    parts = [_crl(p) for p in ca.scope_crl_paths]
+    assert [p.name for p in ca.scope_crl_paths] == ["part0.pem", "part1.pem", "part0-delta.pem",
+                                                    "part1-delta.pem"]
+    listed: set[int] = set()
+    for i, crl in enumerate(parts):
+        assert crl.is_signature_valid(key)  # type: ignore[arg-type]
+        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint)
+        assert idp.critical and idp.value.only_contains_user_certs
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        part = i % 2
+        for demo in pki.certs:
+            if demo.ca == "ec-ca" and partition_of(demo.serial) == part:
+                dp = demo.load().extensions.get_extension_for_class(x509.CRLDistributionPoints)
+                assert list(dp.value[0].full_name) == list(idp.value.full_name)
+        if i < 2:
+            assert number == 1
+            listed |= {r.serial_number for r in crl}
+            assert all(partition_of(r.serial_number) == part for r in crl)
+        else:
+            assert number == 2
+            base = crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+            assert base.critical and base.value.crl_number == 1
+    revoked = {c.serial for c in pki.certs if c.ca == "ec-ca" and c.revoked_at is not None}
+    assert listed == revoked
+    newly = {r.serial_number for crl in parts[2:] for r in crl}
+    assert newly == {pki.crl2_revokes["ec-ca"]}

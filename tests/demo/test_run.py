@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 
 from server.demo.run import busy_ports, check_ports, commands, prepare, run_demo
 
@@ -99,3 +100,52 @@ def test_busy_port_is_reported_before_anything_is_built(tmp_path: Path) -> None:
         (folder / "demo.json").write_text("{}")  # an existing demo needs --fresh for new ports
         with pytest.raises(SystemExit, match="try again with --fresh --ldap-port "):
             check_ports(folder, busy, http)
+
+
+@pytest.mark.realclient
+@pytest_twisted.ensureDeferred
+async def test_printed_certificate_url_commands_work(demo: tuple[Path, dict[str, Any]]) -> None:
+    """The walk-through's `curl` on URLs read from a certificate (CDP, freshest CRL,
+    caIssuers) and `ldapsearch` on its ldap:// distribution point, pasted into a shell while
+    the demo's configuration is served on its ports."""
+    from twisted.internet import reactor, threads
+
+    from server.config import load_config
+    from server.feed import ChangeFeed
+    from server.http.site import make_http_factory
+    from server.ldap.server import make_ldap_factory
+    from store import open_store
+    from tests.conftest import require_tool
+
+    for tool in ("curl", "ldapsearch", "openssl"):
+        require_tool(tool)
+    _, m = demo
+    ldap_port, http_port = m["ports"]
+    config = load_config(Path(m["config"]))
+    store = open_store(config.store.location, create=False)
+    feed = ChangeFeed(store)
+    feed.prime()
+    now = lambda: datetime.now(UTC)  # noqa: E731
+    http = reactor.listenTCP(http_port, make_http_factory(config, store, feed, now, reactor),  # type: ignore[attr-defined]
+                             interface="127.0.0.1")
+    ldap = reactor.listenTCP(ldap_port, make_ldap_factory(config.ldap, store, feed, None, now),  # type: ignore[attr-defined]
+                             interface="127.0.0.1")
+    try:
+        text = commands(m, ldap_port, http_port)
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if "two CRL partitions" in line)
+        block = lines[start + 1:lines.index("", start)]
+        script = "set -e\n" + "\n".join(block) + "\n"
+        r = await threads.deferToThread(subprocess.run, ["sh", "-c", script],
+                                        capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (script, r.stdout, r.stderr)
+        out = r.stdout
+        assert f"http://127.0.0.1:{http_port}/repository/ec-ca/part" in out
+        assert "Issuing Distribution Point" in out and "CRL Number" in out
+        assert "Delta CRL Indicator" in out
+        assert "subject=C = MO" in out and "Demo EC Issuing CA" in out
+        assert "certificateRevocationList;binary:: " in out
+    finally:
+        await http.stopListening()
+        await ldap.stopListening()
+        store.close()

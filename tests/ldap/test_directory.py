@@ -204,3 +204,44 @@ def test_subtree_walk_pages_through_everything(directory: Directory, demo_now: d
         rest = [h.entry.key for h in
                 directory.search(base, SUB, Present("objectClass"), demo_now, positions[cut - 1]) if h]
         assert rest == [h.entry.key for h in hits[cut:]], cut
+
+
+def test_crl_distribution_point_and_delta_entries() -> None:
+    """An ldap:// CDP's DN: a cRLDistributionPoint entry with cn and the CRL its URL asks for,
+    shown as ``;binary`` whichever spelling was asked; the allowlist still applies; a CA's
+    entry carries its full scope's delta (deltaRevocationList, class deltaCRL)."""
+    from server.ldap.entries import crldp_entry
+    from server.ldap.schema import Allowlist
+    from server.ldap.config import DEFAULT_ATTRIBUTES
+    from store.model import DirectoryEntry
+
+    dn = "CN=Demo EC Issuing CA part 1,OU=CRL,O=Example,C=MO"
+    row = DirectoryEntry(parse_dn(dn).key, dn, parse_dn(dn).parent.key, "crldp")
+    entry = crldp_entry(row, [("certificateRevocationList", b"\x30\x01"),
+                              ("deltaRevocationList", b"\x30\x02")])
+    assert entry.kind == "crldp"
+    assert entry.values("objectClass") == ("top", "cRLDistributionPoint")
+    assert entry.values("cn") == ("Demo EC Issuing CA part 1",)
+    allow = Allowlist.of(DEFAULT_ATTRIBUTES)
+    for asked in ("certificateRevocationList", "certificateRevocationList;binary"):
+        assert render(entry, select([asked]), allow, False) == [
+            ("certificateRevocationList;binary", [b"\x30\x01"])]
+    assert render(entry, select(["deltaRevocationList"]), allow, False) == [
+        ("deltaRevocationList;binary", [b"\x30\x02"])]
+    narrow = Allowlist.of(("objectClass", "cn", "certificateRevocationList"))
+    assert render(entry, select(["deltaRevocationList"]), narrow, False) == []
+    ou = "OU=CRL,O=Example,C=MO"  # a DN without cn: its RDN's value stands for cn
+    bare = crldp_entry(DirectoryEntry(parse_dn(ou).key, ou, None, "crldp"), [])
+    assert bare.values("cn") == ("CRL",)
+
+
+def test_ca_entry_carries_its_full_scopes_delta(directory: Directory, demo_now: datetime) -> None:
+    from server.ldap.entries import ca_entry
+
+    rows = [e for cas in directory._ca_map().values() for e in cas]
+    ca = rows[0]
+    row = directory.store.entry(ca.directory_key)
+    assert row is not None
+    entry = ca_entry(row, [ca], [], demo_now, [("deltaRevocationList", b"\x30\x03")])
+    assert "deltaCRL" in entry.values("objectClass")
+    assert entry.values("deltaRevocationList") == (b"\x30\x03",)

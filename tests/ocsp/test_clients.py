@@ -182,10 +182,18 @@ async def test_revocation_is_visible_within_one_second(live: dict[str, Any]) -> 
     assert reactor.seconds() - started < 5  # type: ignore[attr-defined]
 
 
-def _pyhanko_validate(pki: Any, cert: Any, ca: str) -> Exception | None:
+def _pyhanko_validate(pki: Any, cert: Any, ca: str, *, crl_only: bool = False
+                      ) -> Exception | None:
+    """pyhanko-certvalidator in hard-fail mode, fetching what the certificate's URLs say
+    (``crl_only``: CRLs from its distribution points, no OCSP); the error, or None."""
     from asn1crypto import x509 as asn1_x509
     from pyhanko_certvalidator import CertificateValidator, ValidationContext
     from pyhanko_certvalidator.fetchers.aiohttp_fetchers import AIOHttpFetcherBackend
+    from pyhanko_certvalidator.policy_decl import (
+        CertRevTrustPolicy,
+        RevocationCheckingPolicy,
+        RevocationCheckingRule,
+    )
 
     def load(path: Path) -> asn1_x509.Certificate:
         return asn1_x509.Certificate.load(
@@ -194,10 +202,13 @@ def _pyhanko_validate(pki: Any, cert: Any, ca: str) -> Exception | None:
     async def go() -> Exception | None:
         backend = AIOHttpFetcherBackend()
         # The responder URL comes from the certificate's AIA (this listener's port).
+        rule = RevocationCheckingRule.CRL_REQUIRED
+        policy = (CertRevTrustPolicy(RevocationCheckingPolicy(rule, rule)) if crl_only
+                  else None)
         vc = ValidationContext(trust_roots=[load(pki.cas["root"].cert_path)],
                                other_certs=[load(pki.cas[ca].cert_path)],
                                allow_fetching=True, revocation_mode="hard-fail",
-                               fetchers=backend.get_fetchers())
+                               revinfo_policy=policy, fetchers=backend.get_fetchers())
         validator = CertificateValidator(load(cert.path), validation_context=vc)
         try:
             await validator.async_validate_usage(set())
