@@ -45,7 +45,6 @@ from server.ldap.filters import (
     Extensible,
     Filter,
     Match,
-    Not,
     Or,
     Substrings,
     substring_parts,

@@ -23,7 +23,7 @@ from server.http.site import make_http_factory
 from server.http.urls import hostile, public_host
 from store.model import Change, Generation, CaId
 from store.sqlite import Store
-from tests.http.test_listener import ADDR, b64, connect, get
+from tests.http.test_listener import b64, connect, get
 from tests.ocsp.helpers import WallClock, config_for, fill_store, make_ca, request_der
 
 HOST = b"crl.example.mo"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from cryptography.x509 import ocsp as c_ocsp

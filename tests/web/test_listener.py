@@ -9,13 +9,11 @@ import socket
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import pytest_twisted
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from twisted.internet import reactor
 from twisted.internet import threads as threads_
