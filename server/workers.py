@@ -50,11 +50,16 @@ STABLE_AFTER = 30.0  # a worker that lived this long starts its backoff over
 DEFAULT_BACKLOG = 50  # Twisted's default for tcp: endpoints
 _SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+EX_CONFIG = 78  # a worker's configuration error (serve() returns it): not retried
 ORPHANED = 75  # EX_TEMPFAIL: the exit code of a worker whose supervisor died before it was set up
 
 
 class SupervisorError(Exception):
     """The workers cannot be started or kept running; the message says why."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code  # the exit code of ``certpub serve``: 78 for a configuration error
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,7 @@ class Supervisor:
         self.stopping = self.killed = self.all_ready = False
         self.deadline = 0.0
         self.failure: str | None = None
+        self.failure_code = 1
         self._wake = (-1, -1)
 
     def run(self) -> int:
@@ -245,7 +251,7 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
         if self.failure is not None:
-            raise SupervisorError(self.failure)
+            raise SupervisorError(self.failure, self.failure_code)
         self.log.info("all workers stopped", clean=not self.killed)
         return 1 if self.killed else 0
 
@@ -377,6 +383,13 @@ class Supervisor:
         if not worker.ready:
             worker.failures += 1
             reason = worker.error or how
+            if how == f"exit:{EX_CONFIG}":
+                # A key the service user cannot read, a refused signer: a restart cannot fix
+                # it, and systemd's RestartPreventExitStatus=78 must see 78.
+                self.failure, self.failure_code = f"worker {worker.index}: {reason}", EX_CONFIG
+                self.log.error("{reason}; stopping", reason=self.failure, pid=pid, status=how)
+                self._stop()
+                return
             if worker.failures >= MAX_START_FAILURES:
                 self.failure = f"worker {worker.index} failed to start {worker.failures} times: {reason}"
                 self.log.error("{reason}; stopping", reason=self.failure, pid=pid, status=how)

@@ -301,6 +301,25 @@ def test_worker_that_cannot_start_stops_the_parent(pki: Any, tmp_path: Path) -> 
     assert r.stdout.count("could not start") >= 2
 
 
+def test_worker_configuration_error_exits_78_without_retrying(pki: Any, tmp_path: Path) -> None:
+    # A signer key a worker cannot load (the packaging tests cover one the certpub user cannot
+    # read; root reads any file, so here it is one that is no key) is found when the worker
+    # starts; a restart cannot fix it, so serve exits 78 at once, as systemd's
+    # RestartPreventExitStatus=78 and the Debian package's notes expect.
+    key = str(pki.cas["rsa-ca"].ocsp_key_path)
+    unreadable = tmp_path / "ocsp.key"
+    unreadable.write_text("not a key\n")
+    unreadable.chmod(0o600)
+    config, _, _ = with_ports(pki, tmp_path, **{key: str(unreadable)})
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "2",
+                        "--config", str(config)], check=False, capture_output=True, text=True,
+                       timeout=25)
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert re.fullmatch(rf"certpub: worker \d: ca\[1\]\.ocsp\.signer_key: .*{unreadable}.*\n",
+                        r.stderr), r.stderr
+    assert "could not start" not in r.stdout
+
+
 def test_workers_option_is_checked(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "-1"],
                        check=False, capture_output=True, text=True, timeout=60)
