@@ -5,9 +5,9 @@ cleanly on SIGTERM as certpub serve is PID 1."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -86,12 +86,11 @@ def test_container_serves_reloads_and_stops(image: str, etc: Path, volume: str, 
         end = time.monotonic() + 120
         while True:
             try:
-                socket.create_connection(("127.0.0.1", http_port), timeout=1).close()
-                with socket.create_connection(("127.0.0.1", http_port), timeout=5) as s:
-                    s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
-                    if s.recv(100).startswith(b"HTTP/1.1 200"):
-                        break
-            except OSError:
+                conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    break
+            except (OSError, http.client.HTTPException):
                 pass
             state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
             if state != "running" or time.monotonic() > end:

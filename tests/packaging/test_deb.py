@@ -154,7 +154,7 @@ def test_install_serve_and_purge(root: Chroot, deb: Path, pki) -> None:  # type:
     assert root.run("certpub", "--help").returncode == 0
     owners = root.run("stat", "-c", "%U:%G %a %n", "/var/lib/certpub", "/var/spool/certpub",
                       "/etc/certpub", "/etc/certpub/certpub.toml").stdout.splitlines()
-    assert owners == ["certpub:certpub 750 /var/lib/certpub", "certpub:certpub 750 /var/spool/certpub",
+    assert owners == ["certpub:certpub 750 /var/lib/certpub", "certpub:certpub 770 /var/spool/certpub",
                       "root:certpub 750 /etc/certpub", "root:certpub 640 /etc/certpub/certpub.toml"]
     assert (root / "lib/systemd/system/certpub.service").is_file()
     assert not list((root / "etc/systemd/system").glob("*/certpub*.service"))
