@@ -34,6 +34,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -94,6 +95,7 @@ class Running:
     access: StoreAccess | None = None
     ports: dict[str, list[IListeningPort]] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)
+    loops: list[LoopingCall] = field(default_factory=list)
 
     def address(self, service: str, index: int = 0) -> tuple[str, int]:
         addr = self.ports[service][index].getHost()
@@ -102,6 +104,9 @@ class Running:
     @defer.inlineCallbacks
     def stop(self) -> Any:
         self.feed.stop()
+        for loop in self.loops:
+            if loop.running:
+                loop.stop()
         for ports in self.ports.values():
             for port in ports:
                 yield port.stopListening()
@@ -136,6 +141,8 @@ def _tls_factory(tls: Any, factory: Factory) -> Any:
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     class LimitedTls(TLSMemoryBIOFactory):  # type: ignore[misc]
+        noisy = False  # no "Starting factory <...>" lines: server.app logs each listener
+
         def buildProtocol(self, addr: Any) -> Any:
             inner = self.wrappedFactory.buildProtocol(addr)
             return None if inner is None else self.protocol(self, inner)
@@ -158,7 +165,7 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
     """Open the store, build both services and listen (or adopt inherited sockets); returns a Running."""
     from server.health import HealthCheck, OpsRoute
     from server.ldap.server import make_ldap_factory
-    from server.metrics import Metrics, set_metrics
+    from server.metrics import EXPORT_EVERY, Metrics, set_metrics
     from server.http.site import make_http_factory
 
     sc = config.store
@@ -178,6 +185,7 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
         listen = partial(open_store, location, create=False, migrate=False)
     feed = ChangeFeed(access.store, access=access, listen=listen)
     metrics = Metrics(now)
+    metrics.clock = reactor
     set_metrics(metrics)
     expiries: dict[str, Any] = {}  # filled once the OCSP service has loaded its signers
     metrics.watch(store=access.store, feed=feed,
@@ -201,7 +209,8 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
             for desc in config.ldap.listen:
                 port = yield _listen(reactor, desc, ldap_factory, tls, inherited)
                 running.ports["ldap"].append(port)
-                log.info("LDAP listening on {listener}", listener=desc)
+                _listening("ldap", desc, port)
+        http_factory = None
         if config.http.listen:
             http_factory = make_http_factory(config, store, feed, now, reactor, access=access)
             expiries["service"] = service = http_factory.service
@@ -211,23 +220,69 @@ def start(config: Config, reactor: Any, now: Callable[[], datetime] = wall_clock
             if service.signing is not None:
                 from server.ocsp.signing import OverloadCollector
 
-                metrics.registry.register(OverloadCollector(service.signing))
+                metrics.register_worker(OverloadCollector(service.signing))
             metrics.spools = config.import_.spool
-            health = HealthCheck(access.store, feed, now, lambda: _signer_expiries(expiries),
-                                 poll_lag=metrics.poll_lag, access=access)
-            http_factory.http_site.ops = OpsRoute(health, metrics, access,
-                                                  before_scrape=http_factory.access.flush)
+        health = HealthCheck(access.store, feed, now, lambda: _signer_expiries(expiries),
+                             poll_lag=metrics.poll_lag, access=access)
+        ops = OpsRoute(health, metrics, access,
+                       before_scrape=http_factory.access.flush if http_factory else None)
+        if http_factory is not None:
+            http_factory.http_site.ops = ops
             running.services["http"] = http_factory
             running.ports["http"] = []
             for desc in config.http.listen:
                 port = yield _listen(reactor, desc, http_factory, tls, inherited)
                 running.ports["http"].append(port)
-                log.info("HTTP listening on {listener}", listener=desc)
+                _listening("http", desc, port)
+        if config.ops.listen:
+            ops_factory = make_ops_factory(ops, reactor)
+            running.ports["ops"] = []
+            for desc in config.ops.listen:
+                port = yield _listen(reactor, desc, ops_factory, tls, inherited)
+                running.ports["ops"].append(port)
+                _listening("ops", desc, port)
     except BaseException:
         yield running.stop()
         raise
+    if metrics.shared is not None:  # a worker: its own state into the shared files
+        exporter = LoopingCall(metrics.export)
+        exporter.clock = reactor
+        exporter.start(EXPORT_EVERY, now=True)
+        running.loops.append(exporter)
+
+        def last_export() -> None:
+            if http_factory is not None:
+                http_factory.access.flush()
+            metrics.flush()
+            metrics.export()
+
+        reactor.addSystemEventTrigger("before", "shutdown", last_export)
     _summary(config, store, running, _signer_expiries(expiries))
     return running
+
+
+def _listening(service: str, description: str, port: IListeningPort) -> None:
+    """certpub's one line per listener (Twisted's own start lines are filtered out)."""
+    host = port.getHost()
+    log.info("listening", service=service, endpoint=description,
+             address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}")
+
+
+# The [ops] listener's connection limits: a scraper and a few health checkers, not the public.
+OPS_MAX_CONNECTIONS = 64
+OPS_MAX_PER_ADDRESS = 16
+OPS_IDLE_TIMEOUT = 30.0
+
+
+def make_ops_factory(ops: Any, reactor: Any) -> Factory:
+    """The ``[ops]`` listener: ``/healthz`` and ``/metrics`` only (``server.health.OpsSite``)."""
+    from server.health import OpsSite
+    from server.http.listener import HttpFactory
+    from server.limits import ConnectionLimits
+
+    limits = ConnectionLimits(OPS_MAX_CONNECTIONS, OPS_MAX_PER_ADDRESS, service="ops", log=log)
+    return HttpFactory(OpsSite(ops), max_body=4096, timeout=OPS_IDLE_TIMEOUT, reactor=reactor,
+                       limits=limits)
 
 
 def _signer_expiries(holder: dict[str, Any]) -> dict[str, datetime]:

@@ -7,6 +7,7 @@ error naming its path, and so is every missing file the configuration points at.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,49 @@ class ServerConfig:
     workers: int = 0  # worker processes; 0: one per CPU (os.cpu_count())
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    """The ``[ops]`` table: the staff-only listener of ``/metrics`` and ``/healthz``.
+
+    ``listen``: Twisted endpoint strings (default none: the two paths are served nowhere until
+    the operator picks an address). ``public_networks``: client networks that may also fetch
+    them on the public ``[http]`` listener (default none: 404 there)."""
+
+    listen: tuple[str, ...] = ()
+    public_networks: tuple[Network, ...] = ()
+
+    def public_allows(self, host: str) -> bool:
+        """Whether a client at host (an IP address string) may fetch the ops paths on the
+        public listener."""
+        if not self.public_networks:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.public_networks)
+
+
+def parse_ops(sec: Section) -> OpsConfig:
+    """``[ops]``: endpoint strings and CIDR networks, each checked with its key path."""
+    listen = sec.str_list("listen", ())
+    networks: list[Network] = []
+    for i, text in enumerate(sec.str_list("public_networks", ())):
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError as exc:
+            raise ConfigError(f"{sec.key('public_networks')}[{i}]",
+                              f"expected a network such as 10.0.0.0/8 or 2001:db8::/32: {exc}"
+                              ) from None
+    sec.done()
+    return OpsConfig(listen=listen, public_networks=tuple(networks))
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path | None
@@ -119,6 +163,7 @@ class Config:
     log: LogConfig
     server: ServerConfig = ServerConfig()
     pkcs11: Pkcs11Config | None = None  # the token library of pkcs11: signer keys
+    ops: OpsConfig = OpsConfig()
 
     def ca(self, name: str) -> CaConfig | None:
         return next((c for c in self.cas if c.name == name), None)
@@ -216,6 +261,7 @@ def parse_config(data: dict[str, object], source: Path | None = None, *,
     sv = root.section("server")
     server = ServerConfig(workers=sv.int("workers", 0, min=0, max=MAX_WORKERS))
     sv.done()
+    ops = parse_ops(root.section("ops"))
 
     pkcs11 = (parse_pkcs11(root.section("pkcs11"), check_files=check_files)
               if root.has("pkcs11") else None)
@@ -226,7 +272,7 @@ def parse_config(data: dict[str, object], source: Path | None = None, *,
                                   " table (module, and pin_file or pin_env)")
     root.done()
     return Config(source=source, store=store, import_=import_, cas=tuple(cas), ldap=ldap,
-                  http=http, tls=tls, log=log, server=server, pkcs11=pkcs11)
+                  http=http, tls=tls, log=log, server=server, pkcs11=pkcs11, ops=ops)
 
 
 def load_config(path: Path, *, check_files: bool = True) -> Config:

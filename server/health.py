@@ -1,10 +1,13 @@
-"""Health check and the /healthz and /metrics routes of the HTTP listener.
+"""Health check and the /healthz and /metrics routes: the operations listener, and the
+public HTTP listener for the client networks ``[ops] public_networks`` allows.
 
 Strategy: ``HealthCheck.check`` asks the store one indexed question (its generation) plus the
 short CA list, and reads the feed's and signers' state; every check runs on each request, so a
 store that comes back turns the answer to 200 without a restart. The body is short and names
 no paths or error texts (the endpoint may be public): details go to the log when the state
-changes. ``OpsRoute`` is a plain adapter that ``server.http.site`` routes the two paths to.
+changes. ``OpsRoute`` is a plain adapter for the two paths; ``OpsSite`` is the whole site of
+the ``[ops]`` listener (those two paths, 404 for any other), and ``server.http.site`` routes
+them to it on the public listener only for allowed clients.
 With a threaded ``StoreAccess`` the store reads of a check and a whole metrics scrape run in
 the store pool and the answer is written when they are done (a full pool: 503).
 """
@@ -229,9 +232,12 @@ class OpsRoute:
             return self._not_allowed(request, "metrics", date)
         if self.before_scrape is not None:
             self.before_scrape()
+        self.metrics.flush()  # on the reactor thread, whatever thread renders
+        self.metrics.export()
         ctype = CONTENT_TYPE.encode()
         if self.access is None:
-            return self._send(request, 200, ctype, self.metrics.render(), "metrics", date)
+            return self._send(request, 200, ctype, self.metrics.render(flush=False), "metrics",
+                              date)
         if self.access.busy():
             return self._send(request, 503, b"text/plain; charset=utf-8",
                               b"store threads busy\n", "metrics", date)
@@ -243,4 +249,27 @@ class OpsRoute:
                                   b"scrape failed\n", "metrics", date)
             return self._send(request, 200, ctype, result, "metrics", date)
 
-        return self.access.run(self.metrics.render).addBoth(answer)
+        return self.access.run(self.metrics.render, False).addBoth(answer)
+
+
+OPS_PATHS = (b"/healthz", b"/metrics")
+
+
+class OpsSite:
+    """The ``[ops]`` listener's site (a ``server.http.listener.Handler``): ``/healthz`` and
+    ``/metrics``, and 404 for every other path, so the staff-only port shows nothing else."""
+
+    def __init__(self, route: OpsRoute) -> None:
+        self.route = route
+
+    def handle(self, request: Any, date: bytes, client: str = "-") -> Any:
+        path = request.path
+        if path == b"/healthz":
+            return self.route.healthz(request, date)
+        if path == b"/metrics":
+            return self.route.scrape(request, date)
+        return self.route._send(request, 404, b"text/plain; charset=utf-8", b"not found\n",
+                                "ops", date)
+
+    def replay(self, request: Any) -> None:
+        return None  # every answer is computed again

@@ -499,7 +499,25 @@ class LevelFilter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("log_level") in self.levels and event.get("log_namespace"):
+            if event["log_namespace"] == "log_legacy" and twisted_noise(event):
+                return
             self.observer(event)
+
+
+# Twisted's own lines about listening ports and factories ("LdapFactory starting on 1389",
+# "(TCP Port 1389 Closed)", "Starting factory <...LdapFactory object at 0x...>"): a port logs
+# them whatever its factory's ``noisy`` says. certpub writes its own line per listener
+# (``server.app``: msg="listening" service=... endpoint=...).
+_TWISTED_NOISE = re.compile(r"\S+ starting on \d+|\(\S+ Port \d+ Closed\)"
+                            r"|(?:Starting|Stopping) factory .*", re.S)
+
+
+def twisted_noise(event: dict[str, Any]) -> bool:
+    """A legacy Twisted event that only says a port or factory started or stopped."""
+    message = event.get("message")
+    if not isinstance(message, tuple) or len(message) != 1 or not isinstance(message[0], str):
+        return False
+    return _TWISTED_NOISE.fullmatch(message[0]) is not None
 
 
 def start_logging(fmt: str = "logfmt", level: str = "info", path: Path | None = None,

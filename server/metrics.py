@@ -1,4 +1,4 @@
-"""Prometheus metrics of one certpub server process, in a registry of its own.
+"""Prometheus metrics of certpub serve: one exposition for all workers, in registries of its own.
 
 Strategy: request counters, latency histograms, the OCSP cache, connections and the pre-signing
 backlog are updated by the protocol code through a handful of plain methods that never raise.
@@ -9,6 +9,24 @@ rendered in a store thread (``OpsRoute.scrape``), as every collector and counter
 thread-safe. The change-poll lag is measured by wrapping
 the feed's ``poll`` (see ``Metrics.watch``), so a poll loop that died shows up as a growing lag.
 The registry is not prometheus_client's global one, so tests and processes stay isolated.
+
+Across workers (``certpub serve --workers N``): the supervisor turns on prometheus_client's
+multiprocess mode before it forks (``enable_multiprocess``: every value is then a float in a
+per-process mmap file of one fresh directory, the mechanism gunicorn deployments use), and a
+scrape answered by any worker renders ``MultiProcessCollector`` over all the files, so it shows
+the sum over the workers. Counter files of dead workers stay (their counts are kept: a counter
+never goes down); the supervisor drops their live gauges (``mark_process_dead``). What each
+worker knows only of itself (connections, its feed, its signing queue, its process) comes from
+collectors registered with ``register_worker``; ``export`` copies their values into the
+worker's files every ``EXPORT_EVERY`` seconds and before the worker's own scrape (gauges with
+a ``live*`` mode: summed, or the worst worker's for the feed; ``process_*`` per worker with
+a ``worker`` label). What is read from the store, the signer certificates and the spool folders
+is the same for every worker, so it is computed by the scraping process, never summed.
+Requests are counted without touching the files per request: the HTTP access log folds a
+batch (``requests_tallied``), LDAP operations are tallied (``tally``) and folded by ``flush``
+every ``FLUSH_DELAY`` seconds and before a scrape; a scrape thus shows the requests of other
+workers finished up to ``FLUSH_DELAY`` earlier. With one process (``--workers 1``, tests) the
+same objects count in memory and ``export`` does nothing.
 """
 
 from __future__ import annotations
@@ -25,11 +43,14 @@ from typing import Any, Protocol
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    values,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
@@ -47,7 +68,13 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
 STATS_TTL = 30.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-FILE_COUNTS_SQL = "SELECT outcome, COUNT(*) FROM imported_files GROUP BY outcome"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+EXPORT_EVERY = 1.0  # seconds between copies of a worker's own state into its files
+FLUSH_DELAY = 0.02  # seconds an LDAP operation's count may wait (as the HTTP access log's)
+# Exported gauges are summed over live workers, except these (Prometheus' multiprocess modes).
+GAUGE_MODES = {"certpub_feed_generation": "livemin", "certpub_feed_healthy": "livemin",
+               "certpub_change_poll_lag_seconds": "livemax", "python_info": "livemax"}
+PER_WORKER = "process_"  # exported families with a worker label (one series per worker slot)
 
 SignerExpiries = Callable[[], Mapping[str, datetime]]
 
@@ -75,14 +102,90 @@ def wall_clock() -> datetime:
 
 
 def import_file_counts(store: Any) -> dict[str, int]:
-    """Files the importer recorded, by outcome (a public Store method is used when present)."""
-    public = getattr(store, "import_file_counts", None)
-    if callable(public):
-        return {str(k): int(v) for k, v in public().items()}
-    query = getattr(store, "_query", None)  # stopgap until Store grows import_file_counts()
-    if query is None:
-        return {}
-    return {str(outcome): int(n) for outcome, n in query(FILE_COUNTS_SQL)}
+    """Files the importer recorded, by outcome (``{}`` for a store that does not record them)."""
+    counts = getattr(store, "import_file_counts", None)
+    return {str(k): int(v) for k, v in counts().items()} if callable(counts) else {}
+
+
+# --- multiprocess mode -------------------------------------------------------------------
+
+_worker: int | None = None  # this process's worker slot (1..N) under the supervisor
+
+
+def enable_multiprocess(path: Path) -> None:
+    """Count in per-process files under path from now on, in this process and its children
+    (the supervisor, before it forks). prometheus_client picks its value class when it is
+    first imported; it is picked again here, as the service modules may be imported already."""
+    os.environ[MULTIPROC_ENV] = str(path)
+    values.ValueClass = values.get_value_class()
+
+
+def multiprocess_dir() -> Path | None:
+    """The shared directory when this process counts in files, else None."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path or not getattr(values.ValueClass, "_multiprocess", False):
+        return None
+    return Path(path)
+
+
+def set_worker(index: int | None) -> None:
+    """The worker slot of this process (``worker`` label of its per-worker series)."""
+    global _worker
+    _worker = index
+
+
+def process_dead(pid: int, path: Path) -> None:
+    """The supervisor reaped worker pid: drop its live gauges; its counters stay."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    try:
+        mark_process_dead(pid, str(path))
+    except OSError as exc:
+        log.warn("metrics: files of worker pid {pid} not cleaned: {error}", pid=pid,
+                 error=str(exc))
+
+
+class _Exported:
+    """A worker's own collectors written into its multiprocess files (``Metrics.export``)."""
+
+    def __init__(self, worker: int | None) -> None:
+        self.worker = "" if worker is None else str(worker)
+        self.metrics: dict[str, Any] = {}
+        self.counted: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def write(self, families: Iterator[Metric]) -> None:
+        for family in families:
+            if family.type not in ("counter", "gauge"):
+                continue
+            extra = ("worker",) if family.name.startswith(PER_WORKER) and self.worker else ()
+            for sample in family.samples:
+                if family.type == "counter" and not sample.name.endswith("_total"):
+                    continue  # _created: not kept in multiprocess mode
+                names = tuple(sample.labels) + extra
+                metric = self._metric(family, names)
+                if metric is None:
+                    continue
+                labels = tuple(sample.labels.values()) + ((self.worker,) if extra else ())
+                child = metric.labels(*labels) if names else metric
+                if family.type == "gauge":
+                    child.set(sample.value)
+                    continue
+                key = (family.name, labels)
+                delta = sample.value - self.counted.get(key, 0.0)
+                if delta > 0:  # a worker's own counters only grow
+                    child.inc(delta)
+                    self.counted[key] = sample.value
+
+    def _metric(self, family: Metric, names: tuple[str, ...]) -> Any:
+        metric = self.metrics.get(family.name)
+        if metric is None:
+            if family.type == "gauge":
+                metric = Gauge(family.name, family.documentation, names, registry=None,
+                               multiprocess_mode=GAUGE_MODES.get(family.name, "livesum"))
+            else:
+                metric = Counter(family.name, family.documentation, names, registry=None)
+            self.metrics[family.name] = metric
+        return metric if tuple(metric._labelnames) == names else None
 
 
 @dataclass
@@ -99,8 +202,15 @@ class Metrics:
 
     def __init__(self, now: Callable[[], datetime] = wall_clock, *, process: bool = True) -> None:
         self.now = now
+        # registry: what a scrape renders; worker_registry: this process's own collectors
+        # (the same registry with one process; exported to the shared files with several)
         self.registry = CollectorRegistry()
-        r = self.registry
+        self.shared = multiprocess_dir()
+        self.worker_registry = CollectorRegistry() if self.shared else self.registry
+        self._exported = _Exported(_worker) if self.shared else None
+        if self.shared is not None:
+            MultiProcessCollector(self.registry, str(self.shared))
+        r = None if self.shared else self.registry  # the files are rendered, not the objects
         self.requests = Counter("certpub_requests", "Requests by protocol, operation and result.",
                                 ["protocol", "operation", "result"], registry=r)
         self.latency = Histogram("certpub_request_seconds", "Request duration in seconds.",
@@ -116,9 +226,13 @@ class Metrics:
         self.ldap_answers = Counter("certpub_ldap_answer_cache",
                                     "LDAP pre-encoded answer lookups.", ["result"], registry=r)
         self._ldap_answers = (self.ldap_answers.labels("miss"), self.ldap_answers.labels("hit"))
+        self._tallies: dict[tuple[str, str, str], list[Any]] = {}
+        self._ldap_cache_counts = [0, 0]  # misses, hits since the last flush
+        self.clock: Any = None  # the reactor: schedules flush() (without one: at once)
+        self._scheduled: Any = None
         if process:
-            ProcessCollector(registry=r)
-            PlatformCollector(registry=r)
+            ProcessCollector(registry=self.worker_registry)
+            PlatformCollector(registry=self.worker_registry)
         self.store: StoreLike | None = None
         self.feed: FeedLike | None = None
         self.signer_source: SignerExpiries | None = None
@@ -129,11 +243,49 @@ class Metrics:
         # service ("ldap", "http"), and the OCSP service's count of pre-signed responses.
         self.limits: dict[str, Any] = {}
         self.presigned: Callable[[], int] | None = None
-        r.register(_StateCollector(self))
+        self.registry.register(_StateCollector(self))
+        self.worker_registry.register(_WorkerCollector(self))
         # Backlogs (see _BacklogCollector): the OCSP pre-signing queue and the import spools.
         self.presign_backlog: Callable[[], int] | None = None
         self.spools: tuple[Path, ...] = ()
-        r.register(_BacklogCollector(self))
+        self.registry.register(_BacklogCollector(self))
+
+    def register_worker(self, collector: Collector) -> None:
+        """A collector of this process's own state (summed over workers, see ``export``)."""
+        self.worker_registry.register(collector)
+
+    def export(self) -> None:
+        """Copy this worker's own collectors into its multiprocess files (no-op with one
+        process); called every ``EXPORT_EVERY`` seconds, before a scrape and at stop."""
+        if self._exported is None:
+            return
+        try:
+            self._exported.write(self.worker_registry.collect())
+        except Exception:  # noqa: BLE001 - metrics never break the server
+            log.failure("metrics: export failed")
+
+    def flush(self) -> None:
+        """Fold the tallied LDAP operations into the counters (on the reactor thread)."""
+        scheduled, self._scheduled = self._scheduled, None
+        if scheduled is not None and scheduled.active():
+            scheduled.cancel()
+        tallies, self._tallies = self._tallies, {}
+        for (protocol, operation, result), (count, total, buckets) in tallies.items():
+            self.requests_tallied(protocol, operation, result, count, total, buckets)
+        misses, hits = self._ldap_cache_counts
+        if misses or hits:
+            self._ldap_cache_counts = [0, 0]
+            if misses:
+                self._ldap_answers[0].inc(misses)
+            if hits:
+                self._ldap_answers[1].inc(hits)
+
+    def _schedule(self) -> None:
+        if self._scheduled is None:
+            if self.clock is None:
+                self.flush()
+            else:
+                self._scheduled = self.clock.callLater(FLUSH_DELAY, self.flush)
 
     # --- called by the protocol code (never raise) ---------------------------------------
 
@@ -175,8 +327,24 @@ class Metrics:
         self.ocsp_cache.labels("hit" if hit else "miss").inc()
 
     def ldap_cache(self, hit: bool) -> None:
-        """Count one lookup of the LDAP pre-encoded answers."""
-        self._ldap_answers[hit].inc()
+        """Count one lookup of the LDAP pre-encoded answers (folded by ``flush``)."""
+        self._ldap_cache_counts[hit] += 1
+        self._schedule()
+
+    def tally(self, protocol: str, operation: str, result: str, seconds: float) -> None:
+        """``request`` for the hot path: counted in memory, folded into the counters by
+        ``flush`` (a shared file is written per batch, not per request)."""
+        tally = self._tallies.get((protocol, operation, result))
+        if tally is None:
+            tally = self._tallies[protocol, operation, result] = [0, 0.0,
+                                                                  [0] * len(_BOUNDS)]
+        if seconds < 0:
+            seconds = 0.0
+        tally[0] += 1
+        tally[1] += seconds
+        tally[2][bisect_left(_BOUNDS, seconds)] += 1
+        if self._scheduled is None:
+            self._schedule()
 
     def signer_unavailable(self, ca: str) -> None:
         """Count one signature the CA's token did not make (answered tryLater)."""
@@ -232,8 +400,13 @@ class Metrics:
             out.update(self.signer_source())
         return out
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition (format 0.0.4) of this registry."""
+    def render(self, flush: bool = True) -> bytes:
+        """The Prometheus text exposition (format 0.0.4): all workers' with several.
+        flush: fold this process's tallies and export its own state first (only on the
+        reactor thread: ``OpsRoute.scrape`` does it there, then renders in a store thread)."""
+        if flush:
+            self.flush()
+            self.export()
         return generate_latest(self.registry)
 
     def store_snapshot(self, store: StoreLike) -> _StoreSnapshot:
@@ -251,32 +424,16 @@ def _ts(value: datetime | None) -> float | None:
 
 
 class _StateCollector(Collector):
-    """Families computed at scrape time from the store, the feed and the signers."""
+    """Families computed at scrape time by the scraping process, the same in every worker:
+    the store (one store under all workers: summing would count it N times) and the signer
+    certificates (every worker loads the same ones)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:
         yield from self._store()
-        yield from self._feed()
         yield from self._signers()
-        yield from self._connections()
-
-    def _connections(self) -> Iterator[Metric]:
-        open_ = GaugeMetricFamily("certpub_open_connections", "Open client connections.",
-                                  labels=["service"])
-        refused = CounterMetricFamily("certpub_connections_refused",
-                                      "Connections refused by the connection limits.",
-                                      labels=["service"])
-        for service, limits in sorted(self.m.limits.items()):
-            open_.add_metric([service], limits.total)
-            refused.add_metric([service], limits.refused)
-        yield from (open_, refused)
-        if self.m.presigned is not None:
-            pre = CounterMetricFamily("certpub_ocsp_presigned",
-                                      "OCSP responses signed ahead of any request for them.")
-            pre.add_metric([], self.m.presigned())
-            yield pre
 
     def _store(self) -> Iterator[Metric]:
         store = self.m.store
@@ -317,20 +474,6 @@ class _StateCollector(Collector):
             files.add_metric([outcome], n)
         yield from (certs, last, synced, files)
 
-    def _feed(self) -> Iterator[Metric]:
-        feed = self.m.feed
-        if feed is None:
-            return
-        lag = GaugeMetricFamily("certpub_change_poll_lag_seconds",
-                                "Seconds since the change feed last polled the store.")
-        lag.add_metric([], self.m.poll_lag() or 0.0)
-        gen = GaugeMetricFamily("certpub_feed_generation",
-                                "Store generation this server's caches have applied.")
-        gen.add_metric([], int(feed.generation))
-        healthy = GaugeMetricFamily("certpub_feed_healthy", "1 when the last poll succeeded.")
-        healthy.add_metric([], 1 if feed.healthy else 0)
-        yield from (lag, gen, healthy)
-
     def _signers(self) -> Iterator[Metric]:
         try:
             signers = self.m.signers()
@@ -348,7 +491,56 @@ class _StateCollector(Collector):
         yield family
 
 
-# --- backlogs: OCSP pre-signing, files waiting in the import spools ------------------------
+class _WorkerCollector(Collector):
+    """What one process knows only of itself: its connections, its change feed, its OCSP
+    pre-signing (exported to the shared files with several workers, see ``Metrics.export``)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._connections()
+        yield from self._feed()
+        if self.m.presign_backlog is not None:
+            backlog = GaugeMetricFamily(
+                "certpub_ocsp_presign_backlog",
+                "OCSP responses queued for pre-signing (status changed or due for refresh)"
+                " and not signed yet.")
+            backlog.add_metric([], self.m.presign_backlog())
+            yield backlog
+
+    def _connections(self) -> Iterator[Metric]:
+        open_ = GaugeMetricFamily("certpub_open_connections", "Open client connections.",
+                                  labels=["service"])
+        refused = CounterMetricFamily("certpub_connections_refused",
+                                      "Connections refused by the connection limits.",
+                                      labels=["service"])
+        for service, limits in sorted(self.m.limits.items()):
+            open_.add_metric([service], limits.total)
+            refused.add_metric([service], limits.refused)
+        yield from (open_, refused)
+        if self.m.presigned is not None:
+            pre = CounterMetricFamily("certpub_ocsp_presigned",
+                                      "OCSP responses signed ahead of any request for them.")
+            pre.add_metric([], self.m.presigned())
+            yield pre
+
+    def _feed(self) -> Iterator[Metric]:
+        feed = self.m.feed
+        if feed is None:
+            return
+        lag = GaugeMetricFamily("certpub_change_poll_lag_seconds",
+                                "Seconds since the change feed last polled the store.")
+        lag.add_metric([], self.m.poll_lag() or 0.0)
+        gen = GaugeMetricFamily("certpub_feed_generation",
+                                "Store generation this server's caches have applied.")
+        gen.add_metric([], int(feed.generation))
+        healthy = GaugeMetricFamily("certpub_feed_healthy", "1 when the last poll succeeded.")
+        healthy.add_metric([], 1 if feed.healthy else 0)
+        yield from (lag, gen, healthy)
+
+
+# --- backlogs: files waiting in the import spools ------------------------
 
 SPOOL_SCAN_LIMIT = 100_000  # entries looked at per spool and scrape (a spool is near empty)
 
@@ -383,20 +575,14 @@ def spool_backlog(spool: Path, now: float) -> tuple[int, float] | None:
 
 
 class _BacklogCollector(Collector):
-    """Work queued and not done yet, read at scrape time: the import lag an operator sees
-    before the generation moves, and the OCSP responses still to be re-signed."""
+    """Files waiting in the import spools, read at scrape time by the scraping process: the
+    import lag an operator sees before the generation moves (the OCSP pre-signing backlog is
+    each worker's own: ``_WorkerCollector``)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:
-        if self.m.presign_backlog is not None:
-            backlog = GaugeMetricFamily(
-                "certpub_ocsp_presign_backlog",
-                "OCSP responses queued for pre-signing (status changed or due for refresh)"
-                " and not signed yet.")
-            backlog.add_metric([], self.m.presign_backlog())
-            yield backlog
         if not self.m.spools:
             return
         files = GaugeMetricFamily("certpub_import_spool_files",

@@ -26,9 +26,11 @@ import ctypes
 import importlib
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -206,9 +208,11 @@ def run_worker(index: int, config: Config, config_path: Path,
                listeners: dict[str, socket.socket], status_fd: int) -> int:
     """The body of worker index (in the forked child): serve on the inherited sockets."""
     from server.logs import set_global_fields
+    from server.metrics import set_worker
     from server.serve import serve
 
     set_global_fields(worker=index)
+    set_worker(index)
 
     def started(error: str | None) -> None:
         line = "ready" if error is None else "error " + " ".join(error.split())[:2000]
@@ -222,8 +226,10 @@ class Supervisor:
     """The parent: forks, watches, restarts and stops the workers."""
 
     def __init__(self, config: Config, config_path: Path, count: int,
-                 listeners: list[Listeners], log: Logger, observer: LineObserver) -> None:
+                 listeners: list[Listeners], log: Logger, observer: LineObserver,
+                 metrics_dir: Path | None = None) -> None:
         self.config, self.config_path, self.listeners = config, config_path, listeners
+        self.metrics_dir = metrics_dir  # the workers' shared metric files
         self.log, self.observer = log, observer
         self.workers = [Worker(i) for i in range(1, count + 1)]
         self.signals: list[int] = []
@@ -377,6 +383,10 @@ class Supervisor:
 
     def _exited(self, worker: Worker, how: str) -> None:
         pid, lived, worker.pid = worker.pid, time.monotonic() - worker.started, 0
+        if self.metrics_dir is not None:  # its live gauges go, its counters stay
+            from server.metrics import process_dead
+
+            process_dead(pid, self.metrics_dir)
         if self.stopping:
             self.log.info("worker {worker} stopped", worker=worker.index, pid=pid, status=how)
             return
@@ -426,10 +436,12 @@ class Supervisor:
                            error=str(exc))
         else:
             old = self.config
-            if (new.ldap.listen, new.http.listen) != (old.ldap.listen, old.http.listen):
+            if ((new.ldap.listen, new.http.listen, new.ops.listen)
+                    != (old.ldap.listen, old.http.listen, old.ops.listen)):
                 self.log.warn("listeners change only on restart; keeping the bound sockets")
             self.config = replace(new, ldap=replace(new.ldap, listen=old.ldap.listen),
-                                  http=replace(new.http, listen=old.http.listen))
+                                  http=replace(new.http, listen=old.http.listen),
+                                  ops=replace(new.ops, listen=old.ops.listen))
         count = self._forward(signal.SIGHUP)
         self.log.info("SIGHUP passed to {count} workers", count=count)
 
@@ -475,7 +487,8 @@ def bind_listeners(config: Config, log: Logger, count: int = 1) -> list[Listener
     reuse = count > 1 and reuseport_available()
     per_worker: list[Listeners] = [{} for _ in range(count if reuse else 1)]
     try:
-        for service, descriptions in (("ldap", config.ldap.listen), ("http", config.http.listen)):
+        for service, descriptions in (("ldap", config.ldap.listen), ("http", config.http.listen),
+                                      ("ops", config.ops.listen)):
             for description in descriptions:
                 if description in per_worker[0]:
                     raise SupervisorError(f"listener {description!r} is configured twice")
@@ -514,13 +527,57 @@ def preload() -> None:
         raise SupervisorError("workers must be forked before the Twisted reactor is imported")
 
 
+METRICS_PREFIX = "certpub-metrics-"
+
+
+def metrics_base() -> Path:
+    """Where the shared metrics directory is made: systemd's ``RuntimeDirectory=`` (a tmpfs
+    only the service user reads, removed when the service stops), else the temp folder."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) if runtime else Path(tempfile.gettempdir())
+
+
+def make_metrics_dir(base: Path) -> Path:
+    """A fresh, owner-only ``certpub-metrics-<pid>`` under base for this run's metric files;
+    directories left by supervisors that are gone (killed: no clean-up ran) are removed."""
+    for old in base.glob(METRICS_PREFIX + "*"):
+        try:
+            pid = int(old.name[len(METRICS_PREFIX):])
+        except ValueError:
+            continue
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # another running supervisor's
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        shutil.rmtree(old, ignore_errors=True)
+    path = base / f"{METRICS_PREFIX}{os.getpid()}"
+    path.mkdir(mode=0o700)
+    return path
+
+
 def supervise(config: Config, config_path: Path, count: int) -> int:
     """Bind, fork count workers and supervise them; the exit code of ``certpub serve``."""
-    preload()
+    from server.metrics import enable_multiprocess
+
     log, observer = parent_logger(config.log)
-    listeners = bind_listeners(config, log, count)
-    log.info("starting {workers} workers", workers=count, pid=os.getpid())
     try:
-        return Supervisor(config, config_path, count, listeners, log, observer).run()
+        metrics_dir = make_metrics_dir(metrics_base())
+    except OSError as exc:
+        raise SupervisorError(f"cannot make the metrics directory: {exc}") from None
+    try:
+        enable_multiprocess(metrics_dir)  # before the service modules make any metric
+        preload()
+        listeners = bind_listeners(config, log, count)
+        log.info("starting {workers} workers", workers=count, pid=os.getpid(),
+                 metrics=str(metrics_dir))
+        try:
+            return Supervisor(config, config_path, count, listeners, log, observer,
+                              metrics_dir).run()
+        finally:
+            _close_all(listeners)
     finally:
-        _close_all(listeners)
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -400,6 +400,11 @@ class SqlStore(abc.ABC):
     def file_seen(self, sha256: bytes) -> bool:
         return bool(self._query("SELECT 1 FROM imported_files WHERE sha256 = ?", (sha256,)))
 
+    def import_file_counts(self) -> dict[str, int]:
+        """Input files the importer recorded, by outcome (``/metrics``)."""
+        rows = self._query("SELECT outcome, COUNT(*) FROM imported_files GROUP BY outcome")
+        return {str(outcome): int(n) for outcome, n in rows}
+
     def files_seen(self, sha256s: Sequence[bytes]) -> set[bytes]:
         """Which of these input files (by SHA-256) were imported before (the importer's bulk
         form of ``file_seen``)."""

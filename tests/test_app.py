@@ -55,6 +55,7 @@ async def test_start_serves_health_metrics_and_logs_a_summary(tmp_path: Path,
         ldap=dataclasses.replace(config.ldap, listen=("tcp:0:interface=127.0.0.1",)),
         http=dataclasses.replace(config.http, listen=("tcp:0:interface=127.0.0.1",)),
         store=dataclasses.replace(config.store, threads=threads),
+        ops=dataclasses.replace(config.ops, listen=("tcp:0:interface=127.0.0.1",)),
     )
     now = lambda: datetime.now(UTC)  # noqa: E731
     import_openssl(config, now=now, progress=None)
@@ -74,19 +75,33 @@ async def test_start_serves_health_metrics_and_logs_a_summary(tmp_path: Path,
                                              good.emails[0])
         assert found and all(values for values in found)
         host, port = running.address("http")
-        status, body, headers = await threads_.deferToThread(_get, f"http://{host}:{port}/healthz")
+        ops_host, ops_port = running.address("ops")
+        status, body, headers = await threads_.deferToThread(
+            _get, f"http://{ops_host}:{ops_port}/healthz")
         assert status == 200, body
         health = json.loads(body)
         assert health["status"] == "ok" and health["generation"] >= 1
         assert set(health["signer_days_left"]) == {"rsa-ca", "ec-ca"}
-        status, body, headers = await threads_.deferToThread(_get, f"http://{host}:{port}/metrics")
+        status, body, headers = await threads_.deferToThread(
+            _get, f"http://{ops_host}:{ops_port}/metrics")
         assert status == 200 and b"certpub_store_generation" in body
         assert b'certpub_certificates{ca="rsa-ca",status="revoked"}' in body
-        # the OCSP site still answers behind the ops front
+        assert b'certpub_requests_total{operation="search",protocol="ldap",result="success"}' in body
+        # the public port refuses the staff-only paths by default (no [ops] public_networks)
+        for path in ("/metrics", "/healthz"):
+            status, body, _ = await threads_.deferToThread(_get, f"http://{host}:{port}{path}")
+            assert status == 404 and b"certpub_" not in body and b"signer" not in body
+        # the OCSP site answers on the public port, and only the two paths on the ops port
         status, body, _ = await threads_.deferToThread(_get, f"http://{host}:{port}/ca/rsa-ca.pem")
         assert status == 200 and body.startswith(b"-----BEGIN CERTIFICATE-----")
+        status, _, _ = await threads_.deferToThread(
+            _get, f"http://{ops_host}:{ops_port}/ca/rsa-ca.pem")
+        assert status == 404
     finally:
         await running.stop()
+    # one line of certpub's own per listener, with its service and endpoint string
+    listening = [(e["service"], e["endpoint"]) for e in events if e.get("log_format") == "listening"]
+    assert sorted(listening) == [(s, "tcp:0:interface=127.0.0.1") for s in ("http", "ldap", "ops")]
     summary = [e for e in events if "serving listeners=" in e.get("log_format", "")]
     assert len(summary) == 1
     assert "rsa-ca(signer until" in summary[0]["cas"] and "root(no OCSP)" in summary[0]["cas"]

@@ -26,6 +26,25 @@ def test_example_loads_with_every_section() -> None:
     assert config.ldap.size_limit == 500 and config.http.max_certids == 100
     assert config.tls is None and config.log.format == "logfmt"
     assert config.server.workers == 0
+    assert config.ops.listen == ("tcp:9100:interface=127.0.0.1",)
+    assert config.ops.public_networks == ()
+
+
+def test_ops_defaults_to_no_listener_and_no_public_access() -> None:
+    data = example()
+    del data["ops"]
+    ops = parse_config(data, check_files=False).ops
+    assert ops.listen == () and ops.public_networks == ()
+    assert not ops.public_allows("127.0.0.1")
+
+
+def test_ops_public_networks_match_v4_v6_and_mapped_addresses() -> None:
+    data = example()
+    data["ops"]["public_networks"] = ["10.0.0.0/8", "2001:db8::/32"]
+    ops = parse_config(data, check_files=False).ops
+    assert ops.public_allows("10.1.2.3") and ops.public_allows("::ffff:10.0.0.1")
+    assert ops.public_allows("2001:db8::1")
+    assert not ops.public_allows("192.0.2.1") and not ops.public_allows("-")
 
 
 def test_example_documents_every_key() -> None:
@@ -37,7 +56,8 @@ def test_example_documents_every_key() -> None:
                 "size_limit", "time_limit", "max_request_bytes", "ocsp_paths", "max_certids",
                 "certificate", "key", "format", "file", "level", "max_connections",
                 "max_connections_per_address", "idle_timeout", "max_filter_depth",
-                "max_filter_items", "scan_limit", "max_outstanding", "cache_entries"):
+                "max_filter_items", "scan_limit", "max_outstanding", "cache_entries",
+                "public_networks"):
         assert f"\n{key} =" in text or f"#{key} =" in text, key
 
 
@@ -58,6 +78,11 @@ def test_example_documents_every_key() -> None:
         (lambda d: d["http"].update(ocsp_paths=["ocsp"]), "http.ocsp_paths[0]", "starting with '/'"),
         (lambda d: d["log"].update(format="xml"), "log.format", "logfmt, json"),
         (lambda d: d["server"].update(workers=-1), "server.workers", "at least 0"),
+        (lambda d: d["ops"].update(public_networks=["10.0.0.1/8"]), "ops.public_networks[0]",
+         "host bits set"),
+        (lambda d: d["ops"].update(public_networks=["anywhere"]), "ops.public_networks[0]",
+         "expected a network"),
+        (lambda d: d["ops"].update(listen="tcp:9100", port=9100), "ops.port", "unknown key"),
         (lambda d: d.pop("ca"), "ca", "at least one"),
         (lambda d: d.update(extra={}), "extra", "unknown key"),
         (lambda d: d["ca"][0].update(certificate=True), "ca[0].certificate", "got a boolean"),

@@ -133,6 +133,7 @@ async def test_every_dashboard_query_uses_exported_metrics(demo_pki: Any, demo_n
         store=dataclasses.replace(config.store, path=store),
         ldap=dataclasses.replace(config.ldap, listen=("tcp:0:interface=127.0.0.1",)),
         http=dataclasses.replace(config.http, listen=("tcp:0:interface=127.0.0.1",)),
+        ops=dataclasses.replace(config.ops, listen=("tcp:0:interface=127.0.0.1",)),
     )
     running = await app.start(config, reactor, lambda: datetime.now(UTC))
     try:
@@ -147,7 +148,9 @@ async def test_every_dashboard_query_uses_exported_metrics(demo_pki: Any, demo_n
             assert ocsp.load_der_ocsp_response(answer).certificate_status \
                 == ocsp.OCSPCertStatus.GOOD
         await threads_.deferToThread(_get, f"http://{host}:{port}/ca/rsa-ca.pem")
-        text = (await threads_.deferToThread(_get, f"http://{host}:{port}/metrics")).decode()
+        ops_host, ops_port = running.address("ops")
+        text = (await threads_.deferToThread(_get, f"http://{ops_host}:{ops_port}/metrics")
+                ).decode()
     finally:
         await running.stop()
     names = exported(text)

@@ -134,6 +134,7 @@ def node_config(demo_pki: Any, folder: Path, url: str) -> tuple[Path, int, int]:
     text = re.sub(r'\[http\]\nlisten = \["tcp:\d+', f'[http]\nlisten = ["tcp:{http_port}', text)
     text, n = re.subn(r"\[store\]\npath = .*\n", f'[store]\nurl = "{url}"\nthreads = 2\n', text)
     assert n == 1
+    text += '\n[ops]\npublic_networks = ["127.0.0.0/8"]\n'  # /healthz on the public port
     path = folder / "certpub.toml"
     path.write_text(text)
     return path, ldap_port, http_port

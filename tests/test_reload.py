@@ -114,6 +114,8 @@ def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
                         f'listen = ["tcp:{http_port}:interface=127.0.0.1", '
                         f'"tls:{https_port}:interface=127.0.0.1"]')
     text += f'\n[tls]\ncertificate = "{tls_cert}"\nkey = "{tls_key}"\n'
+    # /healthz on the public port, allowed for this host's clients (an operator's opt-in)
+    text += '\n[ops]\npublic_networks = ["127.0.0.0/8"]\n'
     pki.config_path.write_text(text)
     config = load_config(pki.config_path)
     now = lambda: datetime.now(UTC)  # noqa: E731

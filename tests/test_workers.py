@@ -362,3 +362,105 @@ def test_connections_spread_over_workers(server: tuple[Server, int, int]) -> Non
     finally:
         for c in clients:
             c.close()
+
+
+# --- one /metrics for all workers -----------------------------------------------------------
+
+def _get(url: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:  # urllib opens a new connection per request (Connection: close)
+        with urllib.request.urlopen(url, timeout=20) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def scraped(port: int, family: str, **labels: str) -> float:
+    """The sum of family's samples whose labels include labels, in one /metrics scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = _get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200, body
+    total = 0.0
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            if s.name == family and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def settled(port: int, family: str, expected: float, seen: list[float], **labels: str) -> None:
+    """Scrape until family reaches expected: every read is recorded (never above expected,
+    never below an earlier read). Other workers fold their counts every few milliseconds
+    (server.metrics FLUSH_DELAY), so a scrape may briefly trail the requests just answered."""
+    for _ in range(200):
+        value = scraped(port, family, **labels)
+        assert value <= expected and (not seen or value >= seen[-1]), (seen, value, expected)
+        seen.append(value)
+        if value == expected:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{family} stayed at {seen[-1]}, expected {expected}")
+
+
+@pytest.fixture
+def ops_server(pki: Any, tmp_path: Path) -> Iterator[tuple[Server, int, int]]:
+    config, _, http_port = with_ports(pki, tmp_path)
+    ops_port = free_port()
+    config.write_text(config.read_text()
+                      + f'\n[ops]\nlisten = ["tcp:{ops_port}:interface=127.0.0.1"]\n')
+    srv = Server(config)
+    try:
+        yield srv, http_port, ops_port
+    finally:
+        srv.stop()
+
+
+def test_one_metrics_for_all_workers_kept_across_kill_and_reload(
+        ops_server: tuple[Server, int, int]) -> None:
+    """--workers 2: requests on their own connections reach both workers; every scrape (on
+    the ops port, whichever worker takes it) shows all of them, and a counter never drops:
+    not when a worker is killed and restarted, not on SIGHUP. The public port refuses it."""
+    srv, http_port, ops_port = ops_server
+    srv.wait_for(lambda f: f.get("msg") == "all 2 workers ready")
+    pids = {n: srv.ready_pid(n) for n in (1, 2)}
+    family, labels = "certpub_requests_total", {"protocol": "http", "operation": "ca"}
+    seen: list[float] = []
+    answered = 0
+
+    def batch(n: int = 25) -> None:
+        nonlocal answered
+        for _ in range(n):
+            status, body = _get(f"http://127.0.0.1:{http_port}/ca/rsa-ca.pem")
+            assert status == 200 and body.startswith(b"-----BEGIN CERTIFICATE-----")
+            answered += 1
+        settled(ops_port, family, answered, seen, **labels)
+
+    for _ in range(4):
+        batch()
+    assert _get(f"http://127.0.0.1:{http_port}/metrics")[0] == 404
+    assert _get(f"http://127.0.0.1:{http_port}/healthz")[0] == 404
+    assert _get(f"http://127.0.0.1:{ops_port}/healthz")[0] == 200
+    # per-worker series carry the worker slot; summed ones do not
+    status, body = _get(f"http://127.0.0.1:{ops_port}/metrics")
+    assert b'process_resident_memory_bytes{worker="1"}' in body
+    assert b'process_resident_memory_bytes{worker="2"}' in body
+    assert b'certpub_open_connections{service="http"}' in body
+
+    mark = srv.mark()  # a worker killed: its counts are kept, the total does not drop
+    os.kill(pids[1], signal.SIGKILL)
+    srv.wait_for(lambda f: f.get("msg", "").startswith("worker 1 died"), mark)
+    settled(ops_port, family, answered, seen, **labels)
+    pids[1] = srv.ready_pid(1, mark)
+    batch()
+
+    mark = srv.mark()  # SIGHUP: every worker reloads, nothing drops
+    srv.proc.send_signal(signal.SIGHUP)
+    for n in (1, 2):
+        srv.wait_for(lambda f, n=n: f.get("msg", "").startswith("configuration reloaded")  # type: ignore[misc]
+                     and f.get("worker") == str(n), mark)
+    settled(ops_port, family, answered, seen, **labels)
+    batch()
+    assert seen == sorted(seen) and seen[-1] == answered == 150

@@ -1,5 +1,7 @@
-"""The HTTP listener's routes and its factory: OCSP, ``/ca/``, ``/crl/``, ``/``, ``/healthz``,
-``/metrics``, and the search pages (``server.web``: ``/``, ``/search``, ``/cert/``, ``/api/``).
+"""The HTTP listener's routes and its factory: OCSP, ``/ca/``, ``/crl/``, ``/``, the search
+pages (``server.web``: ``/``, ``/search``, ``/cert/``, ``/api/``), and ``/healthz`` and
+``/metrics`` only for clients in ``[ops] public_networks`` (else 404: they belong to the
+``[ops]`` listener, ``server.health.OpsSite``).
 
 Strategy: ``HttpSite.handle`` routes a parsed request on its method and raw path (so a
 base64 request containing ``/`` stays whole) to a small route object — ``OcspRoute`` first,
@@ -24,6 +26,7 @@ from server.http import wire
 from server.http.accesslog import AccessLog
 from server.http.listener import HttpFactory, Replay, Reply
 from server.http.ocsp import OcspRoute
+from server.health import OPS_PATHS
 from server.http.publication import PublicationRoute, not_allowed, send
 from server.ldap.config import DEFAULT_ATTRIBUTES
 from server.limits import ConnectionLimits
@@ -46,6 +49,8 @@ class HttpSite:
         self.publication = publication
         self.web = web  # the search pages; without them ``/`` is the CA files page
         self.ops: Any = None  # server.health.OpsRoute, mounted by the composition root
+        # [ops] public_networks: whether a client address may fetch the ops paths here
+        self.ops_allowed: Callable[[str], bool] = lambda client: False
 
     def handle(self, request: wire.Request, date: bytes,
                client: str = "-") -> Reply | Deferred[Reply]:
@@ -56,7 +61,7 @@ class HttpSite:
                 return ocsp.post(request, date, client)
         elif (method == b"GET" or method == b"HEAD") and ocsp.is_get(path):
             return ocsp.get(request, date, client)
-        return self._other(request, date)
+        return self._other(request, date, client)
 
     def replay(self, request: wire.Request) -> Replay | None:
         """How to answer the same request bytes again (an OCSP cache hit), else None."""
@@ -67,7 +72,8 @@ class HttpSite:
             return ocsp.replay(request)
         return None
 
-    def _other(self, request: wire.Request, date: bytes) -> Reply | Deferred[Reply]:
+    def _other(self, request: wire.Request, date: bytes,
+               client: str = "-") -> Reply | Deferred[Reply]:
         method, path = request.method, request.path
         if path.startswith((b"/ca/", b"/crl/")):
             return self.publication.file(request, date)
@@ -75,9 +81,9 @@ class HttpSite:
         if web is not None and web.wants(path):
             return web.handle(request, date)
         ops = self.ops
-        if ops is not None and path == b"/healthz":
-            return ops.healthz(request, date)  # type: ignore[no-any-return]
-        if ops is not None and path == b"/metrics":
+        if ops is not None and path in OPS_PATHS and self.ops_allowed(client):
+            if path == b"/healthz":
+                return ops.healthz(request, date)  # type: ignore[no-any-return]
             return ops.scrape(request, date)  # type: ignore[no-any-return]
         fields: dict[str, Any] = {"kind": "ocsp"}
         if method not in (b"GET", b"HEAD", b"POST"):
@@ -127,6 +133,9 @@ class OcspHttpFactory(HttpFactory):
         if self.http_site.web is not None:
             self.http_site.web.pages.configure(public_attributes(config), config.http.ocsp_paths)
         self.max_body = config.http.max_request_bytes
+        ops = getattr(config, "ops", None)
+        if ops is not None:
+            self.http_site.ops_allowed = ops.public_allows
         self.limits.set_limits(config.http.max_connections,
                                config.http.max_connections_per_address)
 
@@ -152,6 +161,9 @@ def make_http_factory(config: Any, store: Any, feed: Any, clock_now: Callable[[]
                     PublicationRoute(service, store, access), WebRoute(pages, store, access))
     limits = ConnectionLimits(config.http.max_connections, config.http.max_connections_per_address,
                               service="http", log=log)
+    ops = getattr(config, "ops", None)
+    if ops is not None:
+        site.ops_allowed = ops.public_allows
     factory = OcspHttpFactory(site, service, max_body=config.http.max_request_bytes,
                               timeout=getattr(config.http, "idle_timeout", 30.0),
                               reactor=reactor, limits=limits)

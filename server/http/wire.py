@@ -7,7 +7,7 @@ here, once: framing (``Content-Length`` or chunked bodies; never a body on GET/H
 one), the limits (head size → 431, a body announced or grown over ``max_body`` → 413 before
 the rest is read, malformed syntax → 400, unsupported transfer codings → 501), persistence
 (HTTP/1.1 keep-alive unless ``Connection: close``; HTTP/1.0 only with ``Connection:
-keep-alive``), and how a response is framed (status line in the request's version,
+keep-alive``; HTTP/1.2 and later minor versions are HTTP/1.1, RFC 9112 §2.3), and how a response is framed (status line in the request's version,
 ``Connection`` when it differs from the version's default, ``Date``, always
 ``Content-Length``, no body for HEAD or 304). Nothing here knows sockets, clocks (the Date
 value is passed in) or routes; the listener (``server.http.listener``) is the thin
@@ -320,9 +320,14 @@ def _slow_head(head: bytes) -> tuple[bytes, bytes, bytes, dict[bytes, bytes]]:
         raise _Refuse(400, "malformed request line")
     method, target, version = parts
     if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-        if version.startswith(b"HTTP/") and len(version) == 8 and version[5:6].isdigit():
+        if (not version.startswith(b"HTTP/") or len(version) != 8
+                or not version[5:6].isdigit() or version[6:7] != b"." or not version[7:].isdigit()):
+            raise _Refuse(400, "malformed request line")
+        if version[5:6] != b"1":  # HTTP/2 and later speak another framing; 0.x never existed
             raise _Refuse(505, "HTTP version not supported")
-        raise _Refuse(400, "malformed request line")
+        # RFC 9112 §2.3: a later minor version of HTTP/1 is processed as the highest we
+        # implement, 1.1 (and answered in 1.1, RFC 9110 §2.5)
+        version = b"HTTP/1.1"
     if not method or _TOKEN.match(method) is None:
         raise _Refuse(400, "malformed method")
     if not target or _TARGET_BAD.search(target) is not None:

@@ -39,6 +39,8 @@ ENTRY_CACHE = 4096
 class LdapFactory(ServerFactory):
     """Builds one ``LdapProtocol`` per accepted connection, within the connection limits."""
 
+    noisy = False  # no "Starting factory <...>" lines: server.app logs each listener
+
     def __init__(self, config: LdapConfig, directory: Directory, tls: Any | None,
                  clock: Callable[[], datetime], *, timer: Callable[[], float] = time.monotonic,
                  cooperator: Cooperator | None = None,
@@ -53,7 +55,7 @@ class LdapFactory(ServerFactory):
         self.answers = answers if answers is not None else AnswerCache(0)
         self.metrics = metrics
         self.feed: Any = None  # the change feed that keeps the answers current
-        self._counters: dict[tuple[str, int], Any] = {}
+        self._counters: dict[int, str] = {}  # result code -> its metrics label
         self.tls = tls
         self.clock = clock
         self.timer = timer
@@ -85,20 +87,18 @@ class LdapFactory(ServerFactory):
         return LdapProtocol(self, self._next_conn, f"{host}:{getattr(addr, 'port', '')}")
 
     def record(self, operation: str, code: int, seconds: float) -> None:
-        """Count one finished operation (``certpub_requests{protocol="ldap"}``) and its time."""
+        """Count one finished operation (``certpub_requests{protocol="ldap"}``) and its time
+        (tallied in memory: ``Metrics.tally``)."""
         if self.metrics is None:
             return
-        pair = self._counters.get((operation, code))
-        if pair is None:
+        result = self._counters.get(code)
+        if result is None:
             try:
                 result = ResultCode(code).name.lower()
             except ValueError:
                 result = str(code)
-            pair = (self.metrics.requests.labels("ldap", operation, result),
-                    self.metrics.latency.labels("ldap", operation))
-            self._counters[(operation, code)] = pair
-        pair[0].inc()
-        pair[1].observe(seconds if seconds > 0 else 0.0)
+            self._counters[code] = result
+        self.metrics.tally("ldap", operation, result, seconds)
 
     def answers_current(self) -> bool:
         """The change feed reads the store: no import can have committed unseen."""

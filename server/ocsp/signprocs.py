@@ -123,6 +123,7 @@ class ProcessSigners(Executor):
         child = _Child(self, index)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # a signer makes no metric of its own
         self.reactor.spawnProcess(child, sys.executable,
                                   [sys.executable, "-m", "server.ocsp.signworker",
                                    str(os.getpid())],

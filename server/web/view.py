@@ -113,6 +113,7 @@ class CertSummary:
     not_after: str
     revoked_at: str
     reason: str  # RevocationReason value, "" when none
+    downloads: bool  # the certificate may be downloaded (userCertificate is public)
 
 
 def name_only(rec: CertRecord, allowed: frozenset[str]) -> Holder:
@@ -132,6 +133,7 @@ def summary(rec: CertRecord, ca_name: str, allowed: frozenset[str], now: datetim
         state=state_of(rec, now), not_before=when(rec.not_before), not_after=when(rec.not_after),
         revoked_at=when(rec.revoked_at),
         reason=rec.reason.value if rec.reason is not None else "",
+        downloads=rec.der is not None and "usercertificate" in allowed,
     )
 
 
@@ -147,7 +149,6 @@ class CertView(CertSummary):
     held: bool  # the certificate itself is in the store (not only its serial from a CRL)
     ocsp_urls: tuple[str, ...]
     crl_url: str  # "" when this listener does not publish the CA's CRL
-    downloads: bool  # the certificate may be downloaded (userCertificate is public)
 
 
 def key_description(cert: x509.Certificate) -> tuple[str, dict[str, str]]:
@@ -203,7 +204,6 @@ def cert_view(rec: CertRecord, ca: CaRecord, allowed: frozenset[str], now: datet
         issuer_dn=ca.subject_dn, key=key,
         sha256=sha256, sha1=sha1, held=rec.der is not None, ocsp_urls=tuple(ocsp),
         crl_url=f"/crl/{quote(ca.name, safe='')}.crl" if crl_published else "",
-        downloads=rec.der is not None and "usercertificate" in allowed,
     )
 
 

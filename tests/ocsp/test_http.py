@@ -290,6 +290,8 @@ async def test_reload_and_ops_mount(server: dict[str, Any]) -> None:
     site, store = server["site"], server["store"]
     health = HealthCheck(store, None, server["clock"], site.service.signer_expiries)
     site.http_site.ops = OpsRoute(health, Metrics(process=False))
+    assert (await call(server["port"], "GET", "/healthz"))[0] == 404  # not for the public
+    site.http_site.ops_allowed = lambda client: client == "127.0.0.1"  # [ops] public_networks
     assert (await call(server["port"], "GET", "/healthz"))[0] == 200
     assert (await call(server["port"], "GET", "/ca/web.crt"))[0] == 200
     site.reload(config_for(server["ca"]))

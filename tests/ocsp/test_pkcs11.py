@@ -9,6 +9,7 @@ under CERTPUB_REQUIRE_CLIENTS=1).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import subprocess
@@ -95,7 +96,10 @@ def serving(conf: Path, store_threads: int = 0, signing_processes: int = 1) -> C
     return dataclasses.replace(config, ldap=dataclasses.replace(config.ldap, listen=()),
                                store=dataclasses.replace(config.store, threads=store_threads),
                                http=dataclasses.replace(config.http,
-                                                        signing_processes=signing_processes))
+                                                        signing_processes=signing_processes),
+                               # /metrics on the public port for this host (opt-in)
+                               ops=dataclasses.replace(config.ops, public_networks=(
+                                   ipaddress.ip_network("127.0.0.0/8"),)))
 
 
 def ocsp_cmd(pki: Any, port: int, ca: str, cert: Path, *args: str) -> list[str]:
@@ -353,7 +357,7 @@ def test_demo_hsm_serves_with_its_keys_in_a_token(tmp_path: Path) -> None:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                code, _ = ocsp_fetch(http_port, "GET", "/healthz", timeout=2)
+                code, _ = ocsp_fetch(http_port, "GET", "/", timeout=2)
                 if code in (200, 503):
                     break
             except OSError:

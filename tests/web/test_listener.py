@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -79,6 +80,14 @@ async def test_search_page_certificate_page_downloads_and_api(served_pki: Any,
         assert status == 200 and '<html lang="pt">' in page
         assert "Foi encontrado um certificado" in page
         assert f'href="/cert/{revoked.ca}/{revoked.serial:x}"' in page
+        # the result row offers the downloads themselves (what a mail sender came for),
+        # each link named for the holder in the page's language
+        for ext, kind in (("cer", "DER"), ("pem", "PEM")):
+            link = re.search(rf'<a href="/cert/{revoked.ca}/{revoked.serial:x}\.{ext}" download'
+                             r' aria-label="([^"]+)">', page)
+            assert link and f"certificado ({kind}, .{ext})" in link.group(1), page
+            status, data, _ = await get(base, f"/cert/{revoked.ca}/{revoked.serial:x}.{ext}")
+            assert status == 200 and data
         assert headers["Vary"] == "Accept-Language"
         assert "default-src 'none'" in headers["Content-Security-Policy"]
         # /search is the same page; a Chinese name
