@@ -1,6 +1,6 @@
 """The container image (Containerfile) built with podman on a local debootstrap base: it runs
 as the certpub user, reads /etc/certpub, keeps the store on a volume, answers openssl ocsp and
-ldapsearch on published 127.0.0.1 ports, passes its HEALTHCHECK, reloads on SIGHUP and stops
+ldapsearch on published 127.0.0.1 ports, passes its HEALTHCHECK (the ops listener), reloads on SIGHUP and stops
 cleanly on SIGTERM as certpub serve is PID 1."""
 
 from __future__ import annotations
@@ -26,6 +26,15 @@ CONF = {"CONTAINERS_CONF": str(ROOT / ".ci" / "containers.conf")}
 
 def podman(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return run(["podman", *args], check=check, timeout=timeout, env={**os.environ, **CONF})
+
+
+def get(port: int, path: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +65,7 @@ def etc(image: str, deb_pki, tmp_path: Path) -> Path:  # type: ignore[no-untyped
         elif line.startswith('listen = ["tcp:8080'):
             line = 'listen = ["tcp:8080"]'
         lines.append(line)
+    lines += ["[ops]", 'listen = ["tcp:9100"]']
     (folder / "certpub.toml").write_text("\n".join(lines) + "\n")
     ids = podman("run", "--rm", "--entrypoint", "/usr/bin/id", image, "-u").stdout.strip()
     gid = podman("run", "--rm", "--entrypoint", "/usr/bin/id", image, "-g").stdout.strip()
@@ -77,18 +87,17 @@ def test_container_serves_reloads_and_stops(image: str, etc: Path, volume: str, 
             for ca in deb_pki.cas.values() if ca.crl_path is not None]
     podman("run", "--rm", *mounts, image, "import", "--openssl", *crls)
 
-    ldap_port, http_port = free_port(), free_port()
+    ldap_port, http_port, ops_port = free_port(), free_port(), free_port()
     name = f"certpub-test-{uuid.uuid4().hex[:8]}"
     # --health-interval=disable: no systemd timer here; `podman healthcheck run` checks once.
     podman("run", "-d", "--name", name, "--health-interval=disable", *mounts,
-           "-p", f"127.0.0.1:{ldap_port}:1389", "-p", f"127.0.0.1:{http_port}:8080", image)
+           "-p", f"127.0.0.1:{ldap_port}:1389", "-p", f"127.0.0.1:{http_port}:8080",
+           "-p", f"127.0.0.1:{ops_port}:9100", image)
     try:
         end = time.monotonic() + 120
         while True:
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
+                if get(ops_port, "/healthz") == 200:
                     break
             except (OSError, http.client.HTTPException):
                 pass
@@ -101,6 +110,9 @@ def test_container_serves_reloads_and_stops(image: str, etc: Path, volume: str, 
         assert podman("exec", name, "cat", "/proc/1/cmdline").stdout.split("\0")[1:3] == \
             ["/usr/bin/certpub", "serve"]
         check_answers(deb_pki, ldap_port, http_port)
+        # /metrics and /healthz are the ops listener's, not the public port's.
+        assert get(ops_port, "/metrics") == 200
+        assert get(http_port, "/metrics") == get(http_port, "/healthz") == 404
         health = podman("healthcheck", "run", name, check=False)
         assert health.returncode == 0, health.stdout + health.stderr
 

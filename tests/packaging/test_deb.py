@@ -230,24 +230,29 @@ def test_upgrade_keeps_config_and_store_and_migrates(root: Chroot, deb: Path, pr
     finally:
         served.stop()
 
-    # The operator's edit carries a key the new version does not know (a slip): the upgrade
-    # completes, says which key and what was meant, and restarts nothing.
-    typo = config.replace("[import]\n", "[import]\npoll_intervall = 2\n", 1)
+    # The operator adds the new version's [ops] listener with a slip (a key neither version
+    # knows): the upgrade completes, says which key and what was meant, and restarts nothing.
+    ops_port = free_port()
+    ops = f'\n[ops]\nlisten = ["tcp:{ops_port}:interface=127.0.0.1"]\n'
+    typo = config + ops.replace("listen", "lisen")
     (root / "etc/certpub/certpub.toml").write_text(typo)
     shutil.copy(deb, root / "tmp/certpub.deb")
     upgraded = root.apt_install("/tmp/certpub.deb")
     said = upgraded.stdout + upgraded.stderr
-    assert "import.poll_intervall: unknown key (did you mean poll_interval?)" in said
+    assert "ops.lisen: unknown key (did you mean listen?)" in said
     assert "the running services were NOT restarted" in said
     assert root.run("dpkg-query", "-W", "-f=${Status} ${Version}", "certpub").stdout == \
         f"install ok installed {deb.name.split('_')[1]}"
     assert (root / "etc/certpub/certpub.toml").read_text() == typo  # the operator's file kept
 
-    (root / "etc/certpub/certpub.toml").write_text(config)
+    (root / "etc/certpub/certpub.toml").write_text(config + ops)
     root.run("certpub", "check-config", user="certpub")
     served = Served(root, http_port)  # [store] migrate = "auto": migrated as it opens
     try:
         check_answers(pki, ldap_port, http_port)
+        # The health check the container uses, against the ops listener.
+        health = root.run("/usr/share/certpub/healthcheck", user="certpub")
+        assert health.stdout.startswith(f"healthy: 127.0.0.1:{ops_port}/healthz 200")
     finally:
         served.stop()
     assert schema_version(root) == 3
