@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,14 +89,14 @@ class Served:
     """certpub serve running in the root as the certpub user, until stopped."""
 
     def __init__(self, root: Chroot, http_port: int) -> None:
+        # The log goes to a file: a pipe nobody reads while the test runs could fill up.
+        self.out = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(root.command("certpub", "serve", user="certpub"),
-                                     env=root.env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     env=root.env(), stdout=self.out, stderr=subprocess.STDOUT)
         end = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"certpub serve exited {self.proc.returncode}:\n"
-                                     f"{self.proc.stdout.read() if self.proc.stdout else ''}")
+                raise AssertionError(f"certpub serve exited {self.proc.returncode}:\n{self.log()}")
             try:
                 socket.create_connection(("127.0.0.1", http_port), timeout=1).close()
                 return
@@ -105,15 +106,19 @@ class Served:
                     raise AssertionError("certpub serve did not listen within 120 s") from None
                 time.sleep(0.3)
 
+    def log(self) -> str:
+        self.out.seek(0)
+        return self.out.read()
+
     def stop(self) -> str:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            out, _ = self.proc.communicate(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
+            self.proc.wait()
+        return self.log()
 
 
 def ocsp_status(pki, cert, http_port: int) -> str:  # type: ignore[no-untyped-def]
