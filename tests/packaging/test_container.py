@@ -38,13 +38,16 @@ def get(port: int, path: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def image(deb: Path) -> str:
+def image(deb: Path) -> Iterator[str]:
     require_root_tools("podman", "runc")
     require_tool("openssl")
     require_tool("ldapsearch")
     result = run([ROOT / "scripts" / "build-image", "--deb", deb, "--tag", "certpub-test"],
                  env={**os.environ, **CONF})
-    return result.stdout.strip().splitlines()[-1]
+    name = result.stdout.strip().splitlines()[-1]
+    yield name
+    # Each commit's image is new: CI's disk keeps only the cached base between runs.
+    podman("rmi", "-f", name, "localhost/certpub-test:latest", check=False)
 
 
 @pytest.fixture
