@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         return supervise(config, Path(args.config), workers)
     except SupervisorError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc), exc.code) from None
 
 
 def _workers_arg(text: str) -> int:

@@ -289,4 +289,10 @@ def load_config(path: Path, *, check_files: bool = True) -> Config:
         raise ConfigError("", f"{path} is not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from exc
+    if not data:
+        # The file as the Debian package installs it: every setting commented out.
+        raise ConfigError("", f"{path} has no settings (every line is a comment or blank):"
+                          " nothing to serve. Configure at least one [[ca]] (name,"
+                          " certificate; [ca.ocsp] to answer OCSP) and the [ldap] / [http]"
+                          " listeners; every key is described in the file")
     return parse_config(data, path, check_files=check_files)

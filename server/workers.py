@@ -51,10 +51,15 @@ MAX_BACKOFF = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long starts its backoff over
 DEFAULT_BACKLOG = 50  # Twisted's default for tcp: endpoints
 _SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD)
+EX_CONFIG = 78  # a worker's configuration error (serve() returns it): not retried
 
 
 class SupervisorError(Exception):
     """The workers cannot be started or kept running; the message says why."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code  # the exit code of ``certpub serve``: 78 for a configuration error
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,7 @@ class Supervisor:
         self.stopping = self.killed = self.all_ready = False
         self.deadline = 0.0
         self.failure: str | None = None
+        self.failure_code = 1
         self._wake = (-1, -1)
 
     def run(self) -> int:
@@ -233,7 +239,7 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
         if self.failure is not None:
-            raise SupervisorError(self.failure)
+            raise SupervisorError(self.failure, self.failure_code)
         self.log.info("all workers stopped", clean=not self.killed)
         return 1 if self.killed else 0
 
@@ -369,6 +375,13 @@ class Supervisor:
         if not worker.ready:
             worker.failures += 1
             reason = worker.error or how
+            if how == f"exit:{EX_CONFIG}":
+                # A key the service user cannot read, a refused signer: a restart cannot fix
+                # it, and systemd's RestartPreventExitStatus=78 must see 78.
+                self.failure, self.failure_code = f"worker {worker.index}: {reason}", EX_CONFIG
+                self.log.error("{reason}; stopping", reason=self.failure, pid=pid, status=how)
+                self._stop()
+                return
             if worker.failures >= MAX_START_FAILURES:
                 self.failure = f"worker {worker.index} failed to start {worker.failures} times: {reason}"
                 self.log.error("{reason}; stopping", reason=self.failure, pid=pid, status=how)

@@ -285,20 +285,42 @@ def test_worker_forked_from_a_dead_parent_exits() -> None:
     assert r.returncode == 75 and "still running" not in r.stdout, r.stdout + r.stderr
 
 
+def serve_two_workers(pki: Any, tmp_path: Path,
+                      replace: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """certpub serve --workers 2 on the demo configuration with text replaced, to its end."""
+    config, _, _ = with_ports(pki, tmp_path, **replace)
+    return subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "2",
+                           "--config", str(config)], check=False, capture_output=True, text=True,
+                          timeout=25)
+
+
 def test_worker_that_cannot_start_stops_the_parent(pki: Any, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     store = str(pki.root / "store" / "store.sqlite3")
-    config, _, _ = with_ports(pki, tmp_path, **{store: str(blocker / "store.sqlite3")})
     started = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--workers", "2",
-                        "--config", str(config)], check=False, capture_output=True, text=True,
-                       timeout=25)
+    r = serve_two_workers(pki, tmp_path, {store: str(blocker / "store.sqlite3")})
     assert r.returncode == 1, r.stdout + r.stderr
     assert re.fullmatch(r"certpub: worker \d failed to start 3 times: .*not-a-folder.*\n",
                         r.stderr), r.stderr
     assert time.monotonic() - started < 20
     assert r.stdout.count("could not start") >= 2
+
+
+def test_worker_configuration_error_exits_78_without_retrying(pki: Any, tmp_path: Path) -> None:
+    # A signer key a worker cannot load (the packaging tests cover one the certpub user cannot
+    # read; root reads any file, so here it is one that is no key) is found when the worker
+    # starts; a restart cannot fix it, so serve exits 78 at once, as systemd's
+    # RestartPreventExitStatus=78 and the Debian package's notes expect.
+    key = str(pki.cas["rsa-ca"].ocsp_key_path)
+    unreadable = tmp_path / "ocsp.key"
+    unreadable.write_text("not a key\n")
+    unreadable.chmod(0o600)
+    r = serve_two_workers(pki, tmp_path, {key: str(unreadable)})
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert re.fullmatch(rf"certpub: worker \d: ca\[1\]\.ocsp\.signer_key: .*{unreadable}.*\n",
+                        r.stderr), r.stderr
+    assert "could not start" not in r.stdout
 
 
 def test_workers_option_is_checked(tmp_path: Path) -> None:
