@@ -2,7 +2,7 @@
 operator would: apt-get install ./certpub_….deb, a configuration for a demo PKI, import, serve
 answering openssl ocsp and ldapsearch from outside the chroot (it shares the network), the
 packaged paths' errors, purge; and an upgrade from a package built from an older commit
-(schema 2) that keeps the configuration and the store and migrates it.
+(schema 2) that keeps the configuration and the store and migrates it to today's schema.
 
 Slow (a package build, a chroot, apt): see docs/operations.md for the timings. The Debian root
 and the apt downloads are cached under /var/cache/certpub-ci (CERTPUB_CI_CACHE).
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from store.schema import SCHEMA_VERSION
 from tests.conftest import require_tool
 from tests.packaging.debroot import (CACHE, ROOT, Chroot, build_deb, debian_chroot, free_port,
                                      require_root_tools, run)
@@ -260,5 +261,5 @@ def test_upgrade_keeps_config_and_store_and_migrates(root: Chroot, deb: Path, pr
         assert health.stdout.startswith(f"healthy: 127.0.0.1:{ops_port}/healthz 200")
     finally:
         served.stop()
-    assert schema_version(root) == 3
+    assert schema_version(root) == SCHEMA_VERSION  # every migration since ran (2 -> today's)
     assert store_query(root, "SELECT count(*) FROM certs") == certs
