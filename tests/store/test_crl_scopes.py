@@ -76,7 +76,7 @@ class Env:
         """serial -> "revoked", "hold" or "good", checked in the store, in the OCSP answer
         and in the LDAP entry status, which must agree."""
         service = OcspService(config_for(self.ca), self.store, lambda: T0 + timedelta(minutes=5))
-        answer = service.respond(request_der(self.ca, list(SERIALS)))
+        answer = service.answer(request_der(self.ca, list(SERIALS)), service.now())
         resp = c_ocsp.load_der_ocsp_response(answer.der)
         ocsp = {r.serial_number: r.certificate_status for r in resp.responses}
         out = {}
