@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 from asn1crypto import cms
 from asn1crypto import x509 as asn1x509
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from server.http import wire
@@ -221,12 +221,17 @@ class UrlRoute:
         base64 is percent-encoded)."""
         learnt = self.learnt
         if learnt is None:
-            def failed(failure: Failure) -> None:
+            def read(_: None) -> Reply | Deferred[Reply]:
+                return self.handle(request, host, date, fallback, check)
+
+            def failed(failure: Failure) -> Reply | Deferred[Reply]:
                 failure.trap(StoreError)  # type: ignore[no-untyped-call]
-                self.learnt = {}  # served as before until the next change or reload
+                # nothing kept: the next request reads the URLs again. An OCSP GET answers
+                # tryLater itself; anything else may be a certificate URL: come back later
+                return fallback() if not check else self._unavailable(request, date)
+
             d = self._run(self._read_learnt)
-            d.addErrback(failed)
-            d.addCallback(lambda _: self.handle(request, host, date, fallback, check))
+            d.addCallbacks(read, failed)
             return _settled(d)
         url = learnt.get((host, request.path))
         if url is None:
@@ -302,15 +307,17 @@ class UrlRoute:
 
         def unavailable(failure: Failure) -> Reply:
             failure.trap(StoreError)  # type: ignore[no-untyped-call]
-            from server.http.publication import send
-
-            return send(request, (503, [(b"Retry-After", b"10"), (b"Content-Type",
-                                                                  b"text/plain; charset=utf-8")],
-                                  b"store unavailable\n"), {"kind": "url"}, date)
+            return self._unavailable(request, date)
 
         d = self._run(load)
         d.addCallbacks(loaded, unavailable)
         return _settled(d)
+
+    def _unavailable(self, request: wire.Request, date: bytes) -> Reply:
+        from server.http.publication import send
+
+        return send(request, wire.unavailable(b"store unavailable\n", [
+            (b"Content-Type", b"text/plain; charset=utf-8")]), {"kind": "url"}, date)
 
     def _answer(self, request: wire.Request, ready: Ready | str, date: bytes) -> Reply:
         if not isinstance(ready, Ready):
@@ -336,9 +343,9 @@ class UrlRoute:
             try:
                 return succeed(fn())
             except StoreError:
-                return Deferred.fromFailure(Failure())  # type: ignore[no-untyped-call]
+                return fail(Failure())  # type: ignore[no-untyped-call]
         if self.access.busy():
-            return Deferred.fromFailure(Failure(StoreError("store threads busy")))  # type: ignore[no-untyped-call]
+            return fail(StoreError("store threads busy"))
         d: Deferred[Any] = self.access.run(fn)
         return d
 

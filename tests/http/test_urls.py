@@ -21,6 +21,7 @@ from twisted.internet.task import Clock
 
 from server.http.site import make_http_factory
 from server.http.urls import hostile, public_host
+from store.errors import StoreError
 from store.model import Change, Generation, CaId
 from store.sqlite import Store
 from tests.http.test_listener import b64, connect, get
@@ -241,3 +242,19 @@ def test_pure_helpers() -> None:
     assert hostile(b"/repository/Issuing-CA-2.crl") is None
     assert hostile(b"/a/../b") == "dot segment in the path"
     assert hostile(b"/a%2Fb") is not None
+
+
+def test_an_unreadable_store_is_503_and_the_urls_are_read_again_once_it_recovers(
+        env: Any) -> None:
+    learnt_urls = env.store.learnt_urls
+
+    def broken(ca_id: int | None = None) -> list[Any]:
+        raise StoreError("database disk image is malformed")
+
+    env.store.learnt_urls = broken
+    status, h, body = fetch(env.site, CRL_PATH.encode())
+    assert status == 503 and h[b"retry-after"] and body == b"store unavailable\n"
+    assert env.site.http_site.urls.learnt is None  # nothing kept from a failed read
+    env.store.learnt_urls = learnt_urls
+    status, _, body = fetch(env.site, CRL_PATH.encode())
+    assert status == 200 and body == env.crl.der

@@ -58,9 +58,15 @@ def pki(deb_pki):  # type: ignore[no-untyped-def]
     return deb_pki
 
 
-def install_demo(root: Chroot, pki, ldap_port: int, http_port: int) -> str:  # type: ignore[no-untyped-def]
+# Keys of the demo's configuration that the previous release (PREVIOUS_COMMIT) does not know.
+NEWER_KEYS = ("public_names",)
+
+
+def install_demo(root: Chroot, pki, ldap_port: int, http_port: int,  # type: ignore[no-untyped-def]
+                 previous: bool = False) -> str:
     """Copy the demo CA's files into the root and write /etc/certpub/certpub.toml for them,
-    with the packaged store and spool; returns the configuration's text."""
+    with the packaged store and spool (``previous``: without the keys the previous release
+    does not know); returns the configuration's text."""
     target = root / CA_DIR
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(pki.root, target, ignore=shutil.ignore_patterns("store", "spool", "*.toml"))
@@ -69,6 +75,9 @@ def install_demo(root: Chroot, pki, ldap_port: int, http_port: int) -> str:  # t
     text = re.sub(r'(?m)^spool = .*$', 'spool = ["/var/spool/certpub"]', text)
     text = re.sub(r'(\[ldap\]\nlisten = \["tcp:)\d+', rf"\g<1>{ldap_port}", text)
     text = re.sub(r'(\[http\]\nlisten = \["tcp:)\d+', rf"\g<1>{http_port}", text)
+    if previous:
+        for key in NEWER_KEYS:
+            text = re.sub(rf"(?m)^{key} = .*\n", "", text)
     (root / "etc/certpub/certpub.toml").write_text(text)
     # The keys are the service user's alone, as the package's notes say.
     root.run("chown", "-R", "certpub:certpub", CA_DIR)
@@ -225,7 +234,7 @@ def test_upgrade_keeps_config_and_store_and_migrates(root: Chroot, deb: Path, pr
     shutil.copy(previous_deb, root / "tmp/previous.deb")
     root.apt_install("/tmp/previous.deb")
     ldap_port, http_port = free_port(), free_port()
-    config = install_demo(root, pki, ldap_port, http_port)
+    config = install_demo(root, pki, ldap_port, http_port, previous=True)
     import_demo(root, pki)
     assert schema_version(root) == 2
     certs = store_query(root, "SELECT count(*) FROM certs")
