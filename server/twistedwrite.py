@@ -34,7 +34,8 @@ _state: dict[str, Any] = {"available": None}
 
 
 class _NoReactor:
-    """A reactor-shaped placeholder: a bare ``FileDescriptor`` only keeps it."""
+    """What ``missing`` passes as the reactor: ``FileDescriptor.__init__`` only stores it,
+    so a descriptor can be made to inspect its attributes without touching the real one."""
 
 
 def missing() -> list[str]:
