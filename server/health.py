@@ -104,11 +104,9 @@ class HealthCheck:
         read = getattr(self.store, "crl_scopes", None)
         if read is None or 0 <= time.monotonic() - self._scopes[0] < SCOPES_TTL:
             return
-        from server.web.scopes import label
-
         names = {ca.id: ca.name for ca in cas}
         self._scopes = (time.monotonic(), [
-            (names[sc.ca_id], label(sc), sc.next_update) for sc in read()
+            (names[sc.ca_id], sc.label, sc.next_update) for sc in read()
             if sc.ca_id in names and sc.next_update is not None])
 
     def _check_crls(self, now: datetime, body: dict[str, Any], warnings: list[str]) -> None:

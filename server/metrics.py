@@ -624,10 +624,8 @@ class _CrlScopeCollector(Collector):
             return
         if not 0 <= time.monotonic() - self._taken < STATS_TTL:
             try:
-                from server.web.scopes import label
-
                 names = {s.ca.id: s.ca.name for s in self.m.store_snapshot(store).stats}
-                self._rows = [(names[sc.ca_id], label(sc), sc.this_update.timestamp(),
+                self._rows = [(names[sc.ca_id], sc.label, sc.this_update.timestamp(),
                                _ts(sc.next_update)) for sc in read() if sc.ca_id in names]
                 self._taken = time.monotonic()
             except StoreError:

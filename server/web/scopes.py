@@ -24,15 +24,6 @@ def _host(url: str) -> str:
         return ""
 
 
-def label(scope: Any) -> str:
-    """The scope's stable name for people: "full", "part0.crl", "… (delta)"."""
-    known = getattr(scope, "label", None)
-    if isinstance(known, str):
-        return known
-    name = "full" if scope.idp_der is None or not scope.urls else scope.urls[0].rsplit("/", 1)[-1]
-    return name + (" (delta)" if scope.delta else "")
-
-
 def is_full(scope: Any) -> bool:
     return scope.idp_der is None and not scope.delta
 
@@ -56,13 +47,13 @@ def scope_rows(scopes: Iterable[Any], ca_names: Mapping[int, str],
         if name is None:
             continue
         rows.append({
-            "ca": name, "id": s.id, "label": label(s), "delta": bool(s.delta),
+            "ca": name, "id": s.id, "label": s.label, "delta": bool(s.delta),
             "number": "" if s.number is None else str(s.number),
             "this_update": when(s.this_update), "next_update": when(s.next_update),
             "this_update_dt": s.this_update, "next_update_dt": s.next_update,
             "stale": s.next_update is not None and s.next_update < now,
             "url": scope_url(s, name, public_names), "urls": list(s.urls),
-            "_order": (name, not is_full(s), label(s)),
+            "_order": (name, not is_full(s), s.label),
         })
     rows.sort(key=lambda r: r["_order"])
     for r in rows:
